@@ -1,0 +1,28 @@
+"""The `farsync` command line. Each subcommand lives in its own module under
+`farsync.cli` and exposes `register(app)`; this file only wires them together."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="farsync",
+    help="DiLoCo and Streaming DiLoCo: train language models across slow links.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root() -> None:
+    """DiLoCo and Streaming DiLoCo: train language models across slow links."""
+
+
+def _register_all() -> None:
+    from farsync.cli import env
+
+    env.register(app)
+
+
+_register_all()
