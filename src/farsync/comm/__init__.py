@@ -1,0 +1,27 @@
+"""The communication seam (see :mod:`farsync.comm.base`) and its two backends."""
+
+from farsync.comm.base import CompletedWork, Communicator, ExchangeResult, Work
+from farsync.comm.exchange import METHODS, ExchangePlan, make_plan
+from farsync.comm.inprocess import InProcessCommunicator, InProcessGroup
+
+__all__ = [
+    "METHODS",
+    "CompletedWork",
+    "Communicator",
+    "ExchangePlan",
+    "ExchangeResult",
+    "InProcessCommunicator",
+    "InProcessGroup",
+    "Work",
+    "make_plan",
+    "TorchDistributedCommunicator",
+]
+
+
+def __getattr__(name: str):
+    # imported lazily: torch.distributed is only needed for multi-process runs
+    if name == "TorchDistributedCommunicator":
+        from farsync.comm.distributed import TorchDistributedCommunicator
+
+        return TorchDistributedCommunicator
+    raise AttributeError(name)

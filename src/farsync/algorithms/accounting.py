@@ -1,0 +1,60 @@
+"""Per-worker communication and time accounting."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+
+def dp_bytes_per_step(world_size: int, num_parameters: int) -> int:
+    """Bytes one worker sends per step in data-parallel training: a ring all-reduce of
+    fp32 gradients sends 2(M−1)/M × 4 bytes × parameters."""
+    return round(2 * (world_size - 1) / world_size * 4 * num_parameters)
+
+
+@dataclass
+class CommStats:
+    """What one worker has sent and how it spent its time, since the start of the run."""
+
+    world_size: int
+    num_parameters: int
+    inner_steps: int = 0
+    sync_events: int = 0  # completed exchanges (one per fragment sync; one per step in DP)
+    bytes_sent: int = 0  # payload bytes sent for parameter/gradient exchange
+    control_bytes: int = 0  # bytes sent for the weight/validity handshake
+    peak_event_bytes: int = 0  # most bytes sent in one sync event
+    blocked_seconds: float = 0.0  # time waiting for exchanges to finish
+    compute_seconds: float = 0.0  # time in inner compute (forward, backward, inner step)
+
+    def record_event(self, payload_bytes: int, control_bytes: int) -> None:
+        self.sync_events += 1
+        self.bytes_sent += payload_bytes
+        self.control_bytes += control_bytes
+        self.peak_event_bytes = max(self.peak_event_bytes, payload_bytes + control_bytes)
+
+    @property
+    def dp_equivalent_bytes(self) -> int:
+        """Bytes data-parallel training would have sent for the same inner steps."""
+        return self.inner_steps * dp_bytes_per_step(self.world_size, self.num_parameters)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.bytes_sent + self.control_bytes
+
+    @property
+    def compute_utilization(self) -> float:
+        """Compute time ÷ (compute + blocked) — the share of time not spent waiting."""
+        busy = self.compute_seconds + self.blocked_seconds
+        return self.compute_seconds / busy if busy > 0 else 1.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["total_bytes"] = self.total_bytes
+        d["dp_equivalent_bytes"] = self.dp_equivalent_bytes
+        d["dp_bytes_ratio"] = self.dp_equivalent_bytes / self.total_bytes if self.total_bytes else None
+        d["compute_utilization"] = self.compute_utilization
+        return d
+
+    def load_dict(self, d: dict) -> None:
+        for f in fields(self):
+            if f.name in d:
+                setattr(self, f.name, d[f.name])

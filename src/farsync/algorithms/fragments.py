@@ -1,0 +1,166 @@
+"""Split a model's parameters into the P fragments Streaming DiLoCo syncs one at a time.
+
+Automatic rule (models that keep their blocks in an ``nn.ModuleList``):
+  * the block list is the ``nn.ModuleList`` with the most children (first one on ties);
+  * ``strided`` (the paper's default): block i → fragment i mod P;
+    ``sequential``: contiguous runs of blocks, sizes differing by at most one;
+  * parameters outside the blocks are placed by where they sit in
+    ``model.named_parameters()``: those registered *before* the first block parameter
+    (token embeddings) join the fragment holding block 0, and those *after* (final norm,
+    output head) join the fragment holding the last block — inputs travel with the
+    first layer, outputs with the last.
+Explicit fragments: a list of P entries, each a list of parameter-name patterns
+(``fnmatch`` globs; a plain prefix such as ``"blocks.3"`` matches that module's
+parameters) or of ``nn.Module`` objects.
+
+Either way every trainable parameter must land in exactly one fragment; anything else
+raises ``ValueError`` naming the parameter.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+PATTERNS = ("strided", "sequential")
+
+
+@dataclass
+class Fragment:
+    index: int
+    names: list[str]
+    params: list[nn.Parameter]
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The model's block list: its ``nn.ModuleList`` with the most children."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and (best is None or len(mod) > len(best[1])):
+            best = (name, mod)
+    return best
+
+
+def build_fragments(
+    model: nn.Module,
+    num_fragments: int = 1,
+    pattern: str = "strided",
+    explicit: list[list[str | nn.Module]] | None = None,
+) -> list[Fragment]:
+    """Assign every trainable parameter of ``model`` to exactly one of P fragments."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("model has no trainable parameters")
+    if explicit is not None:
+        return _explicit(model, named, explicit)
+    if num_fragments < 1:
+        raise ValueError(f"num_fragments (P) must be >= 1 (got {num_fragments})")
+    if pattern not in PATTERNS:
+        raise ValueError(f"fragment_pattern must be one of {', '.join(PATTERNS)} (got {pattern!r})")
+    if num_fragments == 1:
+        return [Fragment(0, [n for n, _ in named], [p for _, p in named])]
+    found = find_blocks(model)
+    if found is None:
+        raise ValueError(
+            f"num_fragments={num_fragments} needs the model's blocks in an nn.ModuleList, "
+            "and none was found; pass explicit fragments instead"
+        )
+    prefix, blocks = found
+    n_blocks = len(blocks)
+    if num_fragments > n_blocks:
+        raise ValueError(
+            f"num_fragments (P) = {num_fragments} is more than the model's {n_blocks} blocks "
+            f"(in '{prefix}'); use P <= {n_blocks}"
+        )
+    if pattern == "strided":
+        block_frag = [i % num_fragments for i in range(n_blocks)]
+    else:
+        base, extra = divmod(n_blocks, num_fragments)
+        block_frag = []
+        for f in range(num_fragments):
+            block_frag += [f] * (base + (1 if f < extra else 0))
+
+    def block_of(name: str) -> int | None:
+        head = f"{prefix}." if prefix else ""
+        if not name.startswith(head):
+            return None
+        idx = name[len(head):].split(".", 1)[0]
+        return int(idx) if idx.isdigit() and int(idx) < n_blocks else None
+
+    assign: list[int] = []
+    seen_block = False
+    for name, _ in named:
+        b = block_of(name)
+        if b is not None:
+            seen_block = True
+            assign.append(block_frag[b])
+        else:
+            # before the blocks: inputs (embeddings) → with block 0; after: outputs → last block
+            assign.append(block_frag[-1] if seen_block else block_frag[0])
+    frags = [Fragment(i, [], []) for i in range(num_fragments)]
+    for (name, p), f in zip(named, assign):
+        frags[f].names.append(name)
+        frags[f].params.append(p)
+    return frags
+
+
+def _explicit(model, named, explicit) -> list[Fragment]:
+    if len(explicit) < 1:
+        raise ValueError("explicit fragments: need at least one fragment")
+    module_names = {id(m): n for n, m in model.named_modules()}
+    owner: dict[str, int] = {}
+    for f, entries in enumerate(explicit):
+        patterns: list[str] = []
+        for e in entries:
+            if isinstance(e, nn.Module):
+                if id(e) not in module_names:
+                    raise ValueError(f"explicit fragment {f}: module {type(e).__name__} is not part of the model")
+                mname = module_names[id(e)]
+                patterns += [f"{mname}.*" if mname else "*"]
+            elif isinstance(e, str):
+                patterns += [e, f"{e}.*"]
+            else:
+                raise ValueError(f"explicit fragment {f}: entries must be name patterns or modules (got {e!r})")
+        for name, _ in named:
+            if any(fnmatch.fnmatchcase(name, pat) for pat in patterns):
+                if name in owner and owner[name] != f:
+                    raise ValueError(
+                        f"parameter '{name}' is in two fragments ({owner[name]} and {f}); "
+                        "each parameter must be in exactly one"
+                    )
+                owner[name] = f
+    missing = [n for n, _ in named if n not in owner]
+    if missing:
+        raise ValueError(
+            f"parameter '{missing[0]}' is in no fragment ({len(missing)} unassigned); "
+            "each parameter must be in exactly one"
+        )
+    frags = [Fragment(i, [], []) for i in range(len(explicit))]
+    for name, p in named:
+        frags[owner[name]].names.append(name)
+        frags[owner[name]].params.append(p)
+    empty = [fr.index for fr in frags if not fr.params]
+    if empty:
+        raise ValueError(f"explicit fragment {empty[0]} matches no parameter")
+    return frags
+
+
+def flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate tensors into one flat fp32 buffer."""
+    return torch.cat([t.detach().reshape(-1).to(torch.float32) for t in tensors])
+
+
+def unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    """Copy a flat buffer back into ``tensors`` (shapes and dtypes of the targets)."""
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset: offset + n].view_as(t))
+        offset += n

@@ -1,0 +1,142 @@
+"""In-process backend: M simulated workers in one process, deterministic.
+
+Workers are driven in *lock step* by one thread (see :mod:`farsync.train.loop`): every
+worker launches an exchange before any worker waits for it, exactly as collectives are
+matched in ``torch.distributed`` (the k-th call of every rank forms one operation). The
+arithmetic is :mod:`farsync.comm.exchange`, the same the ``torch.distributed`` backend
+runs, so both give bit-identical numbers for the same inputs.
+
+``delay_s`` makes every exchange take at least that long after its last contribution
+(wall clock): a stand-in for a slow link, to show that overlapping hides it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from farsync.codecs import Codec
+from farsync.comm import exchange as ex
+from farsync.comm.base import CompletedWork, Communicator, ExchangeResult, Work
+
+
+class _Op:
+    def __init__(self, op_id: int, plan: ex.ExchangePlan, codec: Codec, world_size: int):
+        self.op_id = op_id
+        self.plan = plan
+        self.codec = codec
+        self.payloads: list[list[torch.Tensor] | None] = [None] * world_size
+        self.weights: list[float | None] = [None] * world_size
+        self.generators: list[torch.Generator | None] = [None] * world_size
+        self.arrived = 0
+        self.mean: torch.Tensor | None = None
+        self.ready_at = math.inf
+
+
+class InProcessGroup:
+    """The shared state of M simulated workers; hand one communicator to each."""
+
+    def __init__(self, world_size: int, *, delay_s: float = 0.0):
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1 (got {world_size})")
+        if delay_s < 0:
+            raise ValueError(f"delay_s must be >= 0 (got {delay_s})")
+        self.world_size = world_size
+        self.delay_s = delay_s
+        self._ops: dict[int, _Op] = {}
+        self._next_op = [0] * world_size
+        self._comms = [InProcessCommunicator(self, r) for r in range(world_size)]
+
+    def communicator(self, rank: int) -> "InProcessCommunicator":
+        return self._comms[rank]
+
+    def communicators(self) -> list["InProcessCommunicator"]:
+        return list(self._comms)
+
+    def _contribute(self, rank, buf, codec, weight, generator, method) -> "_InProcessWork":
+        op_id = self._next_op[rank]
+        self._next_op[rank] += 1
+        plan = ex.make_plan(buf.numel(), self.world_size, codec, method)
+        op = self._ops.get(op_id)
+        if op is None:
+            op = self._ops[op_id] = _Op(op_id, plan, codec, self.world_size)
+        elif op.plan != plan or op.codec.name != codec.name:
+            raise RuntimeError(
+                f"mismatched exchange #{op_id}: rank {rank} sent {plan.numel} values under "
+                f"{codec.name!r}, others {op.plan.numel} under {op.codec.name!r}"
+            )
+        if weight == weight:  # valid contribution (NaN flags an invalid one)
+            op.payloads[rank] = ex.encode_contribution(plan, codec, ex.pad(plan, buf), generator)
+        op.weights[rank] = float(weight)
+        op.generators[rank] = generator
+        op.arrived += 1
+        if op.arrived == self.world_size:
+            self._finish(op)
+            del self._ops[op_id]
+        return _InProcessWork(op, rank)
+
+    def _finish(self, op: _Op) -> None:
+        weights = [float(w) for w in op.weights]  # type: ignore[arg-type]
+        if all(w == w for w in weights):
+            plan, codec = op.plan, op.codec
+            if plan.method == "all-gather":
+                full = [p[0] for p in op.payloads]  # type: ignore[index]
+                op.mean = ex.mean_of_full(plan, codec, full, weights)
+            else:
+                # shard j is reduced by its owner, rank j, with rank j's generator
+                reduced = [
+                    ex.reduce_shard(plan, codec, [p[j] for p in op.payloads], weights, op.generators[j])  # type: ignore[index]
+                    for j in range(self.world_size)
+                ]
+                op.mean = ex.assemble(plan, codec, reduced)
+        op.payloads = [None] * self.world_size  # free the encoded copies
+        op.ready_at = time.perf_counter() + self.delay_s
+
+
+class _InProcessWork(Work):
+    def __init__(self, op: _Op, rank: int):
+        self._op = op
+        self._rank = rank
+        self.bytes_sent = op.plan.bytes_sent
+        self._result: ExchangeResult | None = None
+
+    def is_completed(self) -> bool:
+        op = self._op
+        return op.arrived == len(op.weights) and time.perf_counter() >= op.ready_at
+
+    def wait(self) -> ExchangeResult:
+        if self._result is not None:
+            return self._result
+        op = self._op
+        if op.arrived < len(op.weights):
+            raise RuntimeError(
+                f"in-process exchange #{op.op_id}: rank {self._rank} waited before all "
+                f"{len(op.weights)} workers contributed ({op.arrived} did). Drive simulated "
+                "workers in lock step: every worker launches an exchange before any waits on it."
+            )
+        remaining = op.ready_at - time.perf_counter()
+        if remaining > 0:
+            time.sleep(remaining)
+        weights = tuple(float(w) for w in op.weights)  # type: ignore[arg-type]
+        mean = op.mean.clone() if op.mean is not None else torch.empty(0)
+        self._result = ExchangeResult(mean, weights, self.bytes_sent, op.plan.control_bytes)
+        return self._result
+
+
+class InProcessCommunicator(Communicator):
+    """Rank ``rank`` of an :class:`InProcessGroup`."""
+
+    def __init__(self, group: InProcessGroup, rank: int):
+        self._group = group
+        self.rank = rank
+        self.world_size = group.world_size
+
+    def all_reduce_mean(self, buf, codec, *, weight=1.0, generator=None, method="auto") -> Work:
+        ex.validate_weight(weight)
+        if self.world_size == 1:
+            plan = ex.make_plan(buf.numel(), 1, codec, method)
+            mean = buf.detach().reshape(-1).to(torch.float32, copy=True)
+            return CompletedWork(ExchangeResult(mean, (float(weight),), plan.bytes_sent, 0))
+        return self._group._contribute(self.rank, buf.detach().reshape(-1), codec, weight, generator, method)

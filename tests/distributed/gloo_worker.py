@@ -1,0 +1,66 @@
+"""One worker process of the gloo tests: joins a process group through a TCPStore the
+test opened on port 0, runs the toy model under each requested configuration and saves
+its parameters and accounting for the parent to compare."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+
+from farsync.algorithms import DiLoCo  # noqa: E402
+from farsync.comm import TorchDistributedCommunicator  # noqa: E402
+from toy import batch, loss_fn, make_model  # noqa: E402
+
+
+def train(comm, rank, steps, compute_s=0.0, **kw):
+    model = make_model(0)
+    algo = DiLoCo(model, torch.optim.AdamW(model.parameters(), lr=1e-2), comm, **kw)
+    for s in range(steps):
+        x, y = batch(rank, s)
+        loss_fn(model, x, y).backward()
+        if compute_s:
+            time.sleep(compute_s)  # stands in for a heavier forward/backward
+        algo.step()
+        algo.inner_optimizer.zero_grad()
+    algo.finish()
+    return model, algo
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rank", type=int, required=True)
+    ap.add_argument("--world", type=int, required=True)
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--task", choices=["equal", "overlap"], required=True)
+    ap.add_argument("--configs", required=True, help="JSON list of DiLoCo keyword dicts")
+    ap.add_argument("--steps", type=int, default=10)
+    args = ap.parse_args()
+    store = dist.TCPStore("127.0.0.1", args.port, is_master=False, timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", store=store, rank=args.rank, world_size=args.world,
+                            timeout=timedelta(seconds=60))
+    results = []
+    for i, cfg in enumerate(json.loads(args.configs)):
+        delay = cfg.pop("delay_s", 0.0)
+        compute_s = cfg.pop("compute_s", 0.0)
+        comm = TorchDistributedCommunicator(delay_s=delay)
+        model, algo = train(comm, args.rank, args.steps, compute_s=compute_s, **cfg)
+        comm.close()
+        torch.save([p.detach() for p in model.parameters()], os.path.join(args.out, f"params-{i}-{args.rank}.pt"))
+        results.append(algo.stats.to_dict())
+    with open(os.path.join(args.out, f"stats-{args.rank}.json"), "w") as f:
+        json.dump(results, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,317 @@
+"""The algorithm contract (DESIGN.md §1): equivalences, schedule, exact replicas,
+resume, and errors — on the in-process backend with a toy model."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from farsync.algorithms import DiLoCo, build_fragments, step_in_lockstep, sync_steps
+from farsync.comm import InProcessGroup
+from toy import batch, loss_fn, make_model, params
+
+ATOL = 1e-6
+
+
+def make_workers(m, *, inner="sgd", lr=0.05, seed=0, delay_s=0.0, **kw):
+    group = InProcessGroup(m, delay_s=delay_s)
+    models, algos = [], []
+    for r in range(m):
+        model = make_model(seed)
+        if inner == "sgd":
+            opt = torch.optim.SGD(model.parameters(), lr=lr)
+        else:
+            opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+        models.append(model)
+        algos.append(DiLoCo(model, opt, group.communicator(r), **kw))
+    return models, algos
+
+
+def run(models, algos, steps, start=0, check=None):
+    for s in range(start, start + steps):
+        for r, (model, algo) in enumerate(zip(models, algos)):
+            x, y = batch(r, s)
+            loss_fn(model, x, y).backward()
+        step_in_lockstep(algos)
+        for a in algos:
+            a.inner_optimizer.zero_grad()
+        if check is not None:
+            check(s + 1, algos)
+
+
+def plain_sgd_on_union(m, steps, lr, seed=0):
+    """Single-process SGD on the union of the M workers' batches."""
+    model = make_model(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for s in range(steps):
+        xs, ys = zip(*(batch(r, s) for r in range(m)))
+        loss_fn(model, torch.cat(xs), torch.cat(ys)).backward()
+        opt.step()
+        opt.zero_grad()
+    return params(model)
+
+
+def assert_close(a, b, atol=ATOL):
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=atol, rtol=0)
+
+
+# ---- equivalences ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("m", [2, 4])
+def test_dp_mode_equals_sgd_on_union_batch(m):
+    models, algos = make_workers(m, mode="dp", lr=0.1)
+    run(models, algos, 6)
+    ref = plain_sgd_on_union(m, 6, 0.1)
+    for model in models:
+        assert_close(params(model), ref)
+    assert algos[0].stats.sync_events == 6
+
+
+@pytest.mark.parametrize("m", [2, 4])
+def test_diloco_h1_outer_sgd_lr1_equals_dp(m):
+    models, algos = make_workers(m, mode="diloco", sync_every=1, outer_lr=1.0, outer_momentum=0.0, lr=0.1)
+    run(models, algos, 6)
+    ref = plain_sgd_on_union(m, 6, 0.1)
+    for model in models:
+        assert_close(params(model), ref)
+
+
+def test_single_worker_outer_sgd_lr1_equals_plain_training():
+    models, algos = make_workers(1, inner="adamw", mode="diloco", sync_every=5, outer_lr=1.0, outer_momentum=0.0, lr=1e-2)
+    run(models, algos, 15)
+    model = make_model(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    for s in range(15):
+        x, y = batch(0, s)
+        loss_fn(model, x, y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert_close(params(models[0]), params(model))
+    assert algos[0].stats.bytes_sent == 0  # nothing travels with M = 1
+
+
+def reference_diloco(m, steps, H, lr, outer_lr=0.7, momentum=0.9):
+    """DiLoCo written straight from the paper, with no farsync code."""
+    workers = [make_model(0) for _ in range(m)]
+    inner = [torch.optim.AdamW(w.parameters(), lr=lr, weight_decay=0.1) for w in workers]
+    glob = make_model(0)
+    outer = torch.optim.SGD(glob.parameters(), lr=outer_lr, momentum=momentum, nesterov=True)
+    for s in range(steps):
+        for r, (w, o) in enumerate(zip(workers, inner)):
+            x, y = batch(r, s)
+            loss_fn(w, x, y).backward()
+            o.step()
+            o.zero_grad()
+        if (s + 1) % H == 0:
+            with torch.no_grad():
+                for gp, *wps in zip(glob.parameters(), *(w.parameters() for w in workers)):
+                    gp.grad = torch.stack([gp - wp for wp in wps]).mean(0)
+            outer.step()
+            outer.zero_grad()
+            with torch.no_grad():
+                for w in workers:
+                    for wp, gp in zip(w.parameters(), glob.parameters()):
+                        wp.copy_(gp)
+    return [params(w) for w in workers]
+
+
+@pytest.mark.parametrize("mode,extra", [("diloco", {}), ("streaming", {"num_fragments": 1, "sync_delay": 0, "mixing": 0.0})])
+def test_diloco_and_streaming_p1_tau0_match_paper_reference(mode, extra):
+    """Also covers `fp32 codec ≡ no codec`: the reference averages with torch.mean."""
+    models, algos = make_workers(3, inner="adamw", lr=1e-2, mode=mode, sync_every=4, codec="fp32", **extra)
+    run(models, algos, 12)
+    ref = reference_diloco(3, 12, 4, 1e-2)
+    for model, rp in zip(models, ref):
+        assert_close(params(model), rp)
+
+
+def test_streaming_p1_tau0_is_bit_identical_to_diloco():
+    a_models, a_algos = make_workers(2, inner="adamw", lr=1e-2, mode="diloco", sync_every=3)
+    b_models, b_algos = make_workers(2, inner="adamw", lr=1e-2, mode="streaming", sync_every=3, num_fragments=1)
+    run(a_models, a_algos, 9)
+    run(b_models, b_algos, 9)
+    for ma, mb in zip(a_models, b_models):
+        for x, y in zip(params(ma), params(mb)):
+            assert torch.equal(x, y)
+
+
+# ---- replicas, schedule ------------------------------------------------------------------
+
+@pytest.mark.parametrize("codec", ["fp32", "bf16", "int8", "fp4-e3m0", "fp4-e2m1"])
+def test_replicas_bit_identical_after_sync_with_alpha0(codec):
+    m = 3
+    models, algos = make_workers(
+        m, inner="adamw", lr=1e-2, mode="streaming", sync_every=4, num_fragments=2, sync_delay=1,
+        mixing=0.0, codec=codec, stochastic_rounding=codec.startswith("fp4"),
+    )
+    landed = []
+
+    def check(step, algos):
+        for f in range(2):
+            sent = [s for s in sync_steps(4, 2, f, step) if s + 1 == step]
+            if sent:
+                landed.append(f)
+                vals = [[p.detach().clone() for p in a.fragments[f].params] for a in algos]
+                for other in vals[1:]:
+                    for x, y in zip(vals[0], other):
+                        assert torch.equal(x, y), f"fragment {f} differs across replicas at step {step}"
+
+    run(models, algos, 13, check=check)
+    assert landed == [0, 1, 0, 1, 0]  # syncs land at 5, 7, 9, 11, 13
+
+
+def test_schedule_h100_p4_matches_paper():
+    model = make_model(0, n_blocks=4)
+    group = InProcessGroup(1)
+    algo = DiLoCo(model, torch.optim.SGD(model.parameters(), lr=0.01), group.communicator(0),
+                  mode="streaming", sync_every=100, num_fragments=4, sync_delay=3)
+    assert algo.offsets == [0, 25, 50, 75]
+    sends = {s: algo.due_to_send(s) for s in range(1, 401)}
+    for p in range(4):
+        assert [s for s, fs in sends.items() if p in fs] == [100 + 25 * p, 200 + 25 * p, 300 + 25 * p] + ([400] if p == 0 else [])
+    assert sync_steps(100, 2, 1, 300) == [150, 250]  # DESIGN.md's example
+
+
+def test_at_most_one_fragment_in_flight():
+    peak = []
+    models, algos = make_workers(2, mode="streaming", sync_every=8, num_fragments=4, sync_delay=1)
+    orig = algos[0].inner_step
+
+    def watched():
+        orig()  # the moment with most in flight: after sends, before landings
+        peak.append((algos[0].step_count, algos[0].in_flight))
+
+    algos[0].inner_step = watched
+    run(models, algos, 40)
+    sends = {s: algos[0].due_to_send(s) for s in range(1, 41)}  # one fragment every 2 steps from 8
+    for step, flying in peak:
+        expected = sends[step] or (sends[step - 1] if step > 1 else [])  # sent now, or τ = 1 step ago
+        assert flying == expected, f"step {step}: in flight {flying}, expected {expected}"
+
+
+def test_fragments_strided_sequential_and_placement():
+    model = make_model(0, n_blocks=6)
+    strided = build_fragments(model, 3, "strided")
+    seq = build_fragments(model, 3, "sequential")
+    blocks_of = lambda fr: sorted({int(n.split(".")[1]) for n in fr.names if n.startswith("blocks.")})
+    assert [blocks_of(f) for f in strided] == [[0, 3], [1, 4], [2, 5]]
+    assert [blocks_of(f) for f in seq] == [[0, 1], [2, 3], [4, 5]]
+    # inputs go with block 0's fragment, outputs with the last block's
+    assert "inp.weight" in strided[0].names and "head.weight" in strided[2].names and "norm.weight" in strided[2].names
+    assert "inp.weight" in seq[0].names and "head.weight" in seq[2].names
+    for frs in (strided, seq):
+        names = [n for f in frs for n in f.names]
+        assert sorted(names) == sorted(n for n, _ in model.named_parameters())
+
+
+def test_explicit_fragments_by_name_and_module():
+    model = make_model(0, n_blocks=2)
+    frs = build_fragments(model, explicit=[["inp", model.blocks[0]], ["blocks.1", "norm", "head"]])
+    assert frs[0].names == ["inp.weight", "inp.bias", "blocks.0.weight", "blocks.0.bias"]
+    with pytest.raises(ValueError, match="'head.weight' is in no fragment"):
+        build_fragments(model, explicit=[["inp", "blocks.*"], ["norm"]])
+    with pytest.raises(ValueError, match="'blocks.0.weight' is in two fragments"):
+        build_fragments(model, explicit=[["inp", "blocks.*"], ["blocks.0", "norm", "head"]])
+
+
+# ---- bad input ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw,match", [
+    ({"sync_every": 100, "num_fragments": 4, "sync_delay": 25}, r"sync_delay \(τ\) = 25 must be < H/P = 100/4"),
+    ({"mixing": 1.5}, r"mixing \(α\) must be in \[0, 1\] \(got 1.5\)"),
+    ({"mixing": -0.1}, r"mixing \(α\) must be in \[0, 1\]"),
+    ({"num_fragments": 5}, r"num_fragments \(P\) = 5 is more than the model's 4 blocks"),
+    ({"codec": "fp3"}, r"unknown codec 'fp3'"),
+    ({"num_workers": 3}, r"num_workers \(M\) = 3 but the communicator has world size 2"),
+    ({"mode": "localsgd"}, r"mode must be one of dp, diloco, streaming \(got 'localsgd'\)"),
+    ({"mode": "diloco", "num_fragments": 2}, r"num_fragments must be 1 \(got 2\)"),
+    ({"sync_every": 0}, r"sync_every \(H\) must be an integer >= 1 \(got 0\)"),
+    ({"exchange": "ring"}, r"exchange must be one of"),
+])
+def test_bad_arguments_name_the_argument(kw, match):
+    model = make_model(0)
+    group = InProcessGroup(2)
+    with pytest.raises(ValueError, match=match):
+        DiLoCo(model, torch.optim.SGD(model.parameters(), lr=0.1), group.communicator(0), **kw)
+
+
+def test_non_finite_pseudo_gradient_names_worker_and_fragment():
+    models, algos = make_workers(3, mode="streaming", sync_every=4, num_fragments=2)
+    run(models, algos, 3)
+    with torch.no_grad():
+        models[1].inp.weight[0, 0] = math.nan  # fragment 0 holds the input layer
+    for r, (model, algo) in enumerate(zip(models, algos)):
+        loss_fn(model, *batch(r, 3)).backward()
+        algo.inner_step()  # step 4: fragment 0 is sent
+    # every worker raises the same error — none is left hanging in the exchange
+    for algo in algos:
+        with pytest.raises(FloatingPointError, match=r"worker\(s\) \[1\] in fragment 0"):
+            algo.complete_syncs()
+
+
+# ---- resume -------------------------------------------------------------------------------
+
+def test_resume_with_fragment_in_flight_is_exact():
+    kw = dict(inner="adamw", lr=1e-2, mode="streaming", sync_every=6, num_fragments=2, sync_delay=2,
+              codec="fp4-e3m0", stochastic_rounding=True)
+    full_models, full_algos = make_workers(2, **kw)
+    run(full_models, full_algos, 20)
+
+    models, algos = make_workers(2, **kw)
+    run(models, algos, 10)  # fragment 1 was sent at step 9 and lands at 11: in flight now
+    assert algos[0].in_flight == [1]
+    saved = [(copy.deepcopy(m.state_dict()), copy.deepcopy(a.inner_optimizer.state_dict()), copy.deepcopy(a.state_dict()))
+             for m, a in zip(models, algos)]
+    models2, algos2 = make_workers(2, **kw)
+    for m, a, (ms, os_, as_) in zip(models2, algos2, saved):
+        m.load_state_dict(ms)
+        a.inner_optimizer.load_state_dict(os_)
+        a.load_state_dict(as_)
+    run(models2, algos2, 10, start=10)
+    for a, b in zip(full_models, models2):
+        for x, y in zip(params(a), params(b)):
+            assert torch.equal(x, y)
+    assert full_algos[0].stats.bytes_sent == algos2[0].stats.bytes_sent
+
+
+# ---- accounting and overlap ---------------------------------------------------------------
+
+def test_bytes_and_events_are_counted_exactly():
+    models, algos = make_workers(4, mode="streaming", sync_every=4, num_fragments=2, codec="fp32", exchange="reduce-scatter")
+    run(models, algos, 8)  # fragment 0 at 4, 8; fragment 1 at 6
+    st = algos[0].stats
+    assert st.sync_events == 3
+    sizes = [f.numel for f in algos[0].fragments]
+    per = [2 * 3 * 4 * math.ceil(n / 4) for n in sizes]  # 2(M−1) shards of ⌈N/M⌉ fp32 values
+    assert st.bytes_sent == 2 * per[0] + per[1]
+    assert st.peak_event_bytes == max(per) + 3 * 8
+    assert st.dp_equivalent_bytes == 8 * round(2 * 3 / 4 * 4 * sum(sizes))
+
+
+def _blocked(sync_delay, compute_s=0.08, delay_s=0.05):
+    import time
+
+    models, algos = make_workers(2, mode="streaming", sync_every=4, num_fragments=2, sync_delay=sync_delay,
+                                 mixing=0.5, delay_s=delay_s)
+    for a in algos:
+        a.auto_time = False
+
+    def slow(step, algos):
+        time.sleep(compute_s)  # stands in for the compute of the next step
+
+    run(models, algos, 13, check=slow)  # sends after 4, 6, 8, 10, 12
+    return algos[0].stats.blocked_seconds, algos[0].stats.sync_events
+
+
+def test_overlap_hides_a_slow_exchange_and_tau0_does_not():
+    blocked_overlap, events = _blocked(sync_delay=1)
+    blocked_serial, events0 = _blocked(sync_delay=0)
+    assert events == events0 == 5
+    # τ = 0 waits out the whole 50 ms delay at every sync
+    assert blocked_serial >= 0.8 * 5 * 0.05
+    # τ = 1: the next step's 80 ms of compute covers the 50 ms exchange
+    assert blocked_overlap < 0.2 * blocked_serial
