@@ -21,8 +21,10 @@ def _root() -> None:
 
 def _register_all() -> None:
     from farsync.cli import env
+    from farsync.cli import simulate
 
     env.register(app)
+    simulate.register(app)
 
 
 _register_all()

@@ -1,0 +1,355 @@
+"""The step DAG of Streaming DiLoCo §3.1, scheduled on one compute stream and one link.
+
+Per inner step, for blocks l = 0 … L-1 (4L - 1 nodes):
+
+    F_l   forward                      compute stream, order F_0 … F_{L-1}
+    BA_l  backward wrt activations     compute stream, l = L-1 … 1 (F_0's input needs none)
+    BP_l  backward wrt parameters      compute stream, after BA_l
+    R_l   (outer) gradient reduction   link, only on steps where block l is synced
+
+Each compute node lasts step_time / (3L - 1), so the nodes of one step add up to the
+pure-compute step time (forward : backward = 1 : 2). Dependencies:
+
+    R_l(s)  starts after BP_l(s)            ("per-layer": the reduction overlaps the rest
+                                             of the backward pass, as in the paper), or
+            after the whole backward of s   ("after-backward": one collective per sync)
+    F_l(s + 1 + τ)  waits for R_l(s)        (the outer update of block l must land before
+                                             block l's forward; τ = 0 without overlap)
+
+The link carries one collective at a time, first come first served; only the bandwidth
+between workers (datacenters) is modelled. A collective of B bytes takes
+``factor(M) · 8B / bandwidth + hops(M) · latency`` with ring all-reduce
+factor 2(M-1)/M and 2(M-1) hops (for M = 2: the payload once, two latencies).
+
+Which blocks sync when:
+    dp         every block, every step (the gradient).
+    diloco     every block at the end of every H-th step (pseudo-gradient).
+    streaming  P fragments; fragment p syncs at the end of steps k·H + t_p, with offset
+               t_p = floor(p·H / P) (DESIGN.md §1; floor because H/P need not be whole:
+               H = 100, P = 8 in the paper).
+
+Utilization = compute time / wall time in the periodic steady state (one period is H
+steps, or one step for DP), which the simulation reaches by repeating periods until two
+consecutive ones take the same time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from farsync.sim.model import LAYERS_PER_FRAGMENT, PAPER_INNER_STEPS, ModelSpec, SimInputError
+from farsync.sim.wire import WIRE_FORMATS, wire_format
+
+ALGORITHMS = ("dp", "diloco", "streaming")
+SCHEDULES = ("per-layer", "after-backward")
+PATTERNS = ("strided", "sequential")
+COLLECTIVES = ("ring", "all-gather")
+
+#: Wire codec for every method except the FP4 one. bf16, not fp32: see BENCHMARKS.md —
+#: with fp32 every cell of the paper's 1B row is 4-6 grid steps too high, with bf16 all
+#: are within one step. It is a parameter (`codec`); pass "fp32" for fp32 exchange.
+DEFAULT_CODEC = "bf16"
+#: Two workers (datacenters), as in the paper's 1B headline run; for M = 2 a ring
+#: all-reduce moves exactly one payload each way.
+DEFAULT_WORKERS = 2
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """One simulated training setup. Paper symbols: M = workers, H = inner_steps,
+    P = fragments, τ = sync_delay.
+
+    model: layers, parameters, pure-compute step time.
+    algorithm: 'dp' | 'diloco' | 'streaming'.
+    workers: M, replicas joined by the simulated link (M = 1: no communication).
+    inner_steps: H, inner steps between two syncs of the same parameters (ignored by dp).
+    fragments: P (streaming only); None = layers // 3, the paper's 3 layers per fragment.
+        Must divide the layer count and be at most H.
+    sync_delay: τ, inner steps the workers keep computing before they need a fragment's
+        reduced result; 0 <= τ < H / P.
+    codec: wire format of the exchanged values (see farsync.sim.wire).
+    bandwidth_gbps: link bandwidth between workers, Gbit/s (10^9 bit/s), each direction.
+    latency_s: one-way latency per hop of a collective, seconds.
+    schedule: 'per-layer' (a collective per block, started when its parameter gradient is
+        ready; the paper's choice) or 'after-backward' (one collective per sync event,
+        started when the step's backward pass ends).
+    pattern: 'strided' (block l in fragment l mod P; the paper's default) or 'sequential'.
+    collective: 'ring' (all-reduce, 2(M-1)/M payloads per link) or 'all-gather' (every
+        worker's unreduced payload to every other: M-1 payloads per link, M-1 hops).
+    count_scales: include codec block scales in the bytes sent.
+    """
+
+    model: ModelSpec
+    algorithm: str = "streaming"
+    workers: int = DEFAULT_WORKERS
+    inner_steps: int = PAPER_INNER_STEPS
+    fragments: int | None = None
+    sync_delay: int = 0
+    codec: str = DEFAULT_CODEC
+    bandwidth_gbps: float = 1.0
+    latency_s: float = 0.0
+    schedule: str = "per-layer"
+    pattern: str = "strided"
+    collective: str = "ring"
+    count_scales: bool = True
+
+    def __post_init__(self) -> None:
+        L = self.model.layers
+        if self.algorithm not in ALGORITHMS:
+            raise SimInputError(
+                "algorithm", self.algorithm, f"choose from {', '.join(ALGORITHMS)}"
+            )
+        if not isinstance(self.workers, int) or self.workers < 1:
+            raise SimInputError("workers", self.workers, "must be an integer >= 1")
+        if not isinstance(self.inner_steps, int) or self.inner_steps < 1:
+            raise SimInputError("inner_steps", self.inner_steps, "must be an integer >= 1")
+        if self.codec not in WIRE_FORMATS:
+            raise SimInputError("codec", self.codec, f"choose from {', '.join(WIRE_FORMATS)}")
+        if not (isinstance(self.bandwidth_gbps, (int, float)) and self.bandwidth_gbps > 0
+                and math.isfinite(self.bandwidth_gbps)):
+            raise SimInputError("bandwidth_gbps", self.bandwidth_gbps, "must be a positive number")
+        if not (self.latency_s >= 0 and math.isfinite(self.latency_s)):
+            raise SimInputError("latency_s", self.latency_s, "must be >= 0 seconds")
+        for name, value, choices in (
+            ("schedule", self.schedule, SCHEDULES),
+            ("pattern", self.pattern, PATTERNS),
+            ("collective", self.collective, COLLECTIVES),
+        ):
+            if value not in choices:
+                raise SimInputError(name, value, f"choose from {', '.join(choices)}")
+        P = self.n_fragments
+        if self.fragments is not None and self.algorithm == "streaming":
+            if not isinstance(P, int) or P < 1 or P > L or L % P:
+                raise SimInputError(
+                    "fragments", self.fragments,
+                    f"must divide the {L} layers into equal fragments (a divisor of {L})",
+                )
+            if P > self.inner_steps:
+                raise SimInputError(
+                    "fragments", self.fragments,
+                    f"must be <= H={self.inner_steps} (each fragment needs its own sync step)",
+                )
+        if not isinstance(self.sync_delay, int) or self.sync_delay < 0:
+            raise SimInputError("sync_delay", self.sync_delay, "must be an integer >= 0")
+        if self.algorithm == "dp" and self.sync_delay:
+            raise SimInputError("sync_delay", self.sync_delay, "data-parallel has no sync delay; use 0")
+        if self.algorithm != "dp" and self.sync_delay >= self.inner_steps / P:
+            raise SimInputError(
+                "sync_delay", self.sync_delay,
+                f"must be < H/P = {self.inner_steps}/{P} = {self.inner_steps / P:g}",
+            )
+
+    @property
+    def n_fragments(self) -> int:
+        """P actually used: 1 for dp and diloco."""
+        if self.algorithm != "streaming":
+            return 1
+        if self.fragments is None:
+            return max(1, self.model.layers // LAYERS_PER_FRAGMENT)
+        return self.fragments
+
+    @property
+    def period(self) -> int:
+        """Steps after which the sync pattern repeats."""
+        return 1 if self.algorithm == "dp" else self.inner_steps
+
+    def fragment_layers(self) -> list[list[int]]:
+        """Blocks of each fragment, fragment 0 first."""
+        L, P = self.model.layers, self.n_fragments
+        if self.pattern == "strided":
+            return [[l for l in range(L) if l % P == p] for p in range(P)]
+        size = L // P
+        return [list(range(p * size, (p + 1) * size)) for p in range(P)]
+
+    def sync_table(self) -> dict[int, list[int]]:
+        """Step index within one period -> blocks whose reduction starts on that step."""
+        if self.algorithm == "dp":
+            return {0: list(range(self.model.layers))}
+        H, P = self.inner_steps, self.n_fragments
+        table: dict[int, list[int]] = {}
+        for p, layers in enumerate(self.fragment_layers()):
+            offset = (p * H) // P  # t_p = floor(p·H/P)
+            table.setdefault((offset - 1) % H, []).extend(layers)
+        return table
+
+    def collective_seconds(self, n_values: float) -> float:
+        """Link time of one collective over `n_values` values (all workers, one event)."""
+        M = self.workers
+        if M == 1 or n_values <= 0:
+            return 0.0
+        factor, hops = (2 * (M - 1) / M, 2 * (M - 1)) if self.collective == "ring" else (M - 1, M - 1)
+        bytes_ = wire_format(self.codec).wire_bytes(n_values, self.count_scales)
+        return factor * bytes_ * 8 / (self.bandwidth_gbps * 1e9) + hops * self.latency_s
+
+    def bytes_sent_per_worker(self, n_values: float) -> float:
+        """Bytes one worker puts on the link in one collective over `n_values` values."""
+        M = self.workers
+        if M == 1:
+            return 0.0
+        factor = 2 * (M - 1) / M if self.collective == "ring" else M - 1
+        return factor * wire_format(self.codec).wire_bytes(n_values, self.count_scales)
+
+
+@dataclass(frozen=True)
+class SimResult:
+    """Steady-state figures for one SimConfig.
+
+    utilization: compute time / wall time, in (0, 1].
+    step_time_s: pure compute per inner step.
+    wall_per_step_s: mean wall time per inner step (compute + time blocked on the link).
+    link_busy_per_step_s: mean time the link is busy per step (hidden or not).
+    bytes_per_step: mean bytes one worker sends per inner step.
+    peak_sync_bytes: most bytes one worker sends in the collectives of one step.
+    """
+
+    config: SimConfig = field(repr=False)
+    utilization: float
+    step_time_s: float
+    wall_per_step_s: float
+    link_busy_per_step_s: float
+    bytes_per_step: float
+    peak_sync_bytes: float
+    periods_simulated: int
+
+    def wall_clock_s(self, tokens: float, tokens_per_step: float) -> float:
+        """Wall-clock seconds to train on `tokens` tokens in all, each of the M workers
+        consuming `tokens_per_step` tokens per inner step."""
+        if not tokens_per_step > 0:
+            raise SimInputError("tokens_per_step", tokens_per_step, "must be positive")
+        steps = tokens / (self.config.workers * tokens_per_step)
+        return steps * self.wall_per_step_s
+
+
+def simulate(config: SimConfig, max_periods: int = 64) -> SimResult:
+    """Run the step DAG until its timing repeats; return steady-state figures."""
+    L = config.model.layers
+    T = config.model.step_time
+    unit = T / (3 * L - 1)  # one compute node
+    period = config.period
+    tau = config.sync_delay
+    per_layer = config.schedule == "per-layer"
+    table = config.sync_table()
+    layer_values = config.model.params / L
+    layer_seconds = config.collective_seconds(layer_values)
+    no_link = layer_seconds == 0.0
+
+    t = 0.0  # compute stream: time the next node may start
+    link = 0.0  # link: time it is next free
+    pending: dict[int, dict[int, float]] = {}  # step -> {block: time its reduction ends}
+    period_walls: list[float] = []
+    step = 0
+    start = 0.0
+    for n_period in range(1, max_periods + 1):
+        for _ in range(period):
+            waits = pending.pop(step, None)
+            sync = None if no_link else table.get(step % period)
+            if not waits and not sync:
+                t += T
+                step += 1
+                continue
+            # forward F_0 … F_{L-1}; F_l may wait for R_l of an earlier step
+            if waits:
+                cur = 0
+                for l in sorted(waits):
+                    t += (l - cur) * unit
+                    if waits[l] > t:
+                        t = waits[l]
+                    cur = l
+                t += (L - cur) * unit
+            else:
+                t += L * unit
+            fwd_end = t
+            bwd_end = fwd_end + (2 * L - 1) * unit
+            if sync:
+                done: dict[int, float] = {}
+                if per_layer:
+                    for l in sorted(sync, reverse=True):
+                        # BP_l ends after the BA/BP pairs of blocks L-1 … l (block 0: BP only)
+                        ready = fwd_end + (2 * (L - l) - (1 if l == 0 else 0)) * unit
+                        link = max(link, ready) + layer_seconds
+                        done[l] = link
+                else:
+                    link = max(link, bwd_end) + config.collective_seconds(layer_values * len(sync))
+                    done = dict.fromkeys(sync, link)
+                target = pending.setdefault(step + 1 + tau, {})
+                for l, end in done.items():
+                    target[l] = max(target.get(l, 0.0), end)
+            t = bwd_end
+            step += 1
+        period_walls.append(t - start)
+        start = t
+        if n_period >= 3 and math.isclose(period_walls[-1], period_walls[-2], rel_tol=1e-12, abs_tol=1e-15):
+            break
+    converged = len(period_walls) >= 2 and math.isclose(
+        period_walls[-1], period_walls[-2], rel_tol=1e-12, abs_tol=1e-15
+    )
+    # not converged within max_periods (a timing that cycles over several periods):
+    # average the last few
+    wall = period_walls[-1] if converged else sum(period_walls[-4:]) / len(period_walls[-4:])
+
+    sync_sizes = [len(v) for v in table.values()] if not no_link else []
+    if per_layer:
+        busy = sum(n * layer_seconds for n in sync_sizes)
+        sent = sum(n * config.bytes_sent_per_worker(layer_values) for n in sync_sizes)
+        peak = max((n * config.bytes_sent_per_worker(layer_values) for n in sync_sizes), default=0.0)
+    else:
+        busy = sum(config.collective_seconds(n * layer_values) for n in sync_sizes)
+        sent = sum(config.bytes_sent_per_worker(n * layer_values) for n in sync_sizes)
+        peak = max((config.bytes_sent_per_worker(n * layer_values) for n in sync_sizes), default=0.0)
+    return SimResult(
+        config=config,
+        utilization=min(1.0, period * T / wall),
+        step_time_s=T,
+        wall_per_step_s=wall / period,
+        link_busy_per_step_s=busy / period,
+        bytes_per_step=sent / period,
+        peak_sync_bytes=peak,
+        periods_simulated=len(period_walls),
+    )
+
+
+# --- the five methods of Table 4 -------------------------------------------------------
+
+#: Method name -> SimConfig fields it sets. Anything else keeps SimConfig's default.
+METHODS: dict[str, dict] = {
+    "dp": dict(algorithm="dp", sync_delay=0),
+    "diloco": dict(algorithm="diloco", sync_delay=0),
+    "streaming": dict(algorithm="streaming", sync_delay=0),
+    "streaming-overlap": dict(algorithm="streaming", sync_delay=1),
+    "streaming-overlap-fp4": dict(algorithm="streaming", sync_delay=1, codec="fp4-e3m0"),
+}
+
+METHOD_LABELS = {
+    "dp": "Data-parallel",
+    "diloco": "DiLoCo",
+    "streaming": "Streaming DiLoCo",
+    "streaming-overlap": "Streaming DiLoCo + overlap (τ=1)",
+    "streaming-overlap-fp4": "Streaming DiLoCo + overlap + FP4",
+}
+
+
+def method_config(model: ModelSpec, method: str, **overrides) -> SimConfig:
+    """SimConfig for one of METHODS on `model`.
+
+    `overrides` set any SimConfig field (codec, workers, inner_steps, latency_s,
+    bandwidth_gbps, …) and win over the method's own, except that `sync_delay` (τ) only
+    applies to the overlap methods and `fragments` (P) only to the streaming ones; None
+    values are ignored."""
+    if method not in METHODS:
+        raise SimInputError("method", method, f"choose from {', '.join(METHODS)}")
+    fields = dict(METHODS[method])
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    # τ belongs to the overlap methods; the others are τ = 0 by definition.
+    if fields["sync_delay"] == 0:
+        overrides.pop("sync_delay", None)
+    # P belongs to the streaming methods.
+    if fields["algorithm"] != "streaming":
+        overrides.pop("fragments", None)
+    fields.update(overrides)
+    return SimConfig(model=model, **fields)
+
+
+def with_bandwidth(config: SimConfig, bandwidth_gbps: float) -> SimConfig:
+    """The same setup on a link of another bandwidth."""
+    return replace(config, bandwidth_gbps=bandwidth_gbps)
