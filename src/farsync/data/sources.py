@@ -1,0 +1,169 @@
+"""Text on this machine, as an ordered list of documents, and its train/validation split.
+
+A *document* is one file (or, for a single-file source, one piece of it). Everything
+downstream works per document: validation holds out whole documents, and the non-iid
+partition gives each worker a contiguous block of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sysconfig
+from dataclasses import dataclass
+
+# Suffixes taken from a folder source. A single file given as the source is read whatever
+# its suffix (except the pre-tokenized ones).
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".pyi", ".tex", ".c", ".h", ".cc", ".cpp",
+                 ".js", ".ts", ".go", ".rs", ".java", ".html", ".css")
+
+# Left out of the stdlib corpus. The test suites are more than half of the stdlib's bytes
+# and hold deliberately odd files (bad encodings, broken syntax, data blobs); installed
+# third-party packages would make the corpus depend on what else is installed; and the
+# build-configuration files hold machine-specific paths, which would make the corpus
+# differ between two installs of the same Python.
+STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+STDLIB_SKIP_PREFIXES = ("config-", "_sysconfigdata")
+
+# A single text file is cut into this many documents (at line breaks) so that it can
+# still be split by document for validation and for the non-iid partition.
+SINGLE_FILE_PIECES = 64
+
+
+@dataclass(frozen=True)
+class Document:
+    name: str  # relative path ("asyncio/events.py"), or "file.txt#3" for a piece
+    text: str
+
+
+def stdlib_root() -> str:
+    """Directory of the running interpreter's standard library."""
+    return sysconfig.get_paths()["stdlib"]
+
+
+def _stdlib_files(root: str) -> list[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [
+            d for d in dirnames
+            if d not in STDLIB_SKIP_DIRS and not d.startswith((".",) + STDLIB_SKIP_PREFIXES)
+        ]
+        for f in filenames:
+            if f.endswith(".py") and not f.startswith(STDLIB_SKIP_PREFIXES):
+                found.append(os.path.relpath(os.path.join(dirpath, f), root))
+    return found
+
+
+def _folder_files(root: str) -> list[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__pycache__"]
+        for f in filenames:
+            if not f.startswith(".") and f.lower().endswith(TEXT_SUFFIXES):
+                found.append(os.path.relpath(os.path.join(dirpath, f), root))
+    return found
+
+
+def _read_text(path: str, limit: int = 0) -> str:
+    with open(path, "rb") as fh:
+        data = fh.read(limit) if limit else fh.read()
+    if limit and len(data) == limit:
+        # Cut at the last line break so the text does not end in a broken character.
+        cut = data.rfind(b"\n")
+        if cut > 0:
+            data = data[: cut + 1]
+    return data.decode("utf-8", errors="replace")
+
+
+def _split_lines(name: str, text: str, pieces: int) -> list[Document]:
+    """Cut text into about ``pieces`` documents of similar size, at line breaks."""
+    lines = text.splitlines(keepends=True)
+    target = max(1, len(text) // pieces)
+    docs, buf, size = [], [], 0
+    for line in lines:
+        buf.append(line)
+        size += len(line)
+        if size >= target:
+            docs.append("".join(buf))
+            buf, size = [], 0
+    if buf:
+        docs.append("".join(buf))
+    return [Document(f"{name}#{i}", t) for i, t in enumerate(docs)]
+
+
+def load_documents(source: str, max_bytes: int) -> tuple[list[Document], str]:
+    """The source's documents in sorted order, capped at ``max_bytes``; and a description.
+
+    Files are taken whole, in sorted order of their relative paths, while their sizes on
+    disk add up to at most ``max_bytes`` (a deterministic prefix of the list); the first
+    file is cut at a line break if it alone is larger. ``max_bytes = 0`` takes everything.
+    """
+    if source == "stdlib":
+        root = stdlib_root()
+        names = _stdlib_files(root)
+        what = f"the Python standard library at {root}"
+    elif os.path.isdir(source):
+        root = source
+        names = _folder_files(root)
+        what = f"folder {source}"
+        if not names:
+            raise ValueError(
+                f"data.source: {source!r} contains no text files "
+                f"(looked for {', '.join('*' + s for s in TEXT_SUFFIXES)})"
+            )
+    else:
+        root, names = os.path.dirname(source) or ".", [os.path.basename(source)]
+        what = f"file {source}"
+    names.sort(key=lambda n: n.replace(os.sep, "/"))
+
+    docs: list[Document] = []
+    total = 0
+    for name in names:
+        path = os.path.join(root, name)
+        size = os.path.getsize(path)
+        if max_bytes and total + size > max_bytes:
+            if not docs:  # first file alone exceeds the cap: take a cut of it
+                docs.append(Document(name.replace(os.sep, "/"), _read_text(path, max_bytes)))
+            break
+        docs.append(Document(name.replace(os.sep, "/"), _read_text(path)))
+        total += size
+    docs = [d for d in docs if d.text]
+    if not docs:
+        raise ValueError(f"data.source: {source!r} contains no text")
+
+    if len(names) == 1 and source != "stdlib":
+        docs = _split_lines(docs[0].name, docs[0].text, SINGLE_FILE_PIECES)
+    return docs, what
+
+
+def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Document], list[Document]]:
+    """(train, val), both in the original order; no document is in both.
+
+    The ``round(val_fraction * n)`` documents (at least 1 when val_fraction > 0) whose
+    path hashes lowest go to validation. A hash rather than a random draw: the choice
+    depends on nothing but the names, and adding a file does not reshuffle the others.
+    """
+    if val_fraction <= 0:
+        return list(docs), []
+    n_val = max(1, round(val_fraction * len(docs)))
+    if n_val >= len(docs):
+        raise ValueError(
+            f"data.source has {len(docs)} document(s); validation is split by file, so "
+            f"data.val_fraction = {val_fraction} would leave no training data: add files, "
+            f"raise data.max_bytes, or set data.val_fraction = 0"
+        )
+    ranked = sorted(docs, key=lambda d: hashlib.sha256(d.name.encode()).hexdigest())
+    val_names = {d.name for d in ranked[:n_val]}
+    return [d for d in docs if d.name not in val_names], [d for d in docs if d.name in val_names]
+
+
+def documents_hash(train: list[Document], val: list[Document]) -> str:
+    """sha256 over names and texts of both splits: identifies the text and the split."""
+    h = hashlib.sha256()
+    for split, docs in (("train", train), ("val", val)):
+        for d in docs:
+            for part in (split, d.name, d.text):
+                b = part.encode("utf-8")
+                h.update(len(b).to_bytes(8, "little"))  # length-prefixed: no ambiguity
+                h.update(b)
+    return h.hexdigest()
