@@ -345,6 +345,16 @@ class DiLoCo:
             self.stats.compute_seconds += now - self._last_mark
         self._last_mark = now
 
+    @torch.no_grad()
+    def global_parameters(self) -> dict[str, torch.Tensor]:
+        """θ_g by parameter name: each fragment's anchor (the model the outer optimizer
+        holds — what DiLoCo evaluates); in DP mode, the worker's own parameters."""
+        out = {n: p.detach() for n, p in self.model.named_parameters()}
+        for frag, anchors in zip(self.fragments, self.anchors):
+            for name, a in zip(frag.names, anchors):
+                out[name] = a
+        return out
+
     # ---- state ----------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Anchors, outer optimizer states, fragments in flight, step counter, RNG and

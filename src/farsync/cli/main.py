@@ -20,11 +20,11 @@ def _root() -> None:
 
 
 def _register_all() -> None:
-    from farsync.cli import env
-    from farsync.cli import simulate
+    from farsync.cli import env, simulate, train
 
-    env.register(app)
+    train.register(app)
     simulate.register(app)
+    env.register(app)
 
 
 _register_all()

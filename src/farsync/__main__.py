@@ -1,0 +1,5 @@
+"""`python -m farsync` — the CLI (also what `torchrun -m farsync` runs)."""
+
+from farsync.cli.main import app
+
+app()

@@ -1,0 +1,76 @@
+"""`farsync train [RECIPE.toml] [--section.key=value ...]` and `--resume RUN_DIR`."""
+
+from __future__ import annotations
+
+import os
+
+import typer
+
+from farsync.cli.common import echo_main, fail, split_args, user_errors
+
+HELP = """Train a model with DP, DiLoCo or Streaming DiLoCo.
+
+With no recipe: the `tiny` model, 4 simulated workers, Streaming DiLoCo with overlap
+and FP4 exchange, on the Python standard library's source — a few minutes on a laptop
+CPU. Override any key as --section.key=value (sections: model, data, algo, optim,
+train; `farsync train --keys` lists them). Under torchrun, each process is one worker.
+"""
+
+
+def train(
+    ctx: typer.Context,
+    resume: str = typer.Option(None, "--resume", help="Continue the run saved in this run directory."),
+    keys: bool = typer.Option(False, "--keys", help="List every config key with its default and help, then exit."),
+) -> None:
+    from farsync.train.config import ConfigError, build_config, field_help, load_recipe, to_dict
+
+    if keys:
+        defaults = to_dict(build_config())
+        for key, text in field_help().items():
+            section, name = key.split(".", 1)
+            typer.echo(f"--{key}={defaults[section][name]!s:<12}  {text}")
+        return
+    positional, overrides = split_args(list(ctx.args))
+    if len(positional) > 1:
+        raise fail(f"at most one recipe file (got {positional}); overrides look like --section.key=value")
+
+    def configure():
+        if resume:
+            path = os.path.join(resume, "config.toml")
+            if not os.path.isfile(path):
+                raise ConfigError(f"--resume {resume!r}: no config.toml there (not a run directory)")
+            if positional:
+                raise ConfigError("--resume takes the run's own config; give no recipe")
+            return build_config(load_recipe(path), overrides)
+        return build_config(load_recipe(positional[0]) if positional else None, overrides)
+
+    cfg = user_errors(configure)
+    from farsync.train.loop import train as run_training
+
+    summary = user_errors(lambda: run_training(cfg, run_dir=resume, resume=bool(resume)))
+    if "stopped_at" in summary:
+        raise typer.Exit(code=130)
+    _print_summary(summary)
+
+
+def _print_summary(s: dict) -> None:
+    from farsync.train.loop import _fmt_bytes
+
+    ratio = f"{s['dp_bytes_ratio']:,.0f}× fewer" if s["dp_bytes_ratio"] else "n/a"
+    lines = [
+        f"run:                 {s['run_dir']}",
+        f"final eval loss:     {s['final_eval_loss']:.4f}",
+        f"tokens:              {s['tokens']:,} in {s['wall_seconds']:.1f} s ({s['tokens_per_second']:,.0f} tokens/s)",
+        f"bytes sent / worker: {_fmt_bytes(max(s['bytes_sent_per_worker']))} "
+        f"(data-parallel: {_fmt_bytes(s['dp_equivalent_bytes_per_worker'])}; {ratio})",
+        f"peak bytes / sync:   {_fmt_bytes(s['peak_bytes_per_sync'])}",
+        f"compute utilization: {100 * s['compute_utilization']:.1f} %",
+    ]
+    echo_main("\n".join(lines))
+
+
+def register(app: typer.Typer) -> None:
+    app.command(
+        "train", help=HELP,
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    )(train)

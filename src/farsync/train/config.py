@@ -1,0 +1,316 @@
+"""Typed run configuration: dataclass sections, TOML recipes, ``--section.key=value``
+overrides. Every error names the key and the value given (``ConfigError``)."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import tomli_w
+
+from farsync.algorithms.diloco import MODES
+from farsync.codecs import CODEC_NAMES
+from farsync.comm.exchange import METHODS
+from farsync.data import DataConfig
+
+
+class ConfigError(ValueError):
+    """A recipe or override is wrong; the message names the key and value."""
+
+
+@dataclass
+class ModelConfig:
+    size: str = "tiny"
+    """Size from the ladder: tiny (CPU demo), mini, 35m, 100m, 200m, 1b."""
+    seq_len: int = 128
+    """Tokens per training sequence (T)."""
+    z_loss: float = 0.0
+    """Coefficient of the z-loss on the log-partition (0 disables)."""
+    qk_norm: bool = True
+    """RMSNorm on queries and keys."""
+
+
+@dataclass
+class AlgoConfig:
+    mode: str = "streaming"
+    """dp (data-parallel baseline), diloco or streaming."""
+    workers: int = 4
+    """M: number of workers (replicas). Under torchrun it must equal the world size."""
+    sync_every: int = 50
+    """H: inner steps between two syncs of a fragment."""
+    num_fragments: int = 2
+    """P: fragments, synced at staggered offsets t_p = p*H/P (streaming only)."""
+    fragment_pattern: str = "strided"
+    """strided (block i -> fragment i mod P) or sequential."""
+    sync_delay: int = 1
+    """tau: inner steps overlapped with a fragment's exchange; must be < H/P."""
+    mixing: float = -1.0
+    """alpha in [0, 1]: local weight when a sync lands; -1 = default (0 if tau = 0, else 0.5)."""
+    codec: str = "fp4-e3m0"
+    """Pseudo-gradient codec: fp32, bf16, int8, fp4-e3m0, fp4-e2m1."""
+    codec_block_size: int = 0
+    """Values per codec scale block; 0 = the codec's default."""
+    stochastic_rounding: bool = False
+    """Stochastic rounding in lossy codecs."""
+    exchange: str = "auto"
+    """auto, reduce-scatter or all-gather (how a quantized mean travels)."""
+    outer_lr: float = 0.7
+    """Outer SGD learning rate."""
+    outer_momentum: float = 0.9
+    """Outer Nesterov momentum."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    """Peak inner AdamW learning rate."""
+    weight_decay: float = 0.1
+    """Inner AdamW weight decay."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    warmup_steps: int = 50
+    """Linear warmup steps."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay floor as a fraction of lr."""
+    grad_clip: float = 1.0
+    """Clip the gradient norm to this (0 disables)."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 600
+    """Inner steps per worker."""
+    batch_size: int = 16
+    """Sequences per worker per step (B)."""
+    seed: int = 0
+    """Seeds the model init, the data order and stochastic rounding."""
+    eval_every: int = 100
+    """Evaluate the global model every this many steps (and at the end)."""
+    eval_batches: int = 8
+    """Held-out batches per evaluation (the same for every method)."""
+    log_every: int = 10
+    """Write a metrics.jsonl row every this many steps."""
+    checkpoint_every: int = 200
+    """Checkpoint every this many steps (and at the end, and on Ctrl-C); 0 = only then."""
+    run_dir: str = "runs"
+    """Parent folder of run directories."""
+    name: str = ""
+    """Run name (default: mode-codec-timestamp)."""
+    device: str = "auto"
+    """auto (cuda if available), cpu or cuda."""
+    threads: int = 0
+    """torch intra-op threads; 0 = torch's default."""
+    exchange_delay_s: float = 0.0
+    """Test hook: every exchange takes at least this long (emulates a slow link)."""
+    progress: bool = True
+    """Show a progress bar (rank 0 only)."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        """Cross-field checks; messages name the flag to change."""
+        _choice("algo.mode", self.algo.mode, MODES)
+        _choice("algo.codec", self.algo.codec, CODEC_NAMES)
+        _choice("algo.exchange", self.algo.exchange, METHODS)
+        _choice("algo.fragment_pattern", self.algo.fragment_pattern, ("strided", "sequential"))
+        _choice("train.device", self.train.device, ("auto", "cpu", "cuda"))
+        for key, value, low in [
+            ("algo.workers", self.algo.workers, 1), ("algo.sync_every", self.algo.sync_every, 1),
+            ("algo.num_fragments", self.algo.num_fragments, 1), ("algo.sync_delay", self.algo.sync_delay, 0),
+            ("algo.codec_block_size", self.algo.codec_block_size, 0),
+            ("model.seq_len", self.model.seq_len, 8), ("train.steps", self.train.steps, 1),
+            ("train.batch_size", self.train.batch_size, 1), ("train.eval_every", self.train.eval_every, 1),
+            ("train.eval_batches", self.train.eval_batches, 1), ("train.log_every", self.train.log_every, 1),
+            ("train.checkpoint_every", self.train.checkpoint_every, 0), ("optim.warmup_steps", self.optim.warmup_steps, 0),
+            ("train.threads", self.train.threads, 0),
+        ]:
+            if value < low:
+                raise ConfigError(f"{key} must be >= {low} (got {value})")
+        for key, value in [("optim.lr", self.optim.lr), ("algo.outer_lr", self.algo.outer_lr)]:
+            if not value > 0:
+                raise ConfigError(f"{key} must be > 0 (got {value})")
+        if not (self.algo.mixing == -1.0 or 0.0 <= self.algo.mixing <= 1.0):
+            raise ConfigError(f"algo.mixing (α) must be in [0, 1], or -1 for the default (got {self.algo.mixing})")
+        if not 0.0 <= self.optim.min_lr_ratio <= 1.0:
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1] (got {self.optim.min_lr_ratio})")
+        a = self.algo
+        if a.mode == "diloco" and (a.num_fragments != 1 or a.sync_delay != 0):
+            raise ConfigError(
+                f"algo.mode=diloco syncs everything at once with no overlap: set algo.num_fragments=1 and "
+                f"algo.sync_delay=0 (got {a.num_fragments} and {a.sync_delay}), or use algo.mode=streaming"
+            )
+        if a.mode == "streaming":
+            min_gap = min(
+                b - c for c, b in zip(
+                    [p * a.sync_every // a.num_fragments for p in range(a.num_fragments)],
+                    [p * a.sync_every // a.num_fragments for p in range(1, a.num_fragments)] + [a.sync_every],
+                )
+            )
+            if a.sync_delay >= max(min_gap, 1):
+                raise ConfigError(
+                    f"algo.sync_delay (τ) = {a.sync_delay} must be < algo.sync_every/algo.num_fragments "
+                    f"= {a.sync_every}/{a.num_fragments}"
+                )
+
+    def algo_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :class:`farsync.algorithms.DiLoCo`."""
+        a = self.algo
+        kw: dict[str, Any] = dict(mode=a.mode, num_workers=a.workers, codec=a.codec,
+                                  exchange=a.exchange, seed=self.train.seed)
+        if a.mode == "dp":
+            return kw
+        kw.update(sync_every=a.sync_every, outer_lr=a.outer_lr, outer_momentum=a.outer_momentum,
+                  codec_block_size=a.codec_block_size or None, stochastic_rounding=a.stochastic_rounding)
+        if a.mode == "streaming":
+            kw.update(num_fragments=a.num_fragments, fragment_pattern=a.fragment_pattern,
+                      sync_delay=a.sync_delay, mixing=None if a.mixing == -1.0 else a.mixing)
+        return kw
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _choice(key: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)} (got {value!r})")
+
+
+def _section_class(name: str) -> type:
+    return {"model": ModelConfig, "data": DataConfig, "algo": AlgoConfig,
+            "optim": OptimConfig, "train": TrainConfig}[name]
+
+
+def _coerce(key: str, raw: Any, typ: Any, from_text: bool) -> Any:
+    """Convert ``raw`` to the field type ``typ``; text comes from the command line."""
+    if isinstance(typ, str):
+        typ = {"int": int, "float": float, "bool": bool, "str": str}.get(typ, typ)
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = [t for t in typing.get_args(typ) if t is not type(None)]
+        typ = args[0]
+    if typ is bool:
+        if isinstance(raw, bool):
+            return raw
+        if from_text and str(raw).lower() in ("true", "1", "yes", "on"):
+            return True
+        if from_text and str(raw).lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{key} must be true or false (got {raw!r})")
+    if typ is int:
+        if isinstance(raw, bool):
+            raise ConfigError(f"{key} must be an integer (got {raw!r})")
+        if isinstance(raw, int):
+            return raw
+        if from_text:
+            try:
+                return int(str(raw).replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be an integer (got {raw!r})")
+    if typ is float:
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            return float(raw)
+        if from_text:
+            try:
+                return float(raw)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be a number (got {raw!r})")
+    if typ is str:
+        if isinstance(raw, str):
+            return raw
+        raise ConfigError(f"{key} must be a string (got {raw!r})")
+    raise ConfigError(f"{key}: unsupported type {typ}")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def build_config(recipe: dict[str, Any] | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults ← recipe (parsed TOML) ← ``section.key=value`` overrides, validated."""
+    values: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    for section, body in (recipe or {}).items():
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown recipe section [{section}]; sections are: {', '.join(SECTIONS)}")
+        if not isinstance(body, dict):
+            raise ConfigError(f"[{section}] must be a table of keys (got {body!r})")
+        types_ = _field_types(_section_class(section))
+        for key, raw in body.items():
+            if key not in types_:
+                raise ConfigError(f"unknown key {section}.{key}; [{section}] has: {', '.join(types_)}")
+            values[section][key] = _coerce(f"{section}.{key}", raw, types_[key], from_text=False)
+    for item in overrides or []:
+        text = item[2:] if item.startswith("--") else item
+        if "=" not in text or "." not in text.split("=", 1)[0]:
+            raise ConfigError(f"override {item!r} must look like --section.key=value")
+        dotted, raw = text.split("=", 1)
+        section, key = dotted.split(".", 1)
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown key {dotted} (sections are: {', '.join(SECTIONS)})")
+        types_ = _field_types(_section_class(section))
+        if key not in types_:
+            raise ConfigError(f"unknown key {dotted}; [{section}] has: {', '.join(types_)}")
+        values[section][key] = _coerce(dotted, raw, types_[key], from_text=True)
+    try:
+        cfg = Config(**{s: _section_class(s)(**v) for s, v in values.items()})
+    except ConfigError:
+        raise
+    except ValueError as e:  # section __post_init__ checks (data.*)
+        raise ConfigError(str(e)) from None
+    cfg.validate()
+    return cfg
+
+
+def load_recipe(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"recipe: no such file: {path!r}")
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"recipe {path!r} is not valid TOML: {e}") from None
+
+
+def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(cfg)
+
+
+def to_toml(cfg: Config) -> str:
+    return tomli_w.dumps(to_dict(cfg))
+
+
+def from_dict(d: dict[str, Any]) -> Config:
+    """Rebuild a saved (resolved) config."""
+    return build_config(d)
+
+
+def field_help() -> dict[str, str]:
+    """``section.key`` → the attribute docstring written under the field."""
+    out: dict[str, str] = {}
+    for section in SECTIONS:
+        cls = _section_class(section)
+        tree = ast.parse(inspect.getsource(cls))
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr) \
+                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                out[f"{section}.{node.target.id}"] = " ".join(nxt.value.value.split())
+    return out
