@@ -19,6 +19,7 @@ from farsync.algorithms.diloco import MODES
 from farsync.codecs import CODEC_NAMES
 from farsync.comm.exchange import METHODS
 from farsync.data import DataConfig
+from farsync.models import MODEL_SIZES
 
 
 class ConfigError(ValueError):
@@ -125,6 +126,7 @@ class Config:
 
     def validate(self) -> None:
         """Cross-field checks; messages name the flag to change."""
+        _choice("model.size", self.model.size, tuple(MODEL_SIZES))
         _choice("algo.mode", self.algo.mode, MODES)
         _choice("algo.codec", self.algo.codec, CODEC_NAMES)
         _choice("algo.exchange", self.algo.exchange, METHODS)

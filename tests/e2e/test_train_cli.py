@@ -1,0 +1,180 @@
+"""`farsync train` end to end: each method, resume, bad input, torchrun == in-process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from farsync.train import checkpoint as ckpt
+from farsync.train.config import build_config
+from farsync.train.loop import train
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+# A small but real setup: the stdlib corpus capped at 1 MB, a 512-token BPE, the nano model.
+FAST = [
+    "--model.size=nano", "--model.seq_len=64", "--data.max_bytes=1000000", "--data.val_fraction=0.1",
+    "--data.vocab_size=512", "--train.batch_size=4", "--train.eval_every=6", "--train.eval_batches=2",
+    "--train.log_every=2", "--train.threads=1", "--train.progress=false", "--algo.sync_every=4",
+    "--optim.warmup_steps=2",
+]
+
+
+def cli(*args, env=None, timeout=240):
+    return subprocess.run([sys.executable, "-m", "farsync", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def fast(tmp_path, *extra):
+    return [*FAST, f"--data.cache_dir={CACHE}", f"--train.run_dir={tmp_path}", *extra]
+
+
+CACHE = os.path.join(os.path.dirname(__file__), "..", "..", ".cache", "farsync")
+
+
+@pytest.mark.parametrize("mode,extra", [
+    ("dp", []),
+    ("diloco", ["--algo.num_fragments=1", "--algo.sync_delay=0", "--algo.codec=fp32"]),
+    ("streaming", ["--algo.num_fragments=2", "--algo.sync_delay=1", "--algo.codec=fp4-e3m0"]),
+])
+def test_each_method_trains_and_writes_a_run_directory(tmp_path, mode, extra):
+    r = cli("train", *fast(tmp_path, f"--algo.mode={mode}", "--train.steps=12", "--train.name=run", *extra))
+    assert r.returncode == 0, r.stderr
+    run = tmp_path / "run"
+    for name in ("config.toml", "metrics.jsonl", "summary.json", "loss.png", "bytes.png", "checkpoints/latest.json"):
+        assert (run / name).exists(), name
+    s = json.loads((run / "summary.json").read_text())
+    assert s["mode"] == mode and s["steps"] == 12 and s["tokens"] == 12 * 4 * 4 * 64
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [x["eval_loss"] for x in rows if x["kind"] == "eval"]
+    assert len(evals) == 2 and evals[-1] == s["final_eval_loss"]
+    assert evals[-1] < 6.0  # ln(512) = 6.24 at init: it learned something
+    sent = s["bytes_sent_per_worker"]
+    assert len(sent) == 4 and len(set(sent)) == 1
+    if mode == "dp":
+        assert s["sync_events"] == 12 and 0.9 < s["dp_bytes_ratio"] <= 1.0  # padding and handshake only
+    else:
+        assert s["dp_bytes_ratio"] > 2
+    assert "final eval loss" in r.stdout
+
+
+def _run(tmp_path, name, steps=40, **extra):
+    args = fast(tmp_path, f"--train.steps={steps}", f"--train.name={name}", "--algo.mode=streaming",
+                "--algo.num_fragments=2", "--algo.sync_delay=1", "--algo.codec=fp4-e2m1",
+                "--algo.stochastic_rounding=true", "--train.checkpoint_every=0")
+    return build_config(None, [a for a in args] + [f"--{k}={v}" for k, v in extra.items()])
+
+
+def test_ctrl_c_checkpoints_and_resume_equals_uninterrupted_run(tmp_path):
+    full = train(_run(tmp_path, "full"))
+
+    cfg = _run(tmp_path, "cut")
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+
+    def press_ctrl_c():  # once training is under way
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+            time.sleep(0.005)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=press_ctrl_c, daemon=True).start()
+    cut = train(cfg)
+    assert "stopped_at" in cut and cut["stopped_at"] < 40, cut
+    assert ckpt.latest_step(str(tmp_path / "cut")) == cut["stopped_at"]
+    assert not (tmp_path / "cut" / "summary.json").exists()
+
+    resumed = train(cfg, run_dir=str(tmp_path / "cut"), resume=True)
+    rows = lambda n: [{k: v for k, v in json.loads(x).items() if k != "wall_seconds"}
+                      for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
+    assert rows("cut") == rows("full")  # the same loss curve, row for row
+    assert resumed["final_eval_loss"] == full["final_eval_loss"]
+    assert resumed["bytes_sent_per_worker"] == full["bytes_sent_per_worker"]
+
+
+def test_a_failed_checkpoint_write_leaves_the_last_good_one(tmp_path, monkeypatch):
+    run = str(tmp_path)
+    ckpt.save_worker(run, 10, 0, {"x": torch.ones(3)})
+    ckpt.commit(run, 10, 1)
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        ckpt.save_worker(run, 20, 0, {"x": torch.zeros(3)})
+    assert ckpt.latest_step(run) == 10
+    assert not os.path.exists(os.path.join(ckpt.step_dir(run, 20), "worker-0.pt"))
+    assert [f for f in os.listdir(ckpt.step_dir(run, 20)) if not f.startswith(".tmp")] == []
+    with pytest.raises(RuntimeError, match="lacks worker files"):
+        ckpt.commit(run, 20, 1)
+    assert torch.equal(ckpt.load_worker(run, 10, 0)["x"], torch.ones(3))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--train.stepz=3"], "error: unknown key train.stepz; [train] has: steps,"),
+    (["--train.steps=abc"], "error: train.steps must be an integer (got 'abc')"),
+    (["--algo.codec=fp5"], "error: algo.codec must be one of fp32, bf16, int8, fp4-e3m0, fp4-e2m1 (got 'fp5')"),
+    (["--data.source=/no/such/place"], "error: data.source: no such file or directory: '/no/such/place'"),
+    (["--algo.sync_every=50", "--algo.num_fragments=2", "--algo.sync_delay=25"],
+     "error: algo.sync_delay (τ) = 25 must be < algo.sync_every/algo.num_fragments = 50/2"),
+    (["--algo.mixing=2"], "error: algo.mixing (α) must be in [0, 1], or -1 for the default (got 2.0)"),
+    (["--optim.lr=-1"], "error: optim.lr must be > 0 (got -1.0)"),
+    (["--model.size=huge"], "error: model.size must be one of"),
+    (["steps=3"], "error: recipe: no such file: 'steps=3'"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
+    r = cli("train", f"--train.run_dir={tmp_path}", "--train.progress=false", *args)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_bad_recipe_key_and_empty_data_folder(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[algo]\nmode = 'streaming'\nsyncevery = 5\n")
+    r = cli("train", str(recipe))
+    assert r.returncode == 2 and "error: unknown key algo.syncevery" in r.stderr
+    recipe.write_text("[train]\nsteps = 'ten'\n")
+    r = cli("train", str(recipe))
+    assert r.returncode == 2 and "error: train.steps must be an integer (got 'ten')" in r.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = cli("train", f"--data.source={empty}", f"--train.run_dir={tmp_path}", "--train.progress=false")
+    assert r.returncode == 2 and "data.source" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_recipes_in_the_repository_are_valid():
+    from farsync.train.config import load_recipe
+
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "recipes")
+    names = sorted(f for f in os.listdir(root) if f.endswith(".toml"))
+    assert "default.toml" in names
+    for name in names:
+        build_config(load_recipe(os.path.join(root, name)))
+
+
+@pytest.mark.distributed
+def test_torchrun_two_processes_equal_in_process_two_workers(tmp_path):
+    common = fast(tmp_path, "--algo.workers=2", "--train.steps=12", "--algo.mode=streaming",
+                  "--algo.num_fragments=2", "--algo.sync_delay=1", "--algo.codec=fp4-e3m0")
+    r = cli("train", *common, "--train.name=inproc")
+    assert r.returncode == 0, r.stderr
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    r = subprocess.run([torchrun, "--standalone", "--nproc-per-node=2", "-m", "farsync", "train", *common,
+                        "--train.name=torchrun"], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = json.loads((tmp_path / "inproc" / "summary.json").read_text())
+    b = json.loads((tmp_path / "torchrun" / "summary.json").read_text())
+    assert b["backend"] == "torch.distributed" and a["backend"] == "in-process"
+    for key in ("final_eval_loss", "final_train_loss", "tokens", "bytes_sent_per_worker", "peak_bytes_per_sync",
+                "sync_events", "dp_equivalent_bytes_per_worker", "parameters"):
+        assert a[key] == b[key], key
