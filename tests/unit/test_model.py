@@ -225,3 +225,18 @@ def test_model_file_is_standalone():
         elif isinstance(node, ast.ImportFrom):
             imported.add(node.module or "")
     assert not any(i.startswith(("farsync", "torch.distributed")) for i in imported), imported
+
+
+def test_ladder_table_in_the_source_is_current():
+    rows = [line.split() for line in Path(llama_module.__file__).read_text().splitlines()
+            if line.startswith("#   ") and line.split()[1] in MODEL_SIZES]
+    assert [r[1] for r in rows] == list(MODEL_SIZES)
+    for _, name, dim, layers, heads, hidden, non_emb, tied, untied in rows:
+        with torch.device("meta"):
+            a = Llama(model_config(name, 32000, 64))
+            b = Llama(model_config(name, 32000, 64, tie_embeddings=True))
+        c = a.cfg
+        assert [int(dim), int(layers), int(heads), int(hidden)] == [c.dim, c.n_layers, c.n_heads, c.hidden_dim]
+        assert int(non_emb.replace(",", "")) == a.num_parameters(non_embedding=True)
+        assert int(tied.replace(",", "")) == b.num_parameters()
+        assert int(untied.replace(",", "")) == a.num_parameters()

@@ -107,8 +107,18 @@ class LlamaConfig:
 
 # The size ladder. The four named after parameter counts follow the Streaming DiLoCo
 # paper's architecture table (dim = 64 * heads). Their names count the transformer blocks
-# plus one vocabulary matrix at a 32k vocabulary, as the papers do; with the default untied
-# head there is a second one (see README / num_parameters for the exact figures).
+# plus one vocabulary matrix, as the papers do; the default untied head adds a second.
+# Counts at a 32,000-token vocabulary (MLP width F from ffn_mult = 8/3, multiple_of = 64):
+#
+#   size    dim  layers  heads     F   non-embedding   tied total   untied total
+#   nano     32     4       2     128        65,952      1,089,952      2,113,952
+#   tiny    128     4       4     384       853,376      4,949,376      9,045,376
+#   mini    256     6       4     704     4,820,992     13,012,992     21,204,992
+#   small   384     6       6    1024    10,622,592     22,910,592     35,198,592
+#   35m     512     6       8    1408    19,275,008     35,659,008     52,043,008
+#   100m    768     9      12    2048    63,716,736     88,292,736    112,868,736
+#   200m   1024    12      16    2752   151,808,512    184,576,512    217,344,512
+#   1b     2048    24      32    5504 1,214,354,432  1,279,890,432  1,345,426,432
 MODEL_SIZES: dict[str, dict] = {
     # Unit tests: several blocks (for fragment tests) at almost no compute.
     "nano": dict(dim=32, n_layers=4, n_heads=2),
