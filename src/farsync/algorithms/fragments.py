@@ -1,7 +1,8 @@
 """Split a model's parameters into the P fragments Streaming DiLoCo syncs one at a time.
 
-Automatic rule (models that keep their blocks in an ``nn.ModuleList``):
-  * the block list is the ``nn.ModuleList`` with the most children (first one on ties);
+Automatic rule (models that keep their blocks in an ``nn.ModuleList`` or ``nn.Sequential``):
+  * the block list is the ``nn.ModuleList``/``nn.Sequential`` with the most children
+    (first one on ties);
   * ``strided`` (the paper's default): block i → fragment i mod P;
     ``sequential``: contiguous runs of blocks, sizes differing by at most one;
   * parameters outside the blocks are placed by where they sit in
@@ -39,11 +40,12 @@ class Fragment:
         return sum(p.numel() for p in self.params)
 
 
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """The model's block list: its ``nn.ModuleList`` with the most children."""
-    best: tuple[str, nn.ModuleList] | None = None
+def find_blocks(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The model's block list: its ``nn.ModuleList`` (or ``nn.Sequential``) with the
+    most children; the first one found on ties."""
+    best: tuple[str, nn.Module] | None = None
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and (best is None or len(mod) > len(best[1])):
+        if isinstance(mod, (nn.ModuleList, nn.Sequential)) and (best is None or len(mod) > len(best[1])):
             best = (name, mod)
     return best
 
@@ -69,7 +71,7 @@ def build_fragments(
     found = find_blocks(model)
     if found is None:
         raise ValueError(
-            f"num_fragments={num_fragments} needs the model's blocks in an nn.ModuleList, "
+            f"num_fragments={num_fragments} needs the model's blocks in an nn.ModuleList or nn.Sequential, "
             "and none was found; pass explicit fragments instead"
         )
     prefix, blocks = found
