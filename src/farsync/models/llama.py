@@ -122,7 +122,9 @@ class LlamaConfig:
 MODEL_SIZES: dict[str, dict] = {
     # Unit tests: several blocks (for fragment tests) at almost no compute.
     "nano": dict(dim=32, n_layers=4, n_heads=2),
-    # The CPU demo: ~0.85M parameters in the blocks.
+    # The CPU demo. Measured on 2 cores, vocab 4096, batch 16 x seq 128: about 140 ms per
+    # fwd+bwd, over a third of it in the vocabulary-sized head and softmax (the step takes
+    # about 65 ms at batch 8 or at seq 64).
     "tiny": dict(dim=128, n_layers=4, n_heads=4),
     # CPU benchmarks: slower, but big enough for differences between methods to show.
     "mini": dict(dim=256, n_layers=6, n_heads=4),
