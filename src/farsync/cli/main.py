@@ -21,10 +21,12 @@ def _root() -> None:
 
 def _register_all() -> None:
     from farsync.cli import env, simulate, train
+    from farsync.cli import bench
 
     train.register(app)
     simulate.register(app)
     env.register(app)
+    bench.register(app)
 
 
 _register_all()
