@@ -88,9 +88,9 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 600
+    steps: int = 500
     """Inner steps per worker."""
-    batch_size: int = 16
+    batch_size: int = 8
     """Sequences per worker per step (B)."""
     seed: int = 0
     """Seeds the model init, the data order and stochastic rounding."""
