@@ -21,11 +21,13 @@ def _root() -> None:
 
 def _register_all() -> None:
     from farsync.cli import env, simulate, train
+    from farsync.cli import wan
     from farsync.cli import bench
 
     train.register(app)
     simulate.register(app)
     env.register(app)
+    wan.register(app)
     bench.register(app)
 
 

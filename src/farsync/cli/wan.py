@@ -1,0 +1,100 @@
+"""`farsync wan [RECIPE] --hosts M --bandwidth MBIT [--section.key=value ...]` and
+`farsync wan --cleanup`."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from farsync.cli.common import fail, split_args
+
+HELP = (
+    "Train over real, rate-limited links: one worker process per emulated host.\n\n"
+    "Linux, as root. Creates M network namespaces ('hosts') on a private bridge (10.77.0.0/24, inside "
+    "those namespaces only), limits every host's link in both directions with `tc ... tbf` to --bandwidth "
+    "Mbit/s, and runs `farsync train` once per host with torch.distributed over gloo (rendezvous at host "
+    "0). Latency is not emulated (no netem here; tbf adds queueing delay only). When the run ends it "
+    "prints each host's kernel byte counters beside farsync's own accounting and writes them to "
+    "RUN_DIR/NAME/wan.json. Namespaces, links and processes are removed on exit, Ctrl-C, SIGTERM or a "
+    "crash; after a SIGKILL a guardian process removes them; `farsync wan --cleanup` removes anything "
+    "left by runs that are no longer running.\n\n"
+    "Training options are those of `farsync train` (a recipe and --section.key=value); algo.workers is "
+    "set to --hosts."
+)
+
+
+def wan(
+    ctx: typer.Context,
+    hosts: int = typer.Option(2, "--hosts", "-M", help="Emulated hosts M (one worker each)."),
+    bandwidth: float = typer.Option(
+        None, "--bandwidth", help="Link rate per host and direction, Mbit/s (tbf; 0 = no limit). Required.",
+    ),
+    mtu: int = typer.Option(1500, "--mtu", help="MTU of the host links, bytes."),
+    burst_bytes: int = typer.Option(None, "--burst-bytes", help="tbf bucket, bytes (default: max(2 frames, 1 ms at the rate))."),
+    queue_ms: float = typer.Option(2000.0, "--queue-ms", help="tbf queue length as time at the rate, ms."),
+    timeout: float = typer.Option(3600.0, "--timeout", help="Stop the workers after this many seconds."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not echo host 0's training output."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    cleanup: bool = typer.Option(False, "--cleanup", help="Remove namespaces left by killed runs, then exit."),
+) -> None:
+    from farsync.wan import LinkSpec, WanError, cleanup_stale, preflight
+
+    try:
+        if cleanup:
+            preflight()
+            removed = cleanup_stale()
+            typer.echo(f"removed {len(removed)} namespace(s)" + (f": {', '.join(removed)}" if removed else ""))
+            return
+        positional, overrides = split_args(list(ctx.args))
+        if len(positional) > 1:
+            raise fail(f"at most one recipe file (got {positional}); overrides look like --section.key=value")
+        if bandwidth is None:
+            raise fail("--bandwidth is required: the rate of every host's link in Mbit/s (0 = no limit)")
+        link = LinkSpec(bandwidth, mtu=mtu, burst_bytes=burst_bytes, queue_ms=queue_ms)
+        from farsync.wan.run import Interrupted, run_wan
+
+        try:
+            report = run_wan(positional[0] if positional else None, overrides, hosts=hosts, link=link,
+                             timeout_s=timeout, echo=not quiet)
+        except Interrupted as e:
+            typer.echo(f"farsync wan: {e}", err=True)
+            raise typer.Exit(code=e.exit_code) from None
+        except KeyboardInterrupt:  # Ctrl-C before any namespace existed
+            typer.echo("farsync wan: interrupted before the hosts were created; nothing to clean up", err=True)
+            raise typer.Exit(code=130) from None
+    except (WanError, ValueError) as e:  # ValueError: ConfigError and friends
+        raise fail(str(e)) from None
+    typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:,.3f} MB"
+
+
+def format_report(r: dict) -> str:
+    link, s = r["link"], r["summary"]
+    rate = f"{link['bandwidth_mbit']:g} Mbit/s each way (tbf, burst {link['burst_bytes']} B)" \
+        if link["bandwidth_mbit"] else "no rate limit"
+    lines = [
+        f"link: {r['hosts']} hosts, {rate}, MTU {link['mtu']}; latency not emulated",
+        f"{'host':<5}{'address':<12}{'farsync sent':>16}{'kernel tx':>16}{'headers':>14}{'kernel payload':>17}"
+        f"{'payload/farsync':>17}{'retrans':>9}",
+    ]
+    for h in r["per_host"]:
+        ratio = "n/a" if h["payload_vs_farsync"] is None else f"{100 * h['payload_vs_farsync']:+.2f} %"
+        lines.append(f"{h['host']:<5}{h['address']:<12}{_mb(h['farsync_bytes']):>16}{_mb(h['kernel_tx_bytes']):>16}"
+                     f"{_mb(h['header_bytes']):>14}{_mb(h['kernel_payload_bytes']):>17}{ratio:>17}"
+                     f"{h['tcp_retrans_segs']:>9}")
+    lines.append(
+        f"mode {s['mode']} ({s['codec']}), {s['steps']} steps: wall {s['wall_seconds']:.1f} s, compute utilization "
+        f"{100 * s['compute_utilization']:.1f} %, final eval loss {s['final_eval_loss']:.4f}")
+    lines.append(f"namespaces removed: {', '.join(r['namespaces_removed']) or 'none'}; report: {s['run_dir']}/wan.json")
+    return "\n".join(lines)
+
+
+def register(app: typer.Typer) -> None:
+    app.command(
+        "wan", help=HELP,
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    )(wan)
