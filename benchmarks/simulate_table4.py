@@ -36,6 +36,7 @@ VARIANTS: dict[str, dict] = {
     "default": {},
     "wire fp32 (non-FP4 methods)": {"codec": "fp32"},
     "FP4 scales not counted": {"count_scales": False},
+    "FP4 scale per 32 values (farsync's codec)": {"codec_block_size": 32},
     "latency 1 ms": {"latency_s": 0.001},
     "latency 10 ms": {"latency_s": 0.010},
     "latency 50 ms": {"latency_s": 0.050},

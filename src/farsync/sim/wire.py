@@ -1,9 +1,7 @@
 """Bytes on the wire per codec, as the simulator counts them.
 
-This table is deliberately local: the simulator is pure Python and must not depend on
-`farsync.codecs` (which does the real encoding). The sizes follow the codec family named
-in DESIGN.md §2; if the real codecs settle on other block sizes, update `WIRE_FORMATS`
-and the simulator follows.
+The table is built from `farsync.codecs` (value width and default block size of each
+codec), so the planner and the training code agree on what a codec costs.
 
 An encoded buffer of n values costs ``ceil(n * value_bits / 8)`` payload bytes plus
 ``ceil(n / block) * scale_bits / 8`` bytes of scales (0 for formats without scales).
@@ -46,28 +44,29 @@ class WireFormat:
         return self.value_bits + self.scale_bits / self.block
 
 
-WIRE_FORMATS: dict[str, WireFormat] = {
-    f.name: f
-    for f in (
-        WireFormat("fp32", 32, note="IEEE single precision, no scale"),
-        WireFormat("bf16", 16, note="bfloat16, no scale"),
-        WireFormat("int8", 8, 32, 256, note="blockwise absmax int8, one fp32 scale per 256 values"),
-        WireFormat(
-            "fp4-e3m0",
-            4,
-            32,
-            128,
-            note="1 sign + 3 exponent bits (Streaming DiLoCo), one fp32 scale per 128 values",
-        ),
-        WireFormat(
-            "fp4-e2m1",
-            4,
-            8,
-            32,
-            note="OCP MXFP4: E2M1 values, one 8-bit E8M0 scale per 32 values",
-        ),
-    )
-}
+def _from_codecs() -> dict[str, WireFormat]:
+    """One WireFormat per farsync codec, with the codecs' own default block sizes, so
+    the simulator counts what farsync really sends (checked against
+    ``Codec.encoded_nbytes`` in the tests)."""
+    from farsync.codecs import CODEC_NAMES, DEFAULT_BLOCK_SIZES
+
+    value_bits = {"fp32": 32, "bf16": 16, "int8": 8, "fp4-e3m0": 4, "fp4-e2m1": 4}
+    notes = {
+        "fp32": "IEEE single precision, no scale",
+        "bf16": "bfloat16, no scale",
+        "int8": "blockwise absmax int8, one fp32 scale per block",
+        "fp4-e3m0": "1 sign + 3 exponent bits (Streaming DiLoCo), one fp32 scale per block",
+        "fp4-e2m1": "OCP FP4 E2M1 values, one fp32 scale per block",
+    }
+    out = {}
+    for name in CODEC_NAMES:
+        block = DEFAULT_BLOCK_SIZES.get(name)
+        out[name] = WireFormat(name, value_bits[name], 32 if block else 0, block or 1,
+                               note=notes[name] + (f" of {block} values" if block else ""))
+    return out
+
+
+WIRE_FORMATS: dict[str, WireFormat] = _from_codecs()
 
 
 def wire_format(name: str) -> WireFormat:
