@@ -58,27 +58,25 @@ def _signals_raise():
         fired.append(signum)
         raise Interrupted(signum)
 
-    old = {}
-    try:
-        for s in _SIGNALS:
-            old[s] = signal.signal(s, handler)
-    except ValueError:  # not the main thread: rely on the finally blocks and the guardian
-        pass
-    try:
+    with _handling(handler):
         yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 @contextmanager
 def _shielded():
     """Ignore SIGINT/SIGTERM/SIGHUP while cleaning up."""
+    with _handling(signal.SIG_IGN):
+        yield
+
+
+@contextmanager
+def _handling(handler):
+    """Install ``handler`` for SIGINT/SIGTERM/SIGHUP; restore the old ones on exit."""
     old = {}
     try:
         for s in _SIGNALS:
-            old[s] = signal.signal(s, signal.SIG_IGN)
-    except ValueError:
+            old[s] = signal.signal(s, handler)
+    except ValueError:  # not the main thread: rely on the finally blocks and the guardian
         pass
     try:
         yield
