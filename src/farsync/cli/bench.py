@@ -17,13 +17,16 @@ bench_app = typer.Typer(
     add_completion=False,
 )
 
-QUALITY_HELP = """Train the same model on the same data, token budget and seed with data-parallel,
-DiLoCo, Streaming DiLoCo (τ = 0), Streaming + overlap (τ = 1) with fp32, fp4-e3m0, fp4-e2m1
-and int8 pseudo-gradients, for M = 4 and M = 2 workers; tune DP's lr and DiLoCo's/Streaming's
-outer lr × H with equal budgets; compare three model sizes. Writes quality.json, quality.md
-and plots to --out. The full run takes about half an hour on 2 CPU cores; --quick (nano
-model, a few steps) a minute or two and only tests the harness.
-"""
+# rich help keeps single newlines, so each paragraph is one string
+QUALITY_HELP = "\n\n".join([
+    "Data-parallel vs DiLoCo vs Streaming DiLoCo at equal tokens: loss against bytes sent.",
+    "Trains the same model on the same data, token budget and seed with data-parallel, DiLoCo, "
+    "Streaming DiLoCo (τ = 0), and Streaming + overlap (τ = 1) with fp32, fp4-e3m0, fp4-e2m1 and int8 "
+    "pseudo-gradients, for M = 4 and M = 2 workers; tunes DP's lr and DiLoCo's/Streaming's outer lr × H "
+    "with equal budgets; compares three model sizes. Writes quality.json, quality.md and plots to --out.",
+    "The full run takes about 25 minutes on 2 CPU cores; --quick (nano model, 30 steps) a minute or "
+    "two and only tests the harness.",
+])
 
 
 def quality(
