@@ -5,6 +5,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 
+def format_bytes(n: float) -> str:
+    """Decimal units, three significant digits: ``1.23 GB``."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.3g} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1000
+    return f"{n:.3g} TB"
+
+
 def dp_bytes_per_step(world_size: int, num_parameters: int) -> int:
     """Bytes one worker sends per step in data-parallel training: a ring all-reduce of
     fp32 gradients sends 2(M−1)/M × 4 bytes × parameters."""

@@ -11,6 +11,7 @@ matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
+from farsync.algorithms.accounting import format_bytes  # noqa: E402
 from farsync.bench.quality import BY_KEY, HEADLINE  # noqa: E402
 
 # one colour and marker per method, the same in every plot
@@ -24,14 +25,6 @@ _STYLE = {
     "overlap-int8": ("tab:brown", "X"),
 }
 
-
-def fmt_bytes(n: float) -> str:
-    """Decimal units, three significant digits: 1.23 GB."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.3g} {unit}" if unit != "B" else f"{n:.0f} B"
-        n /= 1000
-    return f"{n:.3g} TB"
 
 
 def _hp(h: dict) -> str:
@@ -54,7 +47,7 @@ def table_markdown(rows: list[dict]) -> str:
     for r in rows:
         lines.append(
             f"| {r['label']} | {_hp(r['hparams'])} | {r['final_eval_loss']:.4f} | {r['loss_ratio_to_dp']:.4f} "
-            f"| {fmt_bytes(r['bytes_sent_total'])} | {r['dp_bytes_ratio']:,.1f}× | {fmt_bytes(r['peak_bytes_per_sync'])} "
+            f"| {format_bytes(r['bytes_sent_total'])} | {r['dp_bytes_ratio']:,.1f}× | {format_bytes(r['peak_bytes_per_sync'])} "
             f"| {r['peak_ratio_diloco_to_method']:.2f}× | {r['wall_seconds']:.0f} s |"
         )
     return "\n".join(lines)

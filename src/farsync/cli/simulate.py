@@ -13,6 +13,8 @@ from typing import Optional
 
 import typer
 
+from farsync.algorithms.accounting import format_bytes
+
 # Settings of the library (SimInputError.option) -> the flag a user types.
 _FLAGS = {
     "preset": "--preset",
@@ -71,13 +73,6 @@ def _split(values: Optional[list[str]]) -> list[str]:
         out.extend(x.strip() for x in v.split(",") if x.strip())
     return out
 
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.3g} {unit}"
-        n /= 1000
-    return f"{n:.3g} TB"
 
 
 def _fmt_duration(s: float) -> str:
@@ -297,7 +292,7 @@ def _run(
         w = max(len(sim.METHOD_LABELS[m]) for m in at_bw)
         for m, r in at_bw.items():
             line = (f"  {sim.METHOD_LABELS[m]:<{w}}  utilization {r.utilization:6.1%}  "
-                    f"{r.wall_per_step_s:.4g} s/step  {_fmt_bytes(r.bytes_per_step)}/step sent per worker")
+                    f"{r.wall_per_step_s:.4g} s/step  {format_bytes(r.bytes_per_step)}/step sent per worker")
             if token_budget:
                 line += f"  wall-clock {_fmt_duration(r.wall_clock_s(token_budget, tps))}"
             typer.echo(line)

@@ -54,16 +54,16 @@ def train(
 
 
 def _print_summary(s: dict) -> None:
-    from farsync.train.loop import _fmt_bytes
+    from farsync.algorithms.accounting import format_bytes
 
     ratio = f"{s['dp_bytes_ratio']:,.0f}× fewer" if s["dp_bytes_ratio"] else "n/a"
     lines = [
         f"run:                 {s['run_dir']}",
         f"final eval loss:     {s['final_eval_loss']:.4f}",
         f"tokens:              {s['tokens']:,} in {s['wall_seconds']:.1f} s ({s['tokens_per_second']:,.0f} tokens/s)",
-        f"bytes sent / worker: {_fmt_bytes(max(s['bytes_sent_per_worker']))} "
-        f"(data-parallel: {_fmt_bytes(s['dp_equivalent_bytes_per_worker'])}; {ratio})",
-        f"peak bytes / sync:   {_fmt_bytes(s['peak_bytes_per_sync'])}",
+        f"bytes sent / worker: {format_bytes(max(s['bytes_sent_per_worker']))} "
+        f"(data-parallel: {format_bytes(s['dp_equivalent_bytes_per_worker'])}; {ratio})",
+        f"peak bytes / sync:   {format_bytes(s['peak_bytes_per_sync'])}",
         f"compute utilization: {100 * s['compute_utilization']:.1f} %",
     ]
     echo_main("\n".join(lines))

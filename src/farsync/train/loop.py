@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from farsync.algorithms import DiLoCo, step_in_lockstep
+from farsync.algorithms.accounting import format_bytes
 from farsync.comm import InProcessGroup
 from farsync.comm.base import Communicator
 from farsync.data import Corpus
@@ -319,7 +320,7 @@ def _train(cfg: Config, ctx: RunContext, run_dir: str | None, resume: bool) -> d
                 log_row(row)
                 if bar is not None:
                     bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{done * tokens_per_step / max(wall(), 1e-9):,.0f}",
-                                    sent=_fmt_bytes(row["bytes_sent_per_worker"]), refresh=False)
+                                    sent=format_bytes(row["bytes_sent_per_worker"]), refresh=False)
             if done % cfg.train.eval_every == 0 and not last:
                 log_row({"kind": "eval", "step": done, "tokens": done * tokens_per_step,
                          "eval_loss": eval_loss(), "wall_seconds": wall()})
@@ -400,10 +401,3 @@ def _summary(cfg, ctx, workers, run_dir, final_eval, wall_s, n_params, tokens_pe
         "compute_utilization": compute / (compute + blocked) if compute + blocked > 0 else 1.0,
     }
 
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000:
-            return f"{n:.1f}{unit}"
-        n /= 1000
-    return f"{n:.1f}PB"
