@@ -58,6 +58,13 @@ def fragment_offsets(sync_every: int, num_fragments: int) -> list[int]:
     return [p * sync_every // num_fragments for p in range(num_fragments)]
 
 
+def min_sync_gap(sync_every: int, num_fragments: int) -> int:
+    """Fewest inner steps between two consecutive fragment sends; τ must stay below it
+    so that at most one fragment is in flight (it is H/P when P divides H)."""
+    t = fragment_offsets(sync_every, num_fragments)
+    return min(b - a for a, b in zip(t, t[1:] + [sync_every + t[0]]))
+
+
 def sync_steps(sync_every: int, num_fragments: int, fragment: int, until: int) -> list[int]:
     """The inner steps (1-based counts of completed steps) at which ``fragment`` is sent."""
     t = fragment_offsets(sync_every, num_fragments)[fragment]
@@ -182,11 +189,11 @@ class DiLoCo:
         self.num_fragments = len(self.fragments)
         if mode != "dp":
             self.offsets = fragment_offsets(sync_every, self.num_fragments)
-            gaps = [b - a for a, b in zip(self.offsets, self.offsets[1:] + [sync_every + self.offsets[0]])]
-            if self.sync_delay >= min(gaps):
+            gap = min_sync_gap(sync_every, self.num_fragments)
+            if self.sync_delay >= gap:
                 raise ValueError(
                     f"sync_delay (τ) = {self.sync_delay} must be < H/P = {sync_every}/{self.num_fragments} "
-                    f"(here < {min(gaps)}), so that at most one fragment is in flight"
+                    f"(here < {gap}), so that at most one fragment is in flight"
                 )
         else:
             self.offsets = []

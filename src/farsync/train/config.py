@@ -15,7 +15,7 @@ from typing import Any
 
 import tomli_w
 
-from farsync.algorithms.diloco import MODES
+from farsync.algorithms.diloco import MODES, min_sync_gap
 from farsync.codecs import CODEC_NAMES
 from farsync.comm.exchange import METHODS
 from farsync.data import DataConfig
@@ -158,13 +158,7 @@ class Config:
                 f"algo.sync_delay=0 (got {a.num_fragments} and {a.sync_delay}), or use algo.mode=streaming"
             )
         if a.mode == "streaming":
-            min_gap = min(
-                b - c for c, b in zip(
-                    [p * a.sync_every // a.num_fragments for p in range(a.num_fragments)],
-                    [p * a.sync_every // a.num_fragments for p in range(1, a.num_fragments)] + [a.sync_every],
-                )
-            )
-            if a.sync_delay >= max(min_gap, 1):
+            if a.sync_delay >= min_sync_gap(a.sync_every, a.num_fragments):
                 raise ConfigError(
                     f"algo.sync_delay (τ) = {a.sync_delay} must be < algo.sync_every/algo.num_fragments "
                     f"= {a.sync_every}/{a.num_fragments}"
