@@ -20,6 +20,8 @@ from farsync.algorithms import DiLoCo  # noqa: E402
 from farsync.comm import TorchDistributedCommunicator  # noqa: E402
 from toy import batch, loss_fn, make_model  # noqa: E402
 
+THREADS = 1  # the in-process side of the test uses the same count: float sums depend on it
+
 
 def train(comm, rank, steps, compute_s=0.0, **kw):
     model = make_model(0)
@@ -45,6 +47,7 @@ def main():
     ap.add_argument("--configs", required=True, help="JSON list of DiLoCo keyword dicts")
     ap.add_argument("--steps", type=int, default=10)
     args = ap.parse_args()
+    torch.set_num_threads(THREADS)
     store = dist.TCPStore("127.0.0.1", args.port, is_master=False, timeout=timedelta(seconds=60))
     dist.init_process_group("gloo", store=store, rank=args.rank, world_size=args.world,
                             timeout=timedelta(seconds=60))

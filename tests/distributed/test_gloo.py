@@ -45,6 +45,15 @@ def launch(world, task, configs, out, steps=10):
 
 
 def in_process(world, steps, **kw):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the worker processes (gloo_worker.THREADS): float sums depend on it
+    try:
+        return _in_process(world, steps, **kw)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _in_process(world, steps, **kw):
     group = InProcessGroup(world)
     models = [make_model(0) for _ in range(world)]
     algos = [DiLoCo(m, torch.optim.AdamW(m.parameters(), lr=1e-2), group.communicator(r), **kw)

@@ -184,14 +184,18 @@ def train(cfg: Config, *, run_dir: str | None = None, resume: bool = False) -> d
 
     ``run_dir`` with ``resume=True`` continues the run saved there.
     """
+    threads = torch.get_num_threads()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    ctx = make_context(cfg)
     try:
-        return _train(cfg, ctx, run_dir, resume)
+        ctx = make_context(cfg)
+        try:
+            return _train(cfg, ctx, run_dir, resume)
+        finally:
+            for c in ctx.comms:
+                c.close()
     finally:
-        for c in ctx.comms:
-            c.close()
+        torch.set_num_threads(threads)  # a library call leaves the process as it found it
 
 
 def _train(cfg: Config, ctx: RunContext, run_dir: str | None, resume: bool) -> dict:
@@ -278,6 +282,7 @@ def _train(cfg: Config, ctx: RunContext, run_dir: str | None, resume: bool) -> d
             torch.nn.utils.clip_grad_norm_(algo.model.parameters(), cfg.optim.grad_clip)
 
     stopped = False
+    train_loss = None  # set at every log step, and the last step always logs
     step = start
     with _StopFlag() as stop:
         for step in range(start, cfg.train.steps):
@@ -347,7 +352,7 @@ def _train(cfg: Config, ctx: RunContext, run_dir: str | None, resume: bool) -> d
     log_row({"kind": "eval", "step": cfg.train.steps, "tokens": cfg.train.steps * tokens_per_step,
              "eval_loss": final_eval, "wall_seconds": wall()})
     save(cfg.train.steps)
-    summary = _summary(cfg, ctx, workers, run_dir, final_eval, wall(), n_params, tokens_per_step)
+    summary = _summary(cfg, ctx, workers, run_dir, final_eval, train_loss, wall(), n_params, tokens_per_step)
     if metrics is not None:
         metrics.close()
     if ctx.is_main:
@@ -359,7 +364,7 @@ def _train(cfg: Config, ctx: RunContext, run_dir: str | None, resume: bool) -> d
     return summary
 
 
-def _summary(cfg, ctx, workers, run_dir, final_eval, wall_s, n_params, tokens_per_step) -> dict:
+def _summary(cfg, ctx, workers, run_dir, final_eval, final_train, wall_s, n_params, tokens_per_step) -> dict:
     per_worker = [w.algo.stats.to_dict() for w in workers]
     if ctx.distributed:
         import torch.distributed as dist
@@ -371,10 +376,6 @@ def _summary(cfg, ctx, workers, run_dir, final_eval, wall_s, n_params, tokens_pe
     dp = per_worker[0]["dp_equivalent_bytes"]
     compute = sum(s["compute_seconds"] for s in per_worker)
     blocked = sum(s["blocked_seconds"] for s in per_worker)
-    train_rows = []
-    if ctx.is_main:
-        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-            train_rows = [json.loads(r) for r in f if '"train"' in r]
     tokens = cfg.train.steps * tokens_per_step
     return {
         "run_dir": run_dir,
@@ -388,7 +389,7 @@ def _summary(cfg, ctx, workers, run_dir, final_eval, wall_s, n_params, tokens_pe
         "wall_seconds": wall_s,
         "tokens_per_second": tokens / wall_s if wall_s > 0 else None,
         "final_eval_loss": final_eval,
-        "final_train_loss": train_rows[-1]["train_loss"] if train_rows else None,
+        "final_train_loss": final_train,
         "codec": cfg.algo.codec if cfg.algo.mode != "dp" else "fp32",
         "bytes_sent_per_worker": sent,
         "bytes_sent_total": sum(sent),
