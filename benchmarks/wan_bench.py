@@ -66,7 +66,7 @@ PAYLOAD_FRACTION = 1448 / (1514 + 66 / 2)
 COMMON = [
     "--model.size=tiny", "--model.seq_len=128", "--train.batch_size=8",
     "--data.max_bytes=1000000", "--data.val_fraction=0.1", "--data.vocab_size=512",
-    f"--train.steps={STEPS}", f"--algo.sync_every={H}", "--optim.warmup_steps=10",
+    f"--train.steps={STEPS}", f"--algo.inner_steps={H}", "--optim.warmup_steps=10",
     "--train.threads=1", "--train.progress=false", "--train.checkpoint_every=0",
     f"--train.log_every={STEPS}", f"--train.eval_every={STEPS}", "--train.eval_batches=4",
 ]
@@ -74,13 +74,13 @@ COMMON = [
 # method -> (farsync overrides, simulator method, P, τ, codec)
 METHODS: dict[str, tuple[list[str], str, int, int, str]] = {
     "dp": (["--algo.mode=dp"], "dp", 1, 0, "fp32"),
-    "diloco": (["--algo.mode=diloco", "--algo.num_fragments=1", "--algo.sync_delay=0", "--algo.codec=fp32"],
+    "diloco": (["--algo.mode=diloco", "--algo.fragments=1", "--algo.sync_delay=0", "--algo.codec=fp32"],
                "diloco", 1, 0, "fp32"),
-    "streaming": (["--algo.mode=streaming", "--algo.num_fragments=2", "--algo.sync_delay=0", "--algo.codec=fp32"],
+    "streaming": (["--algo.mode=streaming", "--algo.fragments=2", "--algo.sync_delay=0", "--algo.codec=fp32"],
                   "streaming", 2, 0, "fp32"),
-    "streaming-overlap": (["--algo.mode=streaming", "--algo.num_fragments=2", "--algo.sync_delay=1",
+    "streaming-overlap": (["--algo.mode=streaming", "--algo.fragments=2", "--algo.sync_delay=1",
                            "--algo.codec=fp32"], "streaming-overlap", 2, 1, "fp32"),
-    "streaming-overlap-fp4": (["--algo.mode=streaming", "--algo.num_fragments=2", "--algo.sync_delay=1",
+    "streaming-overlap-fp4": (["--algo.mode=streaming", "--algo.fragments=2", "--algo.sync_delay=1",
                                "--algo.codec=fp4-e3m0"], "streaming-overlap-fp4", 2, 1, "fp4-e3m0"),
 }
 
@@ -88,7 +88,7 @@ METHODS: dict[str, tuple[list[str], str, int, int, str]] = {
 def sim_config(method: str, params: int, step_time: float, bandwidth_gbps: float) -> sim.SimConfig:
     _, sim_method, P, tau, codec = METHODS[method]
     model = sim.ModelSpec("tiny", LAYERS, float(params), step_time)
-    kw = dict(workers=2, inner_steps=H, latency_s=0.0, schedule="after-backward", collective="all-gather",
+    kw = dict(workers=2, inner_steps=H, latency_s=0.0, schedule="after-backward", exchange="all-gather",
               bandwidth_gbps=bandwidth_gbps)
     if sim_method != "dp":
         kw["fragments"] = P
@@ -100,14 +100,14 @@ def sim_config(method: str, params: int, step_time: float, bandwidth_gbps: float
 
 
 def events_per_period(cfg: sim.SimConfig) -> int:
-    return 1 if cfg.algorithm == "dp" else cfg.n_fragments
+    return 1 if cfg.mode == "dp" else cfg.n_fragments
 
 
 def byte_ratio(method: str, params: int, fragment_sizes: list[int]) -> float:
     """Simulator's wire bytes / farsync's exact bytes, over one sync of every fragment."""
     cfg = sim_config(method, params, 1.0, 1.0)
     codec = get_codec(METHODS[method][4])
-    sizes = [params] if cfg.algorithm != "streaming" else fragment_sizes
+    sizes = [params] if cfg.mode != "streaming" else fragment_sizes
     ours = sum(ex.make_plan(n, 2, codec).bytes_sent + ex.make_plan(n, 2, codec).control_bytes for n in sizes)
     theirs = sum(cfg.bytes_sent_per_worker(params / cfg.n_fragments) for _ in sizes)
     return theirs / ours
@@ -159,7 +159,7 @@ def fragment_sizes() -> list[int]:
 def run_one(method: str, rate: float, run_dir: str) -> dict:
     overrides = [*COMMON, *METHODS[method][0], f"--train.run_dir={run_dir}", f"--train.name={method}-{rate:g}mbit"]
     t0 = time.perf_counter()
-    rep = run_wan(None, overrides, hosts=2, link=LinkSpec(rate), timeout_s=900, echo=False)
+    rep = run_wan(None, overrides, workers=2, link=LinkSpec(rate), timeout_s=900, echo=False)
     elapsed = time.perf_counter() - t0
     s = rep["summary"]
     hosts = rep["per_host"]
@@ -278,7 +278,7 @@ def main() -> int:
         "setup": {
             "hosts": 2, "model": "tiny", "parameters": runs[0]["parameters"], "layers": LAYERS,
             "fragment_parameters": frags, "steps": STEPS, "batch_size": 8, "seq_len": 128,
-            "H": H, "streaming": {"P": 2, "pattern": "strided", "tau_overlap": 1, "alpha_overlap": 0.5},
+            "H": H, "streaming": {"P": 2, "fragment_pattern": "strided", "tau_overlap": 1, "alpha_overlap": 0.5},
             "link": "tbf on each host's eth0 (upload) and on its bridge port (download), burst max(2 frames, 1 ms), "
                     "queue 2000 ms, MTU 1500; latency not emulated (no netem)",
             "launch": "one `farsync train` process per network namespace, env:// rendezvous at host 0, gloo over TCP",

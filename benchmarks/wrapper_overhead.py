@@ -41,7 +41,7 @@ def make(size: str, vocab: int, seq: int, wrapped: bool, fragments: int):
     algo = None
     if wrapped:
         algo = DiLoCo(model, opt, InProcessGroup(1).communicator(0), mode="streaming",
-                      sync_every=10**9, num_fragments=fragments, sync_delay=1, codec="fp4-e3m0")
+                      inner_steps=10**9, fragments=fragments, sync_delay=1, codec="fp4-e3m0")
     return model, opt, algo
 
 

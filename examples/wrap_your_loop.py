@@ -11,7 +11,7 @@ torch.manual_seed(0)  # every worker starts from the same parameters
 model = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh()) for _ in range(6)])
 inner = torch.optim.AdamW(model.parameters(), lr=1e-3)  # your optimizer, unchanged
 algo = DiLoCo(model, inner, TorchDistributedCommunicator(),
-              mode="streaming", sync_every=20, num_fragments=3,  # H, P
+              mode="streaming", inner_steps=20, fragments=3,  # H, P
               sync_delay=1, codec="fp4-e3m0")  # τ, 4-bit pseudo-gradients
 data = torch.Generator().manual_seed(dist.get_rank())  # each worker its own data
 for step in range(100):

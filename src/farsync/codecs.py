@@ -78,14 +78,11 @@ import operator
 
 import torch
 
+from farsync.codec_names import CODEC_NAMES, DEFAULT_BLOCK_SIZES, SCALE_BITS
+
 __all__ = ["CODEC_NAMES", "DEFAULT_BLOCK_SIZES", "Codec", "get_codec"]
 
-CODEC_NAMES: tuple[str, ...] = ("fp32", "bf16", "int8", "fp4-e3m0", "fp4-e2m1")
-
-#: Block size used by ``get_codec(name)`` for the blockwise codecs (see module docstring).
-DEFAULT_BLOCK_SIZES: dict[str, int] = {"int8": 64, "fp4-e3m0": 32, "fp4-e2m1": 32}
-
-_SCALE_BYTES = 4  # one fp32 scale per block
+_SCALE_BYTES = SCALE_BITS // 8  # one fp32 scale per block
 _FP32_TINY = torch.finfo(torch.float32).tiny  # smallest normal fp32, 2^-126
 
 

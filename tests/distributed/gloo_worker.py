@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
-from farsync.algorithms import DiLoCo  # noqa: E402
+from farsync.algorithms import make_strategy  # noqa: E402
 from farsync.comm import TorchDistributedCommunicator  # noqa: E402
 from toy import batch, loss_fn, make_model  # noqa: E402
 
@@ -25,7 +25,7 @@ THREADS = 1  # the in-process side of the test uses the same count: float sums d
 
 def train(comm, rank, steps, compute_s=0.0, **kw):
     model = make_model(0)
-    algo = DiLoCo(model, torch.optim.AdamW(model.parameters(), lr=1e-2), comm, **kw)
+    algo = make_strategy(model, torch.optim.AdamW(model.parameters(), lr=1e-2), comm, **kw)
     for s in range(steps):
         x, y = batch(rank, s)
         loss_fn(model, x, y).backward()
@@ -44,7 +44,7 @@ def main():
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--task", choices=["equal", "overlap"], required=True)
-    ap.add_argument("--configs", required=True, help="JSON list of DiLoCo keyword dicts")
+    ap.add_argument("--configs", required=True, help="JSON list of make_strategy keyword dicts")
     ap.add_argument("--steps", type=int, default=10)
     args = ap.parse_args()
     torch.set_num_threads(THREADS)

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from farsync.algorithms import DiLoCo, step_in_lockstep
+from farsync.algorithms import make_strategy, step_in_lockstep
 from farsync.codecs import CODEC_NAMES
 from farsync.comm import InProcessGroup
 from toy import batch, loss_fn, make_model
@@ -56,7 +56,7 @@ def in_process(world, steps, **kw):
 def _in_process(world, steps, **kw):
     group = InProcessGroup(world)
     models = [make_model(0) for _ in range(world)]
-    algos = [DiLoCo(m, torch.optim.AdamW(m.parameters(), lr=1e-2), group.communicator(r), **kw)
+    algos = [make_strategy(m, torch.optim.AdamW(m.parameters(), lr=1e-2), group.communicator(r), **kw)
              for r, m in enumerate(models)]
     for s in range(steps):
         for r, m in enumerate(models):
@@ -73,7 +73,7 @@ def _in_process(world, steps, **kw):
 @pytest.mark.parametrize("world", [2, 4])
 def test_gloo_processes_match_in_process_for_every_codec(world, tmp_path):
     configs = [
-        dict(mode="streaming", sync_every=4, num_fragments=2, sync_delay=1, codec=c,
+        dict(mode="streaming", inner_steps=4, fragments=2, sync_delay=1, codec=c,
              stochastic_rounding=c.startswith("fp4"), seed=3)
         for c in CODEC_NAMES
     ] + [dict(mode="dp")]
@@ -90,7 +90,7 @@ def test_gloo_processes_match_in_process_for_every_codec(world, tmp_path):
 
 def test_gloo_overlap_hides_slow_exchange(tmp_path):
     """A 0.3 s exchange behind 0.4 s steps: τ = 1 hides it, τ = 0 waits it out."""
-    base = dict(mode="streaming", sync_every=4, num_fragments=2, mixing=0.5, delay_s=0.3, compute_s=0.4)
+    base = dict(mode="streaming", inner_steps=4, fragments=2, mixing=0.5, delay_s=0.3, compute_s=0.4)
     stats = launch(2, "overlap", [dict(base, sync_delay=1), dict(base, sync_delay=0)], tmp_path, steps=9)
     for r in range(2):
         overlap, serial = stats[r]

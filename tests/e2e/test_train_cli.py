@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 FAST = [
     "--model.size=nano", "--model.seq_len=64", "--data.max_bytes=1000000", "--data.val_fraction=0.1",
     "--data.vocab_size=512", "--train.batch_size=4", "--train.eval_every=6", "--train.eval_batches=2",
-    "--train.log_every=2", "--train.threads=1", "--train.progress=false", "--algo.sync_every=4",
+    "--train.log_every=2", "--train.threads=1", "--train.progress=false", "--algo.inner_steps=4",
     "--optim.warmup_steps=2",
 ]
 
@@ -43,8 +43,8 @@ CACHE = os.path.join(os.path.dirname(__file__), "..", "..", ".cache", "farsync")
 
 @pytest.mark.parametrize("mode,extra", [
     ("dp", []),
-    ("diloco", ["--algo.num_fragments=1", "--algo.sync_delay=0", "--algo.codec=fp32"]),
-    ("streaming", ["--algo.num_fragments=2", "--algo.sync_delay=1", "--algo.codec=fp4-e3m0"]),
+    ("diloco", ["--algo.fragments=1", "--algo.sync_delay=0", "--algo.codec=fp32"]),
+    ("streaming", ["--algo.fragments=2", "--algo.sync_delay=1", "--algo.codec=fp4-e3m0"]),
 ])
 def test_each_method_trains_and_writes_a_run_directory(tmp_path, mode, extra):
     r = cli("train", *fast(tmp_path, f"--algo.mode={mode}", "--train.steps=12", "--train.name=run", *extra))
@@ -69,7 +69,7 @@ def test_each_method_trains_and_writes_a_run_directory(tmp_path, mode, extra):
 
 def _run(tmp_path, name, steps=40, **extra):
     args = fast(tmp_path, f"--train.steps={steps}", f"--train.name={name}", "--algo.mode=streaming",
-                "--algo.num_fragments=2", "--algo.sync_delay=1", "--algo.codec=fp4-e2m1",
+                "--algo.fragments=2", "--algo.sync_delay=1", "--algo.codec=fp4-e2m1",
                 "--algo.stochastic_rounding=true", "--train.checkpoint_every=0")
     return build_config(None, [a for a in args] + [f"--{k}={v}" for k, v in extra.items()])
 
@@ -124,9 +124,9 @@ def test_a_failed_checkpoint_write_leaves_the_last_good_one(tmp_path, monkeypatc
     (["--train.steps=abc"], "error: train.steps must be an integer (got 'abc')"),
     (["--algo.codec=fp5"], "error: algo.codec must be one of fp32, bf16, int8, fp4-e3m0, fp4-e2m1 (got 'fp5')"),
     (["--data.source=/no/such/place"], "error: data.source: no such file or directory: '/no/such/place'"),
-    (["--algo.sync_every=50", "--algo.num_fragments=2", "--algo.sync_delay=25"],
-     "error: algo.sync_delay (τ) = 25 must be < algo.sync_every/algo.num_fragments = 50/2"),
-    (["--algo.mixing=2"], "error: algo.mixing (α) must be in [0, 1], or -1 for the default (got 2.0)"),
+    (["--algo.inner_steps=50", "--algo.fragments=2", "--algo.sync_delay=25"],
+     "error: algo.sync_delay (τ) = 25: must be < algo.inner_steps/algo.fragments = 50/2"),
+    (["--algo.mixing=2"], "error: algo.mixing (α) = 2.0: must be in [0, 1], or auto"),
     (["--optim.lr=-1"], "error: optim.lr must be > 0 (got -1.0)"),
     (["--model.size=huge"], "error: model.size must be one of"),
     (["steps=3"], "error: recipe: no such file: 'steps=3'"),
@@ -140,9 +140,9 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
 
 def test_bad_recipe_key_and_empty_data_folder(tmp_path):
     recipe = tmp_path / "r.toml"
-    recipe.write_text("[algo]\nmode = 'streaming'\nsyncevery = 5\n")
+    recipe.write_text("[algo]\nmode = 'streaming'\ninnersteps = 5\n")
     r = cli("train", str(recipe))
-    assert r.returncode == 2 and "error: unknown key algo.syncevery" in r.stderr
+    assert r.returncode == 2 and "error: unknown key algo.innersteps" in r.stderr
     recipe.write_text("[train]\nsteps = 'ten'\n")
     r = cli("train", str(recipe))
     assert r.returncode == 2 and "error: train.steps must be an integer (got 'ten')" in r.stderr
@@ -165,7 +165,7 @@ def test_recipes_in_the_repository_are_valid():
 @pytest.mark.distributed
 def test_torchrun_two_processes_equal_in_process_two_workers(tmp_path):
     common = fast(tmp_path, "--algo.workers=2", "--train.steps=12", "--algo.mode=streaming",
-                  "--algo.num_fragments=2", "--algo.sync_delay=1", "--algo.codec=fp4-e3m0")
+                  "--algo.fragments=2", "--algo.sync_delay=1", "--algo.codec=fp4-e3m0")
     r = cli("train", *common, "--train.name=inproc")
     assert r.returncode == 0, r.stderr
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")

@@ -51,7 +51,7 @@ needs_netns = pytest.mark.skipif(_netns_unavailable() is not None, reason=str(_n
 
 
 def wan_cmd(tmp_path, name, *extra) -> list[str]:
-    return [sys.executable, "-m", "farsync", "wan", "--hosts", "2", "-q", *TINY,
+    return [sys.executable, "-m", "farsync", "wan", "--workers", "2", "-q", *TINY,
             f"--train.run_dir={tmp_path}", f"--train.name={name}", *extra]
 
 
@@ -111,7 +111,7 @@ def test_two_hosts_complete_counters_agree_and_nothing_is_left(tmp_path):
                        capture_output=True, text=True, timeout=150)
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads(r.stdout)
-    assert rep["hosts"] == 2 and rep["summary"]["steps"] == 12 and rep["summary"]["mode"] == "dp"
+    assert rep["workers"] == 2 and rep["summary"]["steps"] == 12 and rep["summary"]["mode"] == "dp"
     assert rep["link"]["bandwidth_mbit"] == 20
     for h in rep["per_host"]:
         # DP: 12 exchanges of the fp32 gradient, exact from the plan
@@ -220,7 +220,7 @@ def test_refuses_without_ip_command(monkeypatch, runner):
 @pytest.mark.parametrize("args,needle", [
     (["--bandwidth", "-1"], "--bandwidth"),
     ([], "--bandwidth is required"),
-    (["--bandwidth", "10", "--hosts", "1"], "--hosts 1"),
+    (["--bandwidth", "10", "--workers", "1"], "--workers 1"),
     (["--bandwidth", "10", "--mtu", "100"], "--mtu 100"),
     (["--bandwidth", "10", "--algo.workers=3"], "--algo.workers=3"),
     (["--bandwidth", "10", "--algo.nope=1"], "algo.nope"),

@@ -1,4 +1,4 @@
-"""The algorithm contract (DESIGN.md §1): equivalences, schedule, exact replicas,
+"""The algorithm contract (the invariants of the README's "Invariants" section): equivalences, schedule, exact replicas,
 resume, and errors — on the in-process backend with a toy model."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from farsync.algorithms import DiLoCo, build_fragments, step_in_lockstep, sync_steps
+from farsync.algorithms import DiLoCo, build_fragments, make_strategy, step_in_lockstep
+from farsync.schedule import sync_steps
 from farsync.comm import InProcessGroup
 from toy import batch, loss_fn, make_model, params
 
@@ -26,7 +27,7 @@ def make_workers(m, *, inner="sgd", lr=0.05, seed=0, delay_s=0.0, **kw):
         else:
             opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
         models.append(model)
-        algos.append(DiLoCo(model, opt, group.communicator(r), **kw))
+        algos.append(make_strategy(model, opt, group.communicator(r), **kw))
     return models, algos
 
 
@@ -73,7 +74,7 @@ def test_dp_mode_equals_sgd_on_union_batch(m):
 
 @pytest.mark.parametrize("m", [2, 4])
 def test_diloco_h1_outer_sgd_lr1_equals_dp(m):
-    models, algos = make_workers(m, mode="diloco", sync_every=1, outer_lr=1.0, outer_momentum=0.0, lr=0.1)
+    models, algos = make_workers(m, mode="diloco", inner_steps=1, outer_lr=1.0, outer_momentum=0.0, lr=0.1)
     run(models, algos, 6)
     ref = plain_sgd_on_union(m, 6, 0.1)
     for model in models:
@@ -81,7 +82,7 @@ def test_diloco_h1_outer_sgd_lr1_equals_dp(m):
 
 
 def test_single_worker_outer_sgd_lr1_equals_plain_training():
-    models, algos = make_workers(1, inner="adamw", mode="diloco", sync_every=5, outer_lr=1.0, outer_momentum=0.0, lr=1e-2)
+    models, algos = make_workers(1, inner="adamw", mode="diloco", inner_steps=5, outer_lr=1.0, outer_momentum=0.0, lr=1e-2)
     run(models, algos, 15)
     model = make_model(0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
@@ -119,10 +120,10 @@ def reference_diloco(m, steps, H, lr, outer_lr=0.7, momentum=0.9):
     return [params(w) for w in workers]
 
 
-@pytest.mark.parametrize("mode,extra", [("diloco", {}), ("streaming", {"num_fragments": 1, "sync_delay": 0, "mixing": 0.0})])
+@pytest.mark.parametrize("mode,extra", [("diloco", {}), ("streaming", {"fragments": 1, "sync_delay": 0, "mixing": 0.0})])
 def test_diloco_and_streaming_p1_tau0_match_paper_reference(mode, extra):
     """Also covers `fp32 codec ≡ no codec`: the reference averages with torch.mean."""
-    models, algos = make_workers(3, inner="adamw", lr=1e-2, mode=mode, sync_every=4, codec="fp32", **extra)
+    models, algos = make_workers(3, inner="adamw", lr=1e-2, mode=mode, inner_steps=4, codec="fp32", **extra)
     run(models, algos, 12)
     ref = reference_diloco(3, 12, 4, 1e-2)
     for model, rp in zip(models, ref):
@@ -130,8 +131,8 @@ def test_diloco_and_streaming_p1_tau0_match_paper_reference(mode, extra):
 
 
 def test_streaming_p1_tau0_is_bit_identical_to_diloco():
-    a_models, a_algos = make_workers(2, inner="adamw", lr=1e-2, mode="diloco", sync_every=3)
-    b_models, b_algos = make_workers(2, inner="adamw", lr=1e-2, mode="streaming", sync_every=3, num_fragments=1)
+    a_models, a_algos = make_workers(2, inner="adamw", lr=1e-2, mode="diloco", inner_steps=3)
+    b_models, b_algos = make_workers(2, inner="adamw", lr=1e-2, mode="streaming", inner_steps=3, fragments=1)
     run(a_models, a_algos, 9)
     run(b_models, b_algos, 9)
     for ma, mb in zip(a_models, b_models):
@@ -145,7 +146,7 @@ def test_streaming_p1_tau0_is_bit_identical_to_diloco():
 def test_replicas_bit_identical_after_sync_with_alpha0(codec):
     m = 3
     models, algos = make_workers(
-        m, inner="adamw", lr=1e-2, mode="streaming", sync_every=4, num_fragments=2, sync_delay=1,
+        m, inner="adamw", lr=1e-2, mode="streaming", inner_steps=4, fragments=2, sync_delay=1,
         mixing=0.0, codec=codec, stochastic_rounding=codec.startswith("fp4"),
     )
     landed = []
@@ -168,17 +169,17 @@ def test_schedule_h100_p4_matches_paper():
     model = make_model(0, n_blocks=4)
     group = InProcessGroup(1)
     algo = DiLoCo(model, torch.optim.SGD(model.parameters(), lr=0.01), group.communicator(0),
-                  mode="streaming", sync_every=100, num_fragments=4, sync_delay=3)
+                  mode="streaming", inner_steps=100, fragments=4, sync_delay=3)
     assert algo.offsets == [0, 25, 50, 75]
     sends = {s: algo.due_to_send(s) for s in range(1, 401)}
     for p in range(4):
         assert [s for s, fs in sends.items() if p in fs] == [100 + 25 * p, 200 + 25 * p, 300 + 25 * p] + ([400] if p == 0 else [])
-    assert sync_steps(100, 2, 1, 300) == [150, 250]  # DESIGN.md's example
+    assert sync_steps(100, 2, 1, 300) == [150, 250]  # the Streaming DiLoCo paper's example (H=100, P=2)
 
 
 def test_at_most_one_fragment_in_flight():
     peak = []
-    models, algos = make_workers(2, mode="streaming", sync_every=8, num_fragments=4, sync_delay=1)
+    models, algos = make_workers(2, mode="streaming", inner_steps=8, fragments=4, sync_delay=1)
     orig = algos[0].inner_step
 
     def watched():
@@ -210,37 +211,39 @@ def test_fragments_strided_sequential_and_placement():
 
 def test_explicit_fragments_by_name_and_module():
     model = make_model(0, n_blocks=2)
-    frs = build_fragments(model, explicit=[["inp", model.blocks[0]], ["blocks.1", "norm", "head"]])
+    frs = build_fragments(model, fragment_groups=[["inp", model.blocks[0]], ["blocks.1", "norm", "head"]])
     assert frs[0].names == ["inp.weight", "inp.bias", "blocks.0.weight", "blocks.0.bias"]
     with pytest.raises(ValueError, match="'head.weight' is in no fragment"):
-        build_fragments(model, explicit=[["inp", "blocks.*"], ["norm"]])
+        build_fragments(model, fragment_groups=[["inp", "blocks.*"], ["norm"]])
     with pytest.raises(ValueError, match="'blocks.0.weight' is in two fragments"):
-        build_fragments(model, explicit=[["inp", "blocks.*"], ["blocks.0", "norm", "head"]])
+        build_fragments(model, fragment_groups=[["inp", "blocks.*"], ["blocks.0", "norm", "head"]])
 
 
 # ---- bad input ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kw,match", [
-    ({"sync_every": 100, "num_fragments": 4, "sync_delay": 25}, r"sync_delay \(τ\) = 25 must be < H/P = 100/4"),
-    ({"mixing": 1.5}, r"mixing \(α\) must be in \[0, 1\] \(got 1.5\)"),
-    ({"mixing": -0.1}, r"mixing \(α\) must be in \[0, 1\]"),
-    ({"num_fragments": 5}, r"num_fragments \(P\) = 5 is more than the model's 4 blocks"),
+    ({"inner_steps": 100, "fragments": 4, "sync_delay": 25}, r"sync_delay \(τ\) = 25: must be < inner_steps/fragments = 100/4"),
+    ({"mixing": 1.5}, r"mixing \(α\) = 1.5: must be in \[0, 1\]"),
+    ({"mixing": -0.1}, r"mixing \(α\) = -0.1: must be in \[0, 1\]"),
+    ({"fragments": 5}, r"fragments \(P\) = 5: is more than the model's 4 blocks"),
     ({"codec": "fp3"}, r"unknown codec 'fp3'"),
-    ({"num_workers": 3}, r"num_workers \(M\) = 3 but the communicator has world size 2"),
-    ({"mode": "localsgd"}, r"mode must be one of dp, diloco, streaming \(got 'localsgd'\)"),
-    ({"mode": "diloco", "num_fragments": 2}, r"num_fragments must be 1 \(got 2\)"),
-    ({"sync_every": 0}, r"sync_every \(H\) must be an integer >= 1 \(got 0\)"),
-    ({"exchange": "ring"}, r"exchange must be one of"),
+    ({"workers": 3}, r"workers \(M\) = 3: does not match the communicator's 2 workers"),
+    ({"mode": "localsgd"}, r"mode = 'localsgd': choose from dp, diloco, streaming"),
+    ({"mode": "diloco", "fragments": 2}, r"fragments \(P\) = 2: mode 'diloco' syncs all parameters at once: must be 1"),
+    ({"inner_steps": 0}, r"inner_steps \(H\) = 0: must be an integer >= 1"),
+    ({"exchange": "ring"}, r"exchange = 'ring': choose from auto, reduce-scatter, all-gather"),
+    ({"mode": "dp", "exchange": "ring"}, r"exchange = 'ring': choose from"),
+    ({"mode": "dp", "workers": 3}, r"workers \(M\) = 3: does not match"),
 ])
 def test_bad_arguments_name_the_argument(kw, match):
     model = make_model(0)
     group = InProcessGroup(2)
     with pytest.raises(ValueError, match=match):
-        DiLoCo(model, torch.optim.SGD(model.parameters(), lr=0.1), group.communicator(0), **kw)
+        make_strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), group.communicator(0), **kw)
 
 
 def test_non_finite_pseudo_gradient_names_worker_and_fragment():
-    models, algos = make_workers(3, mode="streaming", sync_every=4, num_fragments=2)
+    models, algos = make_workers(3, mode="streaming", inner_steps=4, fragments=2)
     run(models, algos, 3)
     with torch.no_grad():
         models[1].inp.weight[0, 0] = math.nan  # fragment 0 holds the input layer
@@ -250,13 +253,13 @@ def test_non_finite_pseudo_gradient_names_worker_and_fragment():
     # every worker raises the same error — none is left hanging in the exchange
     for algo in algos:
         with pytest.raises(FloatingPointError, match=r"worker\(s\) \[1\] in fragment 0"):
-            algo.complete_syncs()
+            algo.complete()
 
 
 # ---- resume -------------------------------------------------------------------------------
 
 def test_resume_with_fragment_in_flight_is_exact():
-    kw = dict(inner="adamw", lr=1e-2, mode="streaming", sync_every=6, num_fragments=2, sync_delay=2,
+    kw = dict(inner="adamw", lr=1e-2, mode="streaming", inner_steps=6, fragments=2, sync_delay=2,
               codec="fp4-e3m0", stochastic_rounding=True)
     full_models, full_algos = make_workers(2, **kw)
     run(full_models, full_algos, 20)
@@ -281,7 +284,7 @@ def test_resume_with_fragment_in_flight_is_exact():
 # ---- accounting and overlap ---------------------------------------------------------------
 
 def test_bytes_and_events_are_counted_exactly():
-    models, algos = make_workers(4, mode="streaming", sync_every=4, num_fragments=2, codec="fp32", exchange="reduce-scatter")
+    models, algos = make_workers(4, mode="streaming", inner_steps=4, fragments=2, codec="fp32", exchange="reduce-scatter")
     run(models, algos, 8)  # fragment 0 at 4, 8; fragment 1 at 6
     st = algos[0].stats
     assert st.sync_events == 3
@@ -295,10 +298,8 @@ def test_bytes_and_events_are_counted_exactly():
 def _blocked(sync_delay, compute_s=0.08, delay_s=0.05):
     import time
 
-    models, algos = make_workers(2, mode="streaming", sync_every=4, num_fragments=2, sync_delay=sync_delay,
+    models, algos = make_workers(2, mode="streaming", inner_steps=4, fragments=2, sync_delay=sync_delay,
                                  mixing=0.5, delay_s=delay_s)
-    for a in algos:
-        a.auto_time = False
 
     def slow(step, algos):
         time.sleep(compute_s)  # stands in for the compute of the next step

@@ -102,7 +102,7 @@ def test_dp_matches_closed_form_when_reductions_hide_behind_backward():
 
 
 def test_dp_bytes_per_step_match_design_formula():
-    # DESIGN.md §2: DP sends 2(M-1)/M × 4 bytes × parameters per step (fp32)
+    # DP sends 2(M-1)/M × 4 bytes × parameters per step (fp32)
     for M in (2, 4, 8):
         r = simulate(cfg("dp", 100.0, codec="fp32", workers=M))
         assert r.bytes_per_step == pytest.approx(2 * (M - 1) / M * 4 * ONE_B.params, rel=1e-6)
@@ -118,9 +118,9 @@ def test_streaming_sends_same_bytes_as_diloco_with_p_times_lower_peak():
 def test_fragment_offsets_follow_design():
     # H = 100, P = 2: fragment 0 syncs at the end of steps 100, 200, … (index 99),
     # fragment 1 at 50, 150, … (index 49)
-    c = SimConfig(model=ModelSpec("t", 4, 1e6, 1.0), algorithm="streaming", fragments=2)
+    c = SimConfig(model=ModelSpec("t", 4, 1e6, 1.0), mode="streaming", fragments=2)
     assert c.sync_table() == {99: [0, 2], 49: [1, 3]}
-    assert replace(c, pattern="sequential").sync_table() == {99: [0, 1], 49: [2, 3]}
+    assert replace(c, fragment_pattern="sequential").sync_table() == {99: [0, 1], 49: [2, 3]}
     # the paper's H = 100, P = 8: offsets floor(p·12.5)
     c8 = cfg("streaming")
     assert sorted(c8.sync_table()) == sorted((o - 1) % 100 for o in (0, 12, 25, 37, 50, 62, 75, 87))
@@ -207,7 +207,7 @@ def test_reducing_after_backward_costs_utilization():
 
 def test_strided_fragments_hide_more_than_sequential():
     strided = utilization(cfg("streaming", 20.0))
-    sequential = utilization(cfg("streaming", 20.0, pattern="sequential"))
+    sequential = utilization(cfg("streaming", 20.0, fragment_pattern="sequential"))
     assert strided > sequential
 
 
@@ -216,7 +216,7 @@ def test_more_workers_move_more_bytes_per_link():
     u8 = simulate(cfg("diloco", 5.0, workers=8))
     assert u8.bytes_per_step / u2.bytes_per_step == pytest.approx((2 * 7 / 8) / 1.0)
     assert u8.utilization < u2.utilization
-    ag = simulate(cfg("diloco", 5.0, workers=8, collective="all-gather"))
+    ag = simulate(cfg("diloco", 5.0, workers=8, exchange="all-gather"))
     assert ag.bytes_per_step / u2.bytes_per_step == pytest.approx(7.0)
 
 
@@ -306,8 +306,8 @@ def test_cli_at_bandwidth_with_custom_model_and_tokens(tmp_path):
         (["--bandwidth", "0"], "--bandwidth"),
         (["--bandwidth", "-3"], "--bandwidth"),
         (["--fragments", "5"], "--fragments"),
-        (["--tau", "13"], "--tau"),
-        (["--method", "dp", "--tau", "1"], "--tau"),
+        (["--sync-delay", "13"], "--sync-delay"),
+        (["--method", "dp", "--sync-delay", "1"], "--sync-delay"),
         (["--latency-ms", "-1"], "--latency-ms"),
         (["--grid", "coarse"], "--grid"),
         (["--targets", "0.5,1.2"], "--targets"),

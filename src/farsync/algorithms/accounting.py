@@ -5,34 +5,27 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 
-def format_bytes(n: float) -> str:
-    """Decimal units, three significant digits: ``1.23 GB``."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.3g} {unit}" if unit != "B" else f"{n:.0f} B"
-        n /= 1000
-    return f"{n:.3g} TB"
-
-
-def dp_bytes_per_step(world_size: int, num_parameters: int) -> int:
+def dp_bytes_per_step(workers: int, num_parameters: int) -> int:
     """Bytes one worker sends per step in data-parallel training: a ring all-reduce of
-    fp32 gradients sends 2(M−1)/M × 4 bytes × parameters."""
-    return round(2 * (world_size - 1) / world_size * 4 * num_parameters)
+    fp32 gradients (:data:`farsync.schedule.DP_CODEC`) sends 2(M−1)/M × 4 bytes × parameters."""
+    return round(2 * (workers - 1) / workers * 4 * num_parameters)
 
 
 @dataclass
 class CommStats:
     """What one worker has sent and how it spent its time, since the start of the run."""
 
-    world_size: int
+    workers: int  # M
     num_parameters: int
     inner_steps: int = 0
     sync_events: int = 0  # completed exchanges (one per fragment sync; one per step in DP)
     bytes_sent: int = 0  # payload bytes sent for parameter/gradient exchange
     control_bytes: int = 0  # bytes sent for the weight/validity handshake
     peak_event_bytes: int = 0  # most bytes sent in one sync event
-    blocked_seconds: float = 0.0  # time waiting for exchanges to finish
-    compute_seconds: float = 0.0  # time in inner compute (forward, backward, inner step)
+    blocked_seconds: float = 0.0  # time waiting for exchanges to finish (the strategy records it)
+    compute_seconds: float = 0.0  # time in inner compute: forward, backward, inner step
+    # (the driver records it with add_compute: only it knows where one worker's compute
+    # starts and ends when several simulated workers share a thread)
 
     def record_event(self, payload_bytes: int, control_bytes: int) -> None:
         self.sync_events += 1
@@ -40,10 +33,13 @@ class CommStats:
         self.control_bytes += control_bytes
         self.peak_event_bytes = max(self.peak_event_bytes, payload_bytes + control_bytes)
 
+    def add_compute(self, seconds: float) -> None:
+        self.compute_seconds += seconds
+
     @property
     def dp_equivalent_bytes(self) -> int:
         """Bytes data-parallel training would have sent for the same inner steps."""
-        return self.inner_steps * dp_bytes_per_step(self.world_size, self.num_parameters)
+        return self.inner_steps * dp_bytes_per_step(self.workers, self.num_parameters)
 
     @property
     def total_bytes(self) -> int:

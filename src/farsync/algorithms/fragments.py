@@ -4,13 +4,14 @@ Automatic rule (models that keep their blocks in an ``nn.ModuleList`` or ``nn.Se
   * the block list is the ``nn.ModuleList``/``nn.Sequential`` with the most children
     (first one on ties);
   * ``strided`` (the paper's default): block i → fragment i mod P;
-    ``sequential``: contiguous runs of blocks, sizes differing by at most one;
+    ``sequential``: contiguous runs of blocks, sizes differing by at most one
+    (:func:`farsync.schedule.block_fragments`, which the simulator uses too);
   * parameters outside the blocks are placed by where they sit in
     ``model.named_parameters()``: those registered *before* the first block parameter
     (token embeddings) join the fragment holding block 0, and those *after* (final norm,
     output head) join the fragment holding the last block — inputs travel with the
     first layer, outputs with the last.
-Explicit fragments: a list of P entries, each a list of parameter-name patterns
+Explicit fragments (``fragment_groups``): a list of P entries, each a list of parameter-name patterns
 (``fnmatch`` globs; a plain prefix such as ``"blocks.3"`` matches that module's
 parameters) or of ``nn.Module`` objects.
 
@@ -26,8 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-PATTERNS = ("strided", "sequential")
-
+from farsync.schedule import FRAGMENT_PATTERNS, SettingError, block_fragments, check_choice
 
 @dataclass
 class Fragment:
@@ -52,42 +52,35 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.Module] | None:
 
 def build_fragments(
     model: nn.Module,
-    num_fragments: int = 1,
-    pattern: str = "strided",
-    explicit: list[list[str | nn.Module]] | None = None,
+    fragments: int = 1,
+    fragment_pattern: str = "strided",
+    fragment_groups: list[list[str | nn.Module]] | None = None,
 ) -> list[Fragment]:
-    """Assign every trainable parameter of ``model`` to exactly one of P fragments."""
+    """Assign every trainable parameter of ``model`` to exactly one of P fragments
+    (``fragment_groups``, when given, lists them explicitly instead)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("model has no trainable parameters")
-    if explicit is not None:
-        return _explicit(model, named, explicit)
-    if num_fragments < 1:
-        raise ValueError(f"num_fragments (P) must be >= 1 (got {num_fragments})")
-    if pattern not in PATTERNS:
-        raise ValueError(f"fragment_pattern must be one of {', '.join(PATTERNS)} (got {pattern!r})")
-    if num_fragments == 1:
+    if fragment_groups is not None:
+        return _explicit(model, named, fragment_groups)
+    if isinstance(fragments, bool) or not isinstance(fragments, int) or fragments < 1:
+        raise SettingError("fragments", fragments, "must be an integer >= 1")
+    check_choice("fragment_pattern", fragment_pattern, FRAGMENT_PATTERNS)
+    if fragments == 1:
         return [Fragment(0, [n for n, _ in named], [p for _, p in named])]
     found = find_blocks(model)
     if found is None:
-        raise ValueError(
-            f"num_fragments={num_fragments} needs the model's blocks in an nn.ModuleList or nn.Sequential, "
-            "and none was found; pass explicit fragments instead"
+        raise SettingError(
+            "fragments", fragments,
+            "needs the model's blocks in an nn.ModuleList or nn.Sequential, and none was found; "
+            "pass fragment_groups instead",
         )
     prefix, blocks = found
     n_blocks = len(blocks)
-    if num_fragments > n_blocks:
-        raise ValueError(
-            f"num_fragments (P) = {num_fragments} is more than the model's {n_blocks} blocks "
-            f"(in '{prefix}'); use P <= {n_blocks}"
-        )
-    if pattern == "strided":
-        block_frag = [i % num_fragments for i in range(n_blocks)]
-    else:
-        base, extra = divmod(n_blocks, num_fragments)
-        block_frag = []
-        for f in range(num_fragments):
-            block_frag += [f] * (base + (1 if f < extra else 0))
+    if fragments > n_blocks:
+        raise SettingError("fragments", fragments,
+                           f"is more than the model's {n_blocks} blocks (in '{prefix}'); use P <= {n_blocks}")
+    block_frag = block_fragments(n_blocks, fragments, fragment_pattern)
 
     def block_of(name: str) -> int | None:
         head = f"{prefix}." if prefix else ""
@@ -106,7 +99,7 @@ def build_fragments(
         else:
             # before the blocks: inputs (embeddings) → with block 0; after: outputs → last block
             assign.append(block_frag[-1] if seen_block else block_frag[0])
-    frags = [Fragment(i, [], []) for i in range(num_fragments)]
+    frags = [Fragment(i, [], []) for i in range(fragments)]
     for (name, p), f in zip(named, assign):
         frags[f].names.append(name)
         frags[f].params.append(p)
@@ -115,7 +108,7 @@ def build_fragments(
 
 def _explicit(model, named, explicit) -> list[Fragment]:
     if len(explicit) < 1:
-        raise ValueError("explicit fragments: need at least one fragment")
+        raise ValueError("fragment_groups: need at least one fragment")
     module_names = {id(m): n for n, m in model.named_modules()}
     owner: dict[str, int] = {}
     for f, entries in enumerate(explicit):
@@ -123,13 +116,13 @@ def _explicit(model, named, explicit) -> list[Fragment]:
         for e in entries:
             if isinstance(e, nn.Module):
                 if id(e) not in module_names:
-                    raise ValueError(f"explicit fragment {f}: module {type(e).__name__} is not part of the model")
+                    raise ValueError(f"fragment_groups[{f}]: module {type(e).__name__} is not part of the model")
                 mname = module_names[id(e)]
                 patterns += [f"{mname}.*" if mname else "*"]
             elif isinstance(e, str):
                 patterns += [e, f"{e}.*"]
             else:
-                raise ValueError(f"explicit fragment {f}: entries must be name patterns or modules (got {e!r})")
+                raise ValueError(f"fragment_groups[{f}]: entries must be name patterns or modules (got {e!r})")
         for name, _ in named:
             if any(fnmatch.fnmatchcase(name, pat) for pat in patterns):
                 if name in owner and owner[name] != f:
@@ -150,7 +143,7 @@ def _explicit(model, named, explicit) -> list[Fragment]:
         frags[owner[name]].params.append(p)
     empty = [fr.index for fr in frags if not fr.params]
     if empty:
-        raise ValueError(f"explicit fragment {empty[0]} matches no parameter")
+        raise ValueError(f"fragment_groups[{empty[0]}] matches no parameter")
     return frags
 
 

@@ -187,11 +187,11 @@ class Job:
             "--train.threads=1", "--train.device=cpu",
         ]
         if m.mode == "dp":  # DP gradients travel as fp32 whatever algo.codec says; say fp32
-            o += ["--algo.num_fragments=1", "--algo.sync_delay=0", "--algo.codec=fp32"]
+            o += ["--algo.fragments=1", "--algo.sync_delay=0", "--algo.codec=fp32"]
         else:
             o += [
-                f"--algo.sync_every={hp.sync_every}", f"--algo.outer_lr={hp.outer_lr}",
-                f"--algo.num_fragments={1 if m.mode == 'diloco' else spec.fragments}",
+                f"--algo.inner_steps={hp.sync_every}", f"--algo.outer_lr={hp.outer_lr}",
+                f"--algo.fragments={1 if m.mode == 'diloco' else spec.fragments}",
                 f"--algo.sync_delay={spec.overlap_delay if m.overlap else 0}", f"--algo.codec={m.codec}",
             ]
         return o + list(spec.extra_overrides)
@@ -272,8 +272,8 @@ def _record(name: str, cfg, summary: dict, run_dir: str) -> dict:
         "hparams": {
             "lr": cfg.optim.lr,
             **({} if a.mode == "dp" else {
-                "outer_lr": a.outer_lr, "outer_momentum": a.outer_momentum, "sync_every": a.sync_every,
-                "num_fragments": a.num_fragments, "sync_delay": a.sync_delay, "codec": a.codec,
+                "outer_lr": a.outer_lr, "outer_momentum": a.outer_momentum, "sync_every": a.inner_steps,
+                "num_fragments": a.fragments, "sync_delay": a.sync_delay, "codec": a.codec,
             }),
         },
         "optim": dataclasses.asdict(cfg.optim),

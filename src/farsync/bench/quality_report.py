@@ -11,7 +11,7 @@ matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
-from farsync.algorithms.accounting import format_bytes  # noqa: E402
+from farsync.units import format_bytes  # noqa: E402
 from farsync.bench.quality import BY_KEY, HEADLINE  # noqa: E402
 
 # one colour and marker per method, the same in every plot

@@ -29,23 +29,6 @@ def user_errors(fn: Callable[[], T]) -> T:
         raise fail(str(e)) from None
 
 
-def split_args(args: list[str]) -> tuple[list[str], list[str]]:
-    """Positional arguments and ``--section.key=value`` overrides (``--k v`` accepted)."""
-    positional, overrides = [], []
-    i = 0
-    while i < len(args):
-        a = args[i]
-        if a.startswith("--"):
-            if "=" not in a and i + 1 < len(args) and not args[i + 1].startswith("--"):
-                a = f"{a}={args[i + 1]}"
-                i += 1
-            overrides.append(a)
-        else:
-            positional.append(a)
-        i += 1
-    return positional, overrides
-
-
 def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 

@@ -6,7 +6,8 @@ import os
 
 import typer
 
-from farsync.cli.common import echo_main, fail, split_args, user_errors
+from farsync.cli.common import echo_main, fail, user_errors
+from farsync.overrides import split_args
 
 HELP = """Train a model with DP, DiLoCo or Streaming DiLoCo.
 
@@ -22,13 +23,14 @@ def train(
     resume: str = typer.Option(None, "--resume", help="Continue the run saved in this run directory."),
     keys: bool = typer.Option(False, "--keys", help="List every config key with its default and help, then exit."),
 ) -> None:
-    from farsync.train.config import ConfigError, build_config, field_help, load_recipe, to_dict
+    from farsync.train.config import AUTO, ConfigError, build_config, field_help, load_recipe, to_dict
 
     if keys:
         defaults = to_dict(build_config())
         for key, text in field_help().items():
             section, name = key.split(".", 1)
-            typer.echo(f"--{key}={defaults[section][name]!s:<12}  {text}")
+            value = defaults[section][name]
+            typer.echo(f"--{key}={AUTO if value is None else value!s:<12}  {text}")
         return
     positional, overrides = split_args(list(ctx.args))
     if len(positional) > 1:
@@ -54,7 +56,7 @@ def train(
 
 
 def _print_summary(s: dict) -> None:
-    from farsync.algorithms.accounting import format_bytes
+    from farsync.units import format_bytes
 
     ratio = f"{s['dp_bytes_ratio']:,.0f}× fewer" if s["dp_bytes_ratio"] else "n/a"
     lines = [

@@ -1,4 +1,4 @@
-"""`farsync wan [RECIPE] --hosts M --bandwidth MBIT [--section.key=value ...]` and
+"""`farsync wan [RECIPE] --workers M --bandwidth MBIT [--section.key=value ...]` and
 `farsync wan --cleanup`."""
 
 from __future__ import annotations
@@ -7,11 +7,12 @@ import json
 
 import typer
 
-from farsync.cli.common import fail, split_args
+from farsync.cli.common import fail
+from farsync.overrides import split_args
 
 HELP = (
     "Train over real, rate-limited links: one worker process per emulated host.\n\n"
-    "Linux, as root. Creates M network namespaces ('hosts') on a private bridge (10.77.0.0/24, inside "
+    "Linux, as root. Creates M network namespaces ('hosts', one per worker) on a private bridge (10.77.0.0/24, inside "
     "those namespaces only), limits every host's link in both directions with `tc ... tbf` to --bandwidth "
     "Mbit/s, and runs `farsync train` once per host with torch.distributed over gloo (rendezvous at host "
     "0). Latency is not emulated (no netem here; tbf adds queueing delay only). When the run ends it "
@@ -20,13 +21,13 @@ HELP = (
     "crash; after a SIGKILL a guardian process removes them; `farsync wan --cleanup` removes anything "
     "left by runs that are no longer running.\n\n"
     "Training options are those of `farsync train` (a recipe and --section.key=value); algo.workers is "
-    "set to --hosts."
+    "set to --workers."
 )
 
 
 def wan(
     ctx: typer.Context,
-    hosts: int = typer.Option(2, "--hosts", "-M", help="Emulated hosts M (one worker each)."),
+    workers: int = typer.Option(2, "--workers", "-M", help="Workers M, one per emulated host."),
     bandwidth: float = typer.Option(
         None, "--bandwidth", help="Link rate per host and direction, Mbit/s (tbf; 0 = no limit). Required.",
     ),
@@ -55,7 +56,7 @@ def wan(
         from farsync.wan.run import Interrupted, run_wan
 
         try:
-            report = run_wan(positional[0] if positional else None, overrides, hosts=hosts, link=link,
+            report = run_wan(positional[0] if positional else None, overrides, workers=workers, link=link,
                              timeout_s=timeout, echo=not quiet)
         except Interrupted as e:
             typer.echo(f"farsync wan: {e}", err=True)
@@ -77,7 +78,7 @@ def format_report(r: dict) -> str:
     rate = f"{link['bandwidth_mbit']:g} Mbit/s each way (tbf, burst {link['burst_bytes']} B)" \
         if link["bandwidth_mbit"] else "no rate limit"
     lines = [
-        f"link: {r['hosts']} hosts, {rate}, MTU {link['mtu']}; latency not emulated",
+        f"link: {r['workers']} hosts (one worker each), {rate}, MTU {link['mtu']}; latency not emulated",
         f"{'host':<5}{'address':<12}{'farsync sent':>16}{'kernel tx':>16}{'headers':>14}{'kernel payload':>17}"
         f"{'payload/farsync':>17}{'retrans':>9}",
     ]

@@ -1,14 +1,14 @@
 """The communication seam (see :mod:`farsync.comm.base`) and its two backends."""
 
-from farsync.comm.base import CompletedWork, Communicator, ExchangeResult, Work
-from farsync.comm.exchange import METHODS, ExchangePlan, make_plan
+from farsync.comm.base import CompletedWork, Communicator, ExchangeRequest, ExchangeResult, Work
+from farsync.comm.exchange import ExchangePlan, make_plan
 from farsync.comm.inprocess import InProcessCommunicator, InProcessGroup
 
 __all__ = [
-    "METHODS",
     "CompletedWork",
     "Communicator",
     "ExchangePlan",
+    "ExchangeRequest",
     "ExchangeResult",
     "InProcessCommunicator",
     "InProcessGroup",

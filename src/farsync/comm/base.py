@@ -1,8 +1,10 @@
 """The communication seam: every collective farsync's algorithms use goes through here.
 
-One call matters: :meth:`Communicator.all_reduce_mean` — an *asynchronous* mean of a flat
-fp32 buffer across all workers, sent under a codec, returning a :class:`Work` handle to
-wait on. Two backends implement it: :mod:`farsync.comm.inprocess` (M simulated workers in
+One call matters: :meth:`Communicator.exchange` — an *asynchronous* weighted mean of a flat
+fp32 buffer across the workers, sent under a codec, returning a :class:`Work` handle to
+wait on. What to exchange is an :class:`ExchangeRequest`: the buffer and codec, this
+worker's weight w_m (1, or e.g. the tokens it processed), the round it belongs to, and
+the members taking part. Two backends implement it: :mod:`farsync.comm.inprocess` (M simulated workers in
 one process, deterministic) and :mod:`farsync.comm.distributed` (``torch.distributed``,
 one process per worker). Both run the *same* exchange arithmetic from
 :mod:`farsync.comm.exchange`, so they produce bit-identical results for the same inputs.
@@ -30,6 +32,27 @@ class ExchangeResult:
     @property
     def invalid_ranks(self) -> list[int]:
         return [r for r, w in enumerate(self.weights) if w != w]  # NaN != NaN
+
+
+@dataclass(frozen=True)
+class ExchangeRequest:
+    """One worker's contribution to one exchange.
+
+    ``weight`` is w_m in Σ w_m x_m / Σ w_m (NaN marks the contribution invalid: the data
+    phase is then skipped on every worker and ``invalid_ranks`` names the culprits).
+    ``round`` identifies the sync this exchange belongs to (e.g. ``("fragment", 1, 40)``);
+    a backend that sees two workers contribute different rounds to one exchange raises.
+    ``members`` are the ranks taking part, None for all of them; today every exchange
+    is among all workers, and a backend refuses any other membership.
+    """
+
+    buf: torch.Tensor  # 1-D fp32; the caller may reuse it as soon as the exchange starts
+    codec: Codec
+    weight: float = 1.0
+    generator: torch.Generator | None = None  # stochastic rounding
+    method: str = "auto"  # farsync.schedule.EXCHANGES
+    round: tuple | None = None
+    members: tuple[int, ...] | None = None
 
 
 class Work(abc.ABC):
@@ -66,6 +89,21 @@ class Communicator(abc.ABC):
 
     rank: int
     world_size: int
+
+    def exchange(self, request: ExchangeRequest) -> Work:
+        """Start the exchange ``request`` describes; return the handle to wait on."""
+        self.check_members(request.members)
+        return self.all_reduce_mean(request.buf, request.codec, weight=request.weight,
+                                    generator=request.generator, method=request.method)
+
+    def check_members(self, members: tuple[int, ...] | None) -> None:
+        """Every worker takes part in every exchange (membership that changes between
+        rounds is a later backend's job); anything else is refused."""
+        if members is not None and tuple(sorted(members)) != tuple(range(self.world_size)):
+            raise NotImplementedError(
+                f"exchange among ranks {list(members)}: this backend exchanges among all "
+                f"{self.world_size} workers only"
+            )
 
     @abc.abstractmethod
     def all_reduce_mean(

@@ -37,8 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from farsync.codecs import Codec
-
-METHODS = ("auto", "reduce-scatter", "all-gather")
+from farsync.schedule import EXCHANGES
 
 #: bytes of one worker's weight in the control exchange
 WEIGHT_NBYTES = 8
@@ -60,8 +59,8 @@ class ExchangePlan:
 
 def make_plan(numel: int, world_size: int, codec: Codec, method: str = "auto") -> ExchangePlan:
     """Plan the exchange of ``numel`` fp32 values among ``world_size`` workers."""
-    if method not in METHODS:
-        raise ValueError(f"exchange method must be one of {', '.join(METHODS)} (got {method!r})")
+    if method not in EXCHANGES:
+        raise ValueError(f"exchange method must be one of {', '.join(EXCHANGES)} (got {method!r})")
     m = world_size
     if m == 1:
         return ExchangePlan(numel, 1, "none", numel, numel, 0, 0, 0)

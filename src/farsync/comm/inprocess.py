@@ -19,14 +19,15 @@ import torch
 
 from farsync.codecs import Codec
 from farsync.comm import exchange as ex
-from farsync.comm.base import CompletedWork, Communicator, ExchangeResult, Work
+from farsync.comm.base import CompletedWork, Communicator, ExchangeRequest, ExchangeResult, Work
 
 
 class _Op:
-    def __init__(self, op_id: int, plan: ex.ExchangePlan, codec: Codec, world_size: int):
+    def __init__(self, op_id: int, plan: ex.ExchangePlan, codec: Codec, world_size: int, round: tuple | None):
         self.op_id = op_id
         self.plan = plan
         self.codec = codec
+        self.round = round
         self.payloads: list[list[torch.Tensor] | None] = [None] * world_size
         self.weights: list[float | None] = [None] * world_size
         self.generators: list[torch.Generator | None] = [None] * world_size
@@ -55,18 +56,20 @@ class InProcessGroup:
     def communicators(self) -> list["InProcessCommunicator"]:
         return list(self._comms)
 
-    def _contribute(self, rank, buf, codec, weight, generator, method) -> "_InProcessWork":
+    def _contribute(self, rank, buf, codec, weight, generator, method, round=None) -> "_InProcessWork":
         op_id = self._next_op[rank]
         self._next_op[rank] += 1
         plan = ex.make_plan(buf.numel(), self.world_size, codec, method)
         op = self._ops.get(op_id)
         if op is None:
-            op = self._ops[op_id] = _Op(op_id, plan, codec, self.world_size)
+            op = self._ops[op_id] = _Op(op_id, plan, codec, self.world_size, round)
         elif op.plan != plan or op.codec.name != codec.name:
             raise RuntimeError(
                 f"mismatched exchange #{op_id}: rank {rank} sent {plan.numel} values under "
                 f"{codec.name!r}, others {op.plan.numel} under {op.codec.name!r}"
             )
+        elif op.round != round:
+            raise RuntimeError(f"mismatched exchange #{op_id}: rank {rank} is in round {round}, others in {op.round}")
         if weight == weight:  # valid contribution (NaN flags an invalid one)
             op.payloads[rank] = ex.encode_contribution(plan, codec, ex.pad(plan, buf), generator)
         op.weights[rank] = float(weight)
@@ -133,10 +136,16 @@ class InProcessCommunicator(Communicator):
         self.rank = rank
         self.world_size = group.world_size
 
-    def all_reduce_mean(self, buf, codec, *, weight=1.0, generator=None, method="auto") -> Work:
+    def exchange(self, request: ExchangeRequest) -> Work:
+        self.check_members(request.members)
+        buf, codec, weight, method = request.buf, request.codec, request.weight, request.method
         ex.validate_weight(weight)
         if self.world_size == 1:
             plan = ex.make_plan(buf.numel(), 1, codec, method)
             mean = buf.detach().reshape(-1).to(torch.float32, copy=True)
             return CompletedWork(ExchangeResult(mean, (float(weight),), plan.bytes_sent, 0))
-        return self._group._contribute(self.rank, buf.detach().reshape(-1), codec, weight, generator, method)
+        return self._group._contribute(self.rank, buf.detach().reshape(-1), codec, weight, request.generator,
+                                       method, request.round)
+
+    def all_reduce_mean(self, buf, codec, *, weight=1.0, generator=None, method="auto") -> Work:
+        return self.exchange(ExchangeRequest(buf, codec, weight, generator, method))

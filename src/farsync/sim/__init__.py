@@ -11,13 +11,10 @@ compute stream and one inter-worker link (see `farsync.sim.engine`).
 """
 
 from farsync.sim.engine import (
-    ALGORITHMS,
-    COLLECTIVES,
     DEFAULT_CODEC,
     DEFAULT_WORKERS,
     METHOD_LABELS,
     METHODS,
-    PATTERNS,
     SCHEDULES,
     SimConfig,
     SimResult,
@@ -51,9 +48,9 @@ from farsync.sim.planner import (
 from farsync.sim.wire import WIRE_FORMATS, WireFormat, wire_format
 
 __all__ = [
-    "ALGORITHMS", "COLLECTIVES", "DEFAULT_CODEC", "DEFAULT_WORKERS", "FINE_GRID", "GRIDS",
+    "DEFAULT_CODEC", "DEFAULT_WORKERS", "FINE_GRID", "GRIDS",
     "LAYERS_PER_FRAGMENT", "METHOD_LABELS", "METHODS", "PAPER_GRID", "PAPER_INNER_STEPS",
-    "PAPER_TABLE4_1B", "PATTERNS", "PRESETS", "SCHEDULES", "TARGETS", "WIRE_FORMATS",
+    "PAPER_TABLE4_1B", "PRESETS", "SCHEDULES", "TARGETS", "WIRE_FORMATS",
     "ModelSpec", "SimConfig", "SimInputError", "SimResult", "WireFormat", "grid_index",
     "grid_step_errors", "json_table", "markdown_table", "method_config", "preset",
     "required_bandwidth", "required_table", "simulate", "utilization", "utilization_curve",

@@ -25,8 +25,10 @@ Which blocks sync when:
     dp         every block, every step (the gradient).
     diloco     every block at the end of every H-th step (pseudo-gradient).
     streaming  P fragments; fragment p syncs at the end of steps k·H + t_p, with offset
-               t_p = floor(p·H / P) (DESIGN.md §1; floor because H/P need not be whole:
-               H = 100, P = 8 in the paper).
+               t_p = floor(p·H / P) (floor because H/P need not be whole: H = 100, P = 8
+               in the paper). Offsets, the τ bound and the block → fragment assignment
+               come from farsync.schedule, as in training: the simulator accepts and
+               refuses exactly the settings `farsync train` does.
 
 Utilization = compute time / wall time in the periodic steady state (one period is H
 steps, or one step for DP), which the simulation reaches by repeating periods until two
@@ -38,13 +40,21 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
+from farsync.schedule import (
+    EXCHANGES,
+    FRAGMENT_PATTERNS,
+    MODES,
+    block_fragments,
+    check_choice,
+    check_schedule,
+    fragment_offsets,
+)
 from farsync.sim.model import LAYERS_PER_FRAGMENT, PAPER_INNER_STEPS, ModelSpec, SimInputError
 from farsync.sim.wire import WIRE_FORMATS, WireFormat, wire_format
 
-ALGORITHMS = ("dp", "diloco", "streaming")
+#: When a block's reduction starts: as soon as its parameter gradient is ready, or
+#: after the whole backward pass.
 SCHEDULES = ("per-layer", "after-backward")
-PATTERNS = ("strided", "sequential")
-COLLECTIVES = ("ring", "all-gather")
 
 #: Wire codec for every method except the FP4 one. bf16, not fp32: see BENCHMARKS.md —
 #: with fp32 every cell of the paper's 1B row is 4-6 grid steps too high, with bf16 all
@@ -58,32 +68,34 @@ DEFAULT_WORKERS = 2
 @dataclass(frozen=True)
 class SimConfig:
     """One simulated training setup. Paper symbols: M = workers, H = inner_steps,
-    P = fragments, τ = sync_delay.
+    P = fragments, τ = sync_delay (the names `farsync train` uses too).
 
     model: layers, parameters, pure-compute step time.
-    algorithm: 'dp' | 'diloco' | 'streaming'.
+    mode: 'dp' | 'diloco' | 'streaming'.
     workers: M, replicas joined by the simulated link (M = 1: no communication).
     inner_steps: H, inner steps between two syncs of the same parameters (ignored by dp).
     fragments: P (streaming only); None = layers // 3, the paper's 3 layers per fragment.
         Must divide the layer count and be at most H.
     sync_delay: τ, inner steps the workers keep computing before they need a fragment's
-        reduced result; 0 <= τ < H / P.
+        reduced result; 0 <= τ < H / P (farsync.schedule.min_sync_gap). Ignored by dp.
     codec: wire format of the exchanged values (see farsync.sim.wire).
     bandwidth_gbps: link bandwidth between workers, Gbit/s (10^9 bit/s), each direction.
     latency_s: one-way latency per hop of a collective, seconds.
     schedule: 'per-layer' (a collective per block, started when its parameter gradient is
         ready; the paper's choice) or 'after-backward' (one collective per sync event,
         started when the step's backward pass ends).
-    pattern: 'strided' (block l in fragment l mod P; the paper's default) or 'sequential'.
-    collective: 'ring' (all-reduce, 2(M-1)/M payloads per link) or 'all-gather' (every
-        worker's unreduced payload to every other: M-1 payloads per link, M-1 hops).
+    fragment_pattern: 'strided' (block l in fragment l mod P; the paper's default) or
+        'sequential'.
+    exchange: 'reduce-scatter' (the bytes of a ring all-reduce: 2(M-1)/M payloads per
+        link, 2(M-1) hops), 'all-gather' (every worker's unreduced payload to every other:
+        M-1 payloads per link, M-1 hops) or 'auto' (as farsync: all-gather for M <= 2).
     count_scales: include codec block scales in the bytes sent.
     codec_block_size: values per codec scale block; None = farsync's codec default
         (32 for fp4, 64 for int8).
     """
 
     model: ModelSpec
-    algorithm: str = "streaming"
+    mode: str = "streaming"
     workers: int = DEFAULT_WORKERS
     inner_steps: int = PAPER_INNER_STEPS
     fragments: int | None = None
@@ -92,21 +104,16 @@ class SimConfig:
     bandwidth_gbps: float = 1.0
     latency_s: float = 0.0
     schedule: str = "per-layer"
-    pattern: str = "strided"
-    collective: str = "ring"
+    fragment_pattern: str = "strided"
+    exchange: str = "reduce-scatter"
     count_scales: bool = True
     codec_block_size: int | None = None
 
     def __post_init__(self) -> None:
         L = self.model.layers
-        if self.algorithm not in ALGORITHMS:
-            raise SimInputError(
-                "algorithm", self.algorithm, f"choose from {', '.join(ALGORITHMS)}"
-            )
+        check_choice("mode", self.mode, MODES)
         if not isinstance(self.workers, int) or self.workers < 1:
             raise SimInputError("workers", self.workers, "must be an integer >= 1")
-        if not isinstance(self.inner_steps, int) or self.inner_steps < 1:
-            raise SimInputError("inner_steps", self.inner_steps, "must be an integer >= 1")
         if self.codec not in WIRE_FORMATS:
             raise SimInputError("codec", self.codec, f"choose from {', '.join(WIRE_FORMATS)}")
         if self.codec_block_size is not None and (
@@ -117,39 +124,25 @@ class SimConfig:
             raise SimInputError("bandwidth_gbps", self.bandwidth_gbps, "must be a positive number")
         if not (self.latency_s >= 0 and math.isfinite(self.latency_s)):
             raise SimInputError("latency_s", self.latency_s, "must be >= 0 seconds")
-        for name, value, choices in (
-            ("schedule", self.schedule, SCHEDULES),
-            ("pattern", self.pattern, PATTERNS),
-            ("collective", self.collective, COLLECTIVES),
-        ):
-            if value not in choices:
-                raise SimInputError(name, value, f"choose from {', '.join(choices)}")
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("fragment_pattern", self.fragment_pattern, FRAGMENT_PATTERNS)
+        check_choice("exchange", self.exchange, EXCHANGES)
+        if self.mode == "diloco" and self.fragments not in (None, 1):
+            raise SimInputError("fragments", self.fragments, "mode 'diloco' syncs all parameters at once: must be 1")
         P = self.n_fragments
-        if self.fragments is not None and self.algorithm == "streaming":
-            if not isinstance(P, int) or P < 1 or P > L or L % P:
-                raise SimInputError(
-                    "fragments", self.fragments,
-                    f"must divide the {L} layers into equal fragments (a divisor of {L})",
-                )
-            if P > self.inner_steps:
-                raise SimInputError(
-                    "fragments", self.fragments,
-                    f"must be <= H={self.inner_steps} (each fragment needs its own sync step)",
-                )
-        if not isinstance(self.sync_delay, int) or self.sync_delay < 0:
-            raise SimInputError("sync_delay", self.sync_delay, "must be an integer >= 0")
-        if self.algorithm == "dp" and self.sync_delay:
-            raise SimInputError("sync_delay", self.sync_delay, "data-parallel has no sync delay; use 0")
-        if self.algorithm != "dp" and self.sync_delay >= self.inner_steps / P:
+        # the rules training applies (farsync.schedule), then the simulator's own:
+        # equal fragments, since the DAG spreads parameters evenly over the layers
+        check_schedule(self.mode, inner_steps=self.inner_steps, fragments=P, sync_delay=self.sync_delay)
+        if self.fragments is not None and self.mode == "streaming" and (P > L or L % P):
             raise SimInputError(
-                "sync_delay", self.sync_delay,
-                f"must be < H/P = {self.inner_steps}/{P} = {self.inner_steps / P:g}",
+                "fragments", self.fragments,
+                f"must divide the {L} layers into equal fragments (a divisor of {L})",
             )
 
     @property
     def n_fragments(self) -> int:
         """P actually used: 1 for dp and diloco."""
-        if self.algorithm != "streaming":
+        if self.mode != "streaming":
             return 1
         if self.fragments is None:
             return max(1, self.model.layers // LAYERS_PER_FRAGMENT)
@@ -158,24 +151,35 @@ class SimConfig:
     @property
     def period(self) -> int:
         """Steps after which the sync pattern repeats."""
-        return 1 if self.algorithm == "dp" else self.inner_steps
+        return 1 if self.mode == "dp" else self.inner_steps
+
+    @property
+    def tau(self) -> int:
+        """τ actually used: data-parallel has none."""
+        return 0 if self.mode == "dp" else self.sync_delay
+
+    @property
+    def exchange_method(self) -> str:
+        """'reduce-scatter' or 'all-gather' ('auto' resolved as farsync does: whichever
+        sends fewer bytes, all-gather on ties, i.e. for M <= 2)."""
+        if self.exchange != "auto":
+            return self.exchange
+        return "all-gather" if self.workers <= 2 else "reduce-scatter"
 
     def fragment_layers(self) -> list[list[int]]:
         """Blocks of each fragment, fragment 0 first."""
         L, P = self.model.layers, self.n_fragments
-        if self.pattern == "strided":
-            return [[l for l in range(L) if l % P == p] for p in range(P)]
-        size = L // P
-        return [list(range(p * size, (p + 1) * size)) for p in range(P)]
+        owner = block_fragments(L, P, self.fragment_pattern)
+        return [[l for l in range(L) if owner[l] == p] for p in range(P)]
 
     def sync_table(self) -> dict[int, list[int]]:
         """Step index within one period -> blocks whose reduction starts on that step."""
-        if self.algorithm == "dp":
+        if self.mode == "dp":
             return {0: list(range(self.model.layers))}
         H, P = self.inner_steps, self.n_fragments
         table: dict[int, list[int]] = {}
-        for p, layers in enumerate(self.fragment_layers()):
-            offset = (p * H) // P  # t_p = floor(p·H/P)
+        # fragment p is sent after (1-based) step k·H + t_p: 0-based step t_p − 1 (mod H)
+        for offset, layers in zip(fragment_offsets(H, P), self.fragment_layers()):
             table.setdefault((offset - 1) % H, []).extend(layers)
         return table
 
@@ -184,7 +188,7 @@ class SimConfig:
         M = self.workers
         if M == 1 or n_values <= 0:
             return 0.0
-        factor, hops = (2 * (M - 1) / M, 2 * (M - 1)) if self.collective == "ring" else (M - 1, M - 1)
+        factor, hops = (2 * (M - 1) / M, 2 * (M - 1)) if self.exchange_method == "reduce-scatter" else (M - 1, M - 1)
         bytes_ = self.wire_format.wire_bytes(n_values, self.count_scales)
         return factor * bytes_ * 8 / (self.bandwidth_gbps * 1e9) + hops * self.latency_s
 
@@ -193,7 +197,7 @@ class SimConfig:
         M = self.workers
         if M == 1:
             return 0.0
-        factor = 2 * (M - 1) / M if self.collective == "ring" else M - 1
+        factor = 2 * (M - 1) / M if self.exchange_method == "reduce-scatter" else M - 1
         return factor * self.wire_format.wire_bytes(n_values, self.count_scales)
 
     @property
@@ -240,7 +244,7 @@ def simulate(config: SimConfig, max_periods: int = 64) -> SimResult:
     T = config.model.step_time
     unit = T / (3 * L - 1)  # one compute node
     period = config.period
-    tau = config.sync_delay
+    tau = config.tau
     per_layer = config.schedule == "per-layer"
     table = config.sync_table()
     layer_values = config.model.params / L
@@ -332,11 +336,11 @@ PAPER_FP4_BLOCK = 128
 
 #: Method name -> SimConfig fields it sets. Anything else keeps SimConfig's default.
 METHODS: dict[str, dict] = {
-    "dp": dict(algorithm="dp", sync_delay=0),
-    "diloco": dict(algorithm="diloco", sync_delay=0),
-    "streaming": dict(algorithm="streaming", sync_delay=0),
-    "streaming-overlap": dict(algorithm="streaming", sync_delay=1),
-    "streaming-overlap-fp4": dict(algorithm="streaming", sync_delay=1, codec="fp4-e3m0",
+    "dp": dict(mode="dp", sync_delay=0),
+    "diloco": dict(mode="diloco", sync_delay=0),
+    "streaming": dict(mode="streaming", sync_delay=0),
+    "streaming-overlap": dict(mode="streaming", sync_delay=1),
+    "streaming-overlap-fp4": dict(mode="streaming", sync_delay=1, codec="fp4-e3m0",
                                   codec_block_size=PAPER_FP4_BLOCK),
 }
 
@@ -364,7 +368,7 @@ def method_config(model: ModelSpec, method: str, **overrides) -> SimConfig:
     if fields["sync_delay"] == 0:
         overrides.pop("sync_delay", None)
     # P belongs to the streaming methods.
-    if fields["algorithm"] != "streaming":
+    if fields["mode"] != "streaming":
         overrides.pop("fragments", None)
     fields.update(overrides)
     return SimConfig(model=model, **fields)

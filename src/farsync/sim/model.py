@@ -14,16 +14,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from farsync.schedule import SettingError
 
-class SimInputError(ValueError):
-    """A bad simulator input. `option` names the setting (as in the API), `value` is what
-    was given; the CLI maps `option` to its flag."""
 
-    def __init__(self, option: str, value: object, reason: str):
-        self.option = option
-        self.value = value
-        self.reason = reason
-        super().__init__(f"{option}={value!r}: {reason}")
+#: A bad simulator input: the same error the schedule rules raise (`option` names the
+#: setting as in the API, `value` is what was given); the CLI maps `option` to its flag.
+SimInputError = SettingError
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Bytes on the wire per codec, as the simulator counts them.
 
-The table is built from `farsync.codecs` (value width and default block size of each
+The table is built from `farsync.codec_names` (value width and default block size of each
 codec), so the planner and the training code agree on what a codec costs.
 
 An encoded buffer of n values costs ``ceil(n * value_bits / 8)`` payload bytes plus
@@ -48,9 +48,8 @@ def _from_codecs() -> dict[str, WireFormat]:
     """One WireFormat per farsync codec, with the codecs' own default block sizes, so
     the simulator counts what farsync really sends (checked against
     ``Codec.encoded_nbytes`` in the tests)."""
-    from farsync.codecs import CODEC_NAMES, DEFAULT_BLOCK_SIZES
+    from farsync.codec_names import CODEC_NAMES, DEFAULT_BLOCK_SIZES, SCALE_BITS, VALUE_BITS
 
-    value_bits = {"fp32": 32, "bf16": 16, "int8": 8, "fp4-e3m0": 4, "fp4-e2m1": 4}
     notes = {
         "fp32": "IEEE single precision, no scale",
         "bf16": "bfloat16, no scale",
@@ -61,7 +60,7 @@ def _from_codecs() -> dict[str, WireFormat]:
     out = {}
     for name in CODEC_NAMES:
         block = DEFAULT_BLOCK_SIZES.get(name)
-        out[name] = WireFormat(name, value_bits[name], 32 if block else 0, block or 1,
+        out[name] = WireFormat(name, VALUE_BITS[name], SCALE_BITS if block else 0, block or 1,
                                note=notes[name] + (f" of {block} values" if block else ""))
     return out
 

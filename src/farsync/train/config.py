@@ -15,11 +15,11 @@ from typing import Any
 
 import tomli_w
 
-from farsync.algorithms.diloco import MODES, min_sync_gap
-from farsync.codecs import CODEC_NAMES
-from farsync.comm.exchange import METHODS
+from farsync.codec_names import CODEC_NAMES
 from farsync.data import DataConfig
 from farsync.models import MODEL_SIZES
+from farsync.overrides import parse_override
+from farsync.schedule import EXCHANGES, FRAGMENT_PATTERNS, SettingError, check_schedule, wire_codec
 
 
 class ConfigError(ValueError):
@@ -43,21 +43,21 @@ class AlgoConfig:
     mode: str = "streaming"
     """dp (data-parallel baseline), diloco or streaming."""
     workers: int = 4
-    """M: number of workers (replicas). Under torchrun it must equal the world size."""
-    sync_every: int = 50
+    """M: number of workers (replicas). Under torchrun it must equal the number of processes."""
+    inner_steps: int = 50
     """H: inner steps between two syncs of a fragment."""
-    num_fragments: int = 2
+    fragments: int = 2
     """P: fragments, synced at staggered offsets t_p = p*H/P (streaming only)."""
     fragment_pattern: str = "strided"
     """strided (block i -> fragment i mod P) or sequential."""
     sync_delay: int = 1
     """tau: inner steps overlapped with a fragment's exchange; must be < H/P."""
-    mixing: float = -1.0
-    """alpha in [0, 1]: local weight when a sync lands; -1 = default (0 if tau = 0, else 0.5)."""
+    mixing: float | None = None
+    """alpha in [0, 1]: local weight when a sync lands; auto (omit the key) = 0 if tau = 0, else 0.5."""
     codec: str = "fp4-e3m0"
-    """Pseudo-gradient codec: fp32, bf16, int8, fp4-e3m0, fp4-e2m1."""
-    codec_block_size: int = 0
-    """Values per codec scale block; 0 = the codec's default."""
+    """Pseudo-gradient codec: fp32, bf16, int8, fp4-e3m0, fp4-e2m1 (dp always sends fp32)."""
+    codec_block_size: int | None = None
+    """Values per codec scale block; auto (omit the key) = the codec's default."""
     stochastic_rounding: bool = False
     """Stochastic rounding in lossy codecs."""
     exchange: str = "auto"
@@ -66,6 +66,11 @@ class AlgoConfig:
     """Outer SGD learning rate."""
     outer_momentum: float = 0.9
     """Outer Nesterov momentum."""
+
+    @property
+    def wire_codec(self) -> str:
+        """The codec exchanges really use (dp: fp32)."""
+        return wire_codec(self.mode, self.codec)
 
 
 @dataclass
@@ -126,60 +131,49 @@ class Config:
 
     def validate(self) -> None:
         """Cross-field checks; messages name the flag to change."""
+        a = self.algo
         _choice("model.size", self.model.size, tuple(MODEL_SIZES))
-        _choice("algo.mode", self.algo.mode, MODES)
-        _choice("algo.codec", self.algo.codec, CODEC_NAMES)
-        _choice("algo.exchange", self.algo.exchange, METHODS)
-        _choice("algo.fragment_pattern", self.algo.fragment_pattern, ("strided", "sequential"))
+        _choice("algo.codec", a.codec, CODEC_NAMES)
+        _choice("algo.exchange", a.exchange, EXCHANGES)
+        _choice("algo.fragment_pattern", a.fragment_pattern, FRAGMENT_PATTERNS)
         _choice("train.device", self.train.device, ("auto", "cpu", "cuda"))
+        try:  # the schedule rules the simulator applies too (farsync.schedule)
+            check_schedule(a.mode, inner_steps=a.inner_steps, fragments=a.fragments, sync_delay=a.sync_delay,
+                           mixing=a.mixing, prefix="algo.")
+        except SettingError as e:
+            raise ConfigError(str(e)) from None
         for key, value, low in [
-            ("algo.workers", self.algo.workers, 1), ("algo.sync_every", self.algo.sync_every, 1),
-            ("algo.num_fragments", self.algo.num_fragments, 1), ("algo.sync_delay", self.algo.sync_delay, 0),
-            ("algo.codec_block_size", self.algo.codec_block_size, 0),
+            ("algo.workers", a.workers, 1), ("algo.codec_block_size", a.codec_block_size, 1),
             ("model.seq_len", self.model.seq_len, 8), ("train.steps", self.train.steps, 1),
             ("train.batch_size", self.train.batch_size, 1), ("train.eval_every", self.train.eval_every, 1),
             ("train.eval_batches", self.train.eval_batches, 1), ("train.log_every", self.train.log_every, 1),
             ("train.checkpoint_every", self.train.checkpoint_every, 0), ("optim.warmup_steps", self.optim.warmup_steps, 0),
             ("train.threads", self.train.threads, 0),
         ]:
-            if value < low:
+            if value is not None and value < low:
                 raise ConfigError(f"{key} must be >= {low} (got {value})")
-        for key, value in [("optim.lr", self.optim.lr), ("algo.outer_lr", self.algo.outer_lr)]:
+        for key, value in [("optim.lr", self.optim.lr), ("algo.outer_lr", a.outer_lr)]:
             if not value > 0:
                 raise ConfigError(f"{key} must be > 0 (got {value})")
-        if not (self.algo.mixing == -1.0 or 0.0 <= self.algo.mixing <= 1.0):
-            raise ConfigError(f"algo.mixing (α) must be in [0, 1], or -1 for the default (got {self.algo.mixing})")
         if not 0.0 <= self.optim.min_lr_ratio <= 1.0:
             raise ConfigError(f"optim.min_lr_ratio must be in [0, 1] (got {self.optim.min_lr_ratio})")
-        a = self.algo
-        if a.mode == "diloco" and (a.num_fragments != 1 or a.sync_delay != 0):
-            raise ConfigError(
-                f"algo.mode=diloco syncs everything at once with no overlap: set algo.num_fragments=1 and "
-                f"algo.sync_delay=0 (got {a.num_fragments} and {a.sync_delay}), or use algo.mode=streaming"
-            )
-        if a.mode == "streaming":
-            if a.sync_delay >= min_sync_gap(a.sync_every, a.num_fragments):
-                raise ConfigError(
-                    f"algo.sync_delay (τ) = {a.sync_delay} must be < algo.sync_every/algo.num_fragments "
-                    f"= {a.sync_every}/{a.num_fragments}"
-                )
 
-    def algo_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for :class:`farsync.algorithms.DiLoCo`."""
+    def strategy_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`farsync.algorithms.make_strategy` (which drops
+        what data-parallel does not use)."""
         a = self.algo
-        kw: dict[str, Any] = dict(mode=a.mode, num_workers=a.workers, codec=a.codec,
-                                  exchange=a.exchange, seed=self.train.seed)
-        if a.mode == "dp":
-            return kw
-        kw.update(sync_every=a.sync_every, outer_lr=a.outer_lr, outer_momentum=a.outer_momentum,
-                  codec_block_size=a.codec_block_size or None, stochastic_rounding=a.stochastic_rounding)
-        if a.mode == "streaming":
-            kw.update(num_fragments=a.num_fragments, fragment_pattern=a.fragment_pattern,
-                      sync_delay=a.sync_delay, mixing=None if a.mixing == -1.0 else a.mixing)
-        return kw
+        return dict(
+            mode=a.mode, workers=a.workers, exchange=a.exchange, seed=self.train.seed,
+            inner_steps=a.inner_steps, fragments=a.fragments, fragment_pattern=a.fragment_pattern,
+            sync_delay=a.sync_delay, mixing=a.mixing, codec=a.codec, codec_block_size=a.codec_block_size,
+            stochastic_rounding=a.stochastic_rounding, outer_lr=a.outer_lr, outer_momentum=a.outer_momentum,
+        )
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+#: How the command line spells "the default" for an optional key (TOML omits the key).
+AUTO = "auto"
 
 
 def _choice(key: str, value: str, choices) -> None:
@@ -200,6 +194,8 @@ def _coerce(key: str, raw: Any, typ: Any, from_text: bool) -> Any:
     if origin in (typing.Union, types.UnionType):
         args = [t for t in typing.get_args(typ) if t is not type(None)]
         typ = args[0]
+        if raw is None or (from_text and str(raw).strip().lower() == AUTO):
+            return None  # an optional key: None (TOML: key omitted; CLI: "auto") = the default
     if typ is bool:
         if isinstance(raw, bool):
             return raw
@@ -254,11 +250,11 @@ def build_config(recipe: dict[str, Any] | None = None, overrides: list[str] | No
                 raise ConfigError(f"unknown key {section}.{key}; [{section}] has: {', '.join(types_)}")
             values[section][key] = _coerce(f"{section}.{key}", raw, types_[key], from_text=False)
     for item in overrides or []:
-        text = item[2:] if item.startswith("--") else item
-        if "=" not in text or "." not in text.split("=", 1)[0]:
-            raise ConfigError(f"override {item!r} must look like --section.key=value")
-        dotted, raw = text.split("=", 1)
-        section, key = dotted.split(".", 1)
+        try:
+            section, key, raw = parse_override(item)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        dotted = f"{section}.{key}"
         if section not in SECTIONS:
             raise ConfigError(f"unknown key {dotted} (sections are: {', '.join(SECTIONS)})")
         types_ = _field_types(_section_class(section))
@@ -290,7 +286,9 @@ def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
 
 
 def to_toml(cfg: Config) -> str:
-    return tomli_w.dumps(to_dict(cfg))
+    """The config as TOML; keys left at None ("auto") are omitted, as a recipe would."""
+    d = {s: {k: v for k, v in body.items() if v is not None} for s, body in to_dict(cfg).items()}
+    return tomli_w.dumps(d)
 
 
 def from_dict(d: dict[str, Any]) -> Config:

@@ -1,10 +1,16 @@
 """The training loop: one loop for DP, DiLoCo and Streaming DiLoCo.
 
 A process drives a list of *local workers*: all M of them in lock step when simulating
-in one process, or just its own under ``torchrun`` (one process per worker). Either
-way each step is: every local worker runs forward/backward on its own batch, then
-:func:`~farsync.algorithms.step_in_lockstep` runs the algorithm's phases (gradient mean
-for DP, inner step, fragment exchanges and outer steps when due).
+in one process, or just its own under ``torchrun`` (one process per worker; see
+:mod:`farsync.comm.rendezvous`). Either way each step is: every local worker runs
+forward/backward on its own batch, then :func:`~farsync.algorithms.step_in_lockstep`
+runs the strategy's phases (gradient mean for DP, inner step, fragment exchanges and
+outer steps when due).
+
+:func:`train` is five named steps over one :class:`Run` that holds the state:
+:func:`build` (config, data, workers), :func:`restore` (from a checkpoint), then per
+step :func:`train_step` and :func:`log_step`, and at the end :func:`finish` (land what
+is in flight, final eval, checkpoint, summary, plots).
 """
 
 from __future__ import annotations
@@ -17,17 +23,18 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import IO, Any
 
 import torch
 
-from farsync.algorithms import DiLoCo, step_in_lockstep
-from farsync.algorithms.accounting import format_bytes
-from farsync.comm import InProcessGroup
+from farsync.algorithms import Strategy, make_strategy, step_in_lockstep
+from farsync.comm import rendezvous
 from farsync.comm.base import Communicator
 from farsync.data import Corpus
 from farsync.models import Llama, model_config
 from farsync.train import checkpoint as ckpt
 from farsync.train.config import Config, ConfigError, to_toml
+from farsync.units import format_bytes
 
 
 @dataclass
@@ -36,27 +43,8 @@ class Worker:
     model: Llama
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    algo: DiLoCo
+    algo: Strategy
     last_loss: float = math.nan
-
-
-@dataclass
-class RunContext:
-    """Where this process stands: which workers it drives and how it talks to others."""
-
-    rank: int  # process rank (0 when simulating in-process)
-    distributed: bool
-    device: torch.device
-    comms: list[Communicator] = field(default_factory=list)
-    local_ranks: list[int] = field(default_factory=list)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def log(self, msg: str) -> None:
-        if self.is_main:
-            print(msg, file=sys.stderr, flush=True)
 
 
 def lr_lambda(cfg: Config):
@@ -76,32 +64,8 @@ def _device(cfg: Config) -> torch.device:
     if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ConfigError("train.device=cuda but no CUDA device is available")
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        return torch.device("cuda", local % torch.cuda.device_count())
+        return torch.device("cuda", rendezvous.local_rank() % torch.cuda.device_count())
     return torch.device("cpu")
-
-
-def make_context(cfg: Config) -> RunContext:
-    """In-process simulation of M workers, or one worker per process under torchrun."""
-    device = _device(cfg)
-    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
-        import torch.distributed as dist
-
-        from farsync.comm import TorchDistributedCommunicator
-
-        world = int(os.environ["WORLD_SIZE"])
-        if world != cfg.algo.workers:
-            raise ConfigError(
-                f"algo.workers = {cfg.algo.workers} but torchrun started {world} processes; "
-                f"set --algo.workers={world} or --nproc-per-node/--nnodes to match"
-            )
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        rank = dist.get_rank()
-        comm = TorchDistributedCommunicator(delay_s=cfg.train.exchange_delay_s)
-        return RunContext(rank, True, device, [comm], [rank])
-    group = InProcessGroup(cfg.algo.workers, delay_s=cfg.train.exchange_delay_s)
-    return RunContext(0, False, device, group.communicators(), list(range(cfg.algo.workers)))
 
 
 def build_model(cfg: Config, vocab_size: int, device: torch.device) -> Llama:
@@ -116,12 +80,12 @@ def build_worker(cfg: Config, rank: int, comm: Communicator, vocab_size: int, de
     o = cfg.optim
     opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    algo = DiLoCo(model, opt, comm, **cfg.algo_kwargs())
+    algo = make_strategy(model, opt, comm, **cfg.strategy_kwargs())
     return Worker(rank, model, opt, sched, algo)
 
 
 @torch.no_grad()
-def evaluate(eval_model: Llama, algo: DiLoCo, batches, device: torch.device) -> float:
+def evaluate(eval_model: Llama, algo: Strategy, batches, device: torch.device) -> float:
     """Mean held-out loss of the global parameters θ_g."""
     params = algo.global_parameters()
     for name, p in eval_model.named_parameters():
@@ -166,17 +130,57 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self._old)
 
 
-def _run_name(cfg: Config, ctx: RunContext) -> str:
+@dataclass
+class Run:
+    """Everything one training run holds, on this process."""
+
+    cfg: Config
+    group: rendezvous.Group
+    device: torch.device
+    run_dir: str
+    corpus: Corpus
+    workers: list[Worker]
+    eval_model: Llama
+    eval_set: list
+    n_params: int
+    start: int = 0  # first step to run (after a resume)
+    prior_wall: float = 0.0  # wall seconds of the run before the resume
+    t_start: float = 0.0
+    metrics: IO[str] | None = None  # metrics.jsonl, on rank 0
+    bar: Any = None  # the progress bar, on rank 0
+    train_loss: float | None = None  # set at every log step, and the last step always logs
+    stop: "_StopFlag" = field(default_factory=lambda: _StopFlag())
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.algo.workers * self.cfg.train.batch_size * self.cfg.model.seq_len
+
+    def wall(self) -> float:
+        return time.perf_counter() - self.t_start
+
+    def log(self, msg: str) -> None:
+        if self.group.is_main:
+            print(msg, file=sys.stderr, flush=True)
+
+    def write_row(self, row: dict) -> None:
+        if self.metrics is not None:
+            self.metrics.write(json.dumps(row) + "\n")
+            self.metrics.flush()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+
+
+def _run_name(cfg: Config, group: rendezvous.Group) -> str:
     if cfg.train.name:
         return cfg.train.name
-    name = f"{cfg.algo.mode}-{cfg.algo.codec if cfg.algo.mode != 'dp' else 'fp32'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if ctx.distributed:  # every rank must use rank 0's name
-        import torch.distributed as dist
-
-        box = [name]
-        dist.broadcast_object_list(box, src=0)
-        name = box[0]
-    return name
+    name = f"{cfg.algo.mode}-{cfg.algo.wire_codec}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return group.broadcast(name)  # every rank must use rank 0's name
 
 
 def train(cfg: Config, *, run_dir: str | None = None, resume: bool = False) -> dict:
@@ -188,209 +192,225 @@ def train(cfg: Config, *, run_dir: str | None = None, resume: bool = False) -> d
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     try:
-        ctx = make_context(cfg)
+        device = _device(cfg)
         try:
-            return _train(cfg, ctx, run_dir, resume)
+            group = rendezvous.join(cfg.algo.workers, device_type=device.type, delay_s=cfg.train.exchange_delay_s)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        try:
+            run = build(cfg, group, device, run_dir)
+            try:
+                restore(run) if resume else _fresh_metrics(run)
+                return _loop(run)
+            finally:
+                run.close()
         finally:
-            for c in ctx.comms:
-                c.close()
+            group.close()
     finally:
         torch.set_num_threads(threads)  # a library call leaves the process as it found it
 
 
-def _train(cfg: Config, ctx: RunContext, run_dir: str | None, resume: bool) -> dict:
+def build(cfg: Config, group: rendezvous.Group, device: torch.device, run_dir: str | None) -> Run:
+    """Run directory and resolved config, corpus, the local workers, the eval model."""
     if run_dir is None:
-        run_dir = os.path.join(cfg.train.run_dir, _run_name(cfg, ctx))
-    if ctx.is_main:
+        run_dir = os.path.join(cfg.train.run_dir, _run_name(cfg, group))
+    if group.is_main:
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "config.toml"), "w") as f:
             f.write(to_toml(cfg))
-    corpus = Corpus.build(cfg.data, log=ctx.log)
-    M, B, T = cfg.algo.workers, cfg.train.batch_size, cfg.model.seq_len
-    workers = [build_worker(cfg, r, c, corpus.vocab_size, ctx.device) for r, c in zip(ctx.local_ranks, ctx.comms)]
-    if not ctx.distributed:
-        for w in workers:  # the loop measures compute per simulated worker itself
-            w.algo.auto_time = False
-    eval_model = build_model(cfg, corpus.vocab_size, ctx.device)
-    eval_set = corpus.eval_batches(B, T, cfg.train.eval_batches)
-    n_params = workers[0].model.num_parameters()
-    ctx.log(f"model: {cfg.model.size}, {n_params:,} parameters ({workers[0].model.num_parameters(non_embedding=True):,} "
-            f"non-embedding); {M} workers, mode {cfg.algo.mode}" + (
-                f", H={cfg.algo.sync_every}, P={workers[0].algo.num_fragments}, τ={workers[0].algo.sync_delay}, "
-                f"α={workers[0].algo.mixing}, codec {cfg.algo.codec}" if cfg.algo.mode != "dp" else ""))
+    corpus = Corpus.build(cfg.data, log=lambda m: print(m, file=sys.stderr, flush=True) if group.is_main else None)
+    workers = [build_worker(cfg, r, c, corpus.vocab_size, device) for r, c in zip(group.local_ranks, group.comms)]
+    run = Run(cfg, group, device, run_dir, corpus, workers,
+              eval_model=build_model(cfg, corpus.vocab_size, device),
+              eval_set=corpus.eval_batches(cfg.train.batch_size, cfg.model.seq_len, cfg.train.eval_batches),
+              n_params=workers[0].model.num_parameters())
+    a, algo = cfg.algo, workers[0].algo
+    run.log(f"model: {cfg.model.size}, {run.n_params:,} parameters ({workers[0].model.num_parameters(non_embedding=True):,} "
+            f"non-embedding); {a.workers} workers, mode {a.mode}" + (
+                f", H={a.inner_steps}, P={algo.num_fragments}, τ={algo.sync_delay}, α={algo.mixing}, codec {a.codec}"
+                if a.mode != "dp" else ""))
+    return run
 
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    start, prior_wall = 0, 0.0
-    if resume:
-        step = ckpt.latest_step(run_dir)
-        if step is None:
-            raise ConfigError(f"--resume {run_dir}: no checkpoint found there")
-        for w in workers:
-            state = ckpt.load_worker(run_dir, step, w.rank, map_location=ctx.device)
-            w.model.load_state_dict(state["model"])
-            w.optimizer.load_state_dict(state["optimizer"])
-            w.scheduler.load_state_dict(state["scheduler"])
-            w.algo.load_state_dict(state["algo"])
-            prior_wall = state["wall_seconds"]
-        start = step
-        if ctx.is_main and os.path.exists(metrics_path):  # drop rows past the checkpoint
-            with open(metrics_path) as f:
-                rows = [r for r in f if json.loads(r)["step"] <= step]
-            with open(metrics_path, "w") as f:
-                f.writelines(rows)
-        ctx.log(f"resumed {run_dir} at step {step}")
-    elif ctx.is_main and os.path.exists(metrics_path):
-        os.unlink(metrics_path)
 
-    metrics = open(metrics_path, "a") if ctx.is_main else None
-    tokens_per_step = M * B * T
-    bar = None
-    if ctx.is_main and cfg.train.progress:
-        from tqdm import tqdm
+def _metrics_path(run: Run) -> str:
+    return os.path.join(run.run_dir, "metrics.jsonl")
 
-        bar = tqdm(total=cfg.train.steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
 
-    t_start = time.perf_counter() - prior_wall
+def _fresh_metrics(run: Run) -> None:
+    if run.group.is_main and os.path.exists(_metrics_path(run)):
+        os.unlink(_metrics_path(run))
 
-    def wall() -> float:
-        return time.perf_counter() - t_start
 
-    def log_row(row: dict) -> None:
-        if metrics is not None:
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
+def restore(run: Run) -> None:
+    """Load the latest complete checkpoint into every local worker; drop metrics rows
+    past it."""
+    step = ckpt.latest_step(run.run_dir)
+    if step is None:
+        raise ConfigError(f"--resume {run.run_dir}: no checkpoint found there")
+    for w in run.workers:
+        state = ckpt.load_worker(run.run_dir, step, w.rank, map_location=run.device)
+        w.model.load_state_dict(state["model"])
+        w.optimizer.load_state_dict(state["optimizer"])
+        w.scheduler.load_state_dict(state["scheduler"])
+        w.algo.load_state_dict(state["algo"])
+        run.prior_wall = state["wall_seconds"]
+    run.start = step
+    path = _metrics_path(run)
+    if run.group.is_main and os.path.exists(path):
+        with open(path) as f:
+            rows = [r for r in f if json.loads(r)["step"] <= step]
+        with open(path, "w") as f:
+            f.writelines(rows)
+    run.log(f"resumed {run.run_dir} at step {step}")
 
-    def save(step: int) -> None:
-        for w in workers:
-            ckpt.save_worker(run_dir, step, w.rank, {
-                "model": w.model.state_dict(), "optimizer": w.optimizer.state_dict(),
-                "scheduler": w.scheduler.state_dict(), "algo": w.algo.state_dict(),
-                "step": step, "wall_seconds": wall(),
-            })
-        if ctx.distributed:
-            import torch.distributed as dist
 
-            dist.barrier()
-        if ctx.is_main:
-            ckpt.commit(run_dir, step, M)
+def _loop(run: Run) -> dict:
+    cfg = run.cfg
+    if run.group.is_main:
+        run.metrics = open(_metrics_path(run), "a")
+        if cfg.train.progress:
+            from tqdm import tqdm
 
-    def eval_loss() -> float:
-        return evaluate(eval_model, workers[0].algo, eval_set, ctx.device)
+            run.bar = tqdm(total=cfg.train.steps, initial=run.start, unit="step", dynamic_ncols=True, file=sys.stderr)
+    run.t_start = time.perf_counter() - run.prior_wall
+    with run.stop:
+        for step in range(run.start, cfg.train.steps):
+            train_step(run, step)
+            done = step + 1
+            last = done == cfg.train.steps
+            if done % cfg.train.log_every == 0 or last:
+                log_step(run, done)
+            if done % cfg.train.eval_every == 0 and not last:
+                run.write_row({"kind": "eval", "step": done, "tokens": done * run.tokens_per_step,
+                               "eval_loss": eval_loss(run), "wall_seconds": run.wall()})
+            if run.bar is not None:
+                run.bar.update(1)
+            if run.stop.agreed and not last:
+                save(run, done)
+                run.close()
+                run.log(f"stopped at step {done}; checkpoint saved. Resume with: farsync train --resume {run.run_dir}")
+                return {"stopped_at": done, "run_dir": run.run_dir}
+            if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and not last:
+                save(run, done)
+    return finish(run)
 
-    def clip(algo: DiLoCo) -> None:
+
+def train_step(run: Run, step: int) -> None:
+    """Forward/backward of every local worker, then the strategy's phases in lock step.
+
+    Compute time is measured here and added to each worker's stats: its own forward and
+    backward, plus an even share of the phases' time minus the time they were blocked
+    (which the strategies record themselves)."""
+    cfg, M = run.cfg, run.cfg.algo.workers
+    for w in run.workers:
+        t0 = time.perf_counter()
+        x, y = run.corpus.worker_batch(w.rank, M, step, cfg.train.batch_size, cfg.model.seq_len, cfg.train.seed)
+        with _autocast(run.device):
+            _, loss = w.model(x.to(run.device), y.to(run.device))
+        loss.backward()
+        w.last_loss = loss.item()
+        w.algo.stats.add_compute(time.perf_counter() - t0)
+
+    def clip(algo: Strategy) -> None:
         if cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(algo.model.parameters(), cfg.optim.grad_clip)
 
-    stopped = False
-    train_loss = None  # set at every log step, and the last step always logs
-    step = start
-    with _StopFlag() as stop:
-        for step in range(start, cfg.train.steps):
-            for w in workers:
-                t0 = time.perf_counter()
-                x, y = corpus.worker_batch(w.rank, M, step, B, T, cfg.train.seed)
-                with _autocast(ctx.device):
-                    _, loss = w.model(x.to(ctx.device), y.to(ctx.device))
-                loss.backward()
-                w.last_loss = loss.item()
-                if not ctx.distributed:
-                    w.algo.stats.compute_seconds += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            step_in_lockstep([w.algo for w in workers], before_inner_step=clip)
-            if not ctx.distributed:
-                # inner steps and in-process exchange arithmetic, shared evenly
-                share = (time.perf_counter() - t0) / len(workers)
-                for w in workers:
-                    w.algo.stats.compute_seconds += share
-            for w in workers:
-                w.scheduler.step()
-                w.optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            last = done == cfg.train.steps
+    blocked_before = sum(w.algo.stats.blocked_seconds for w in run.workers)
+    t0 = time.perf_counter()
+    step_in_lockstep([w.algo for w in run.workers], before_inner_step=clip)
+    blocked = sum(w.algo.stats.blocked_seconds for w in run.workers) - blocked_before
+    share = max(0.0, time.perf_counter() - t0 - blocked) / len(run.workers)
+    for w in run.workers:
+        w.algo.stats.add_compute(share)  # inner steps and in-process exchange arithmetic
+        w.scheduler.step()
+        w.optimizer.zero_grad(set_to_none=True)
 
-            if done % cfg.train.log_every == 0 or last:
-                losses = [w.last_loss for w in workers]
-                sent = [w.algo.stats.total_bytes for w in workers]
-                local = [sum(losses), float(stop.requested), float(sum(sent))]
-                total = ctx.comms[0].all_sum_floats(local) if ctx.distributed else local
-                train_loss = total[0] / M
-                stop.agreed = total[1] > 0  # any rank's Ctrl-C stops them all, at the same step
-                st = workers[0].algo.stats
-                row = {
-                    "kind": "train", "step": done, "tokens": done * tokens_per_step, "train_loss": train_loss,
-                    "lr": workers[0].scheduler.get_last_lr()[0], "wall_seconds": wall(),
-                    "bytes_sent_per_worker": total[2] / M, "dp_bytes_per_worker": st.dp_equivalent_bytes,
-                    "sync_events": st.sync_events,
-                }
-                log_row(row)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{done * tokens_per_step / max(wall(), 1e-9):,.0f}",
-                                    sent=format_bytes(row["bytes_sent_per_worker"]), refresh=False)
-            if done % cfg.train.eval_every == 0 and not last:
-                log_row({"kind": "eval", "step": done, "tokens": done * tokens_per_step,
-                         "eval_loss": eval_loss(), "wall_seconds": wall()})
-            if bar is not None:
-                bar.update(1)
-            if stop.agreed and not last:
-                save(done)
-                stopped = True
-                break
-            if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and not last:
-                save(done)
 
-    if bar is not None:
-        bar.close()
-    if stopped:
-        if metrics is not None:
-            metrics.close()
-        ctx.log(f"stopped at step {step + 1}; checkpoint saved. Resume with: farsync train --resume {run_dir}")
-        return {"stopped_at": step + 1, "run_dir": run_dir}
+def log_step(run: Run, done: int) -> None:
+    """A metrics row (losses and bytes summed over every worker); also where all
+    processes learn whether any of them saw Ctrl-C, so they stop at the same step."""
+    M, workers = run.cfg.algo.workers, run.workers
+    local = [sum(w.last_loss for w in workers), float(run.stop.requested), float(sum(w.algo.stats.total_bytes for w in workers))]
+    total = run.group.all_sum(local)
+    run.train_loss = total[0] / M
+    run.stop.agreed = total[1] > 0
+    st = workers[0].algo.stats
+    row = {
+        "kind": "train", "step": done, "tokens": done * run.tokens_per_step, "train_loss": run.train_loss,
+        "lr": workers[0].scheduler.get_last_lr()[0], "wall_seconds": run.wall(),
+        "bytes_sent_per_worker": total[2] / M, "dp_bytes_per_worker": st.dp_equivalent_bytes,
+        "sync_events": st.sync_events,
+    }
+    run.write_row(row)
+    if run.bar is not None:
+        run.bar.set_postfix(loss=f"{run.train_loss:.3f}", tok_s=f"{done * run.tokens_per_step / max(run.wall(), 1e-9):,.0f}",
+                            sent=format_bytes(row["bytes_sent_per_worker"]), refresh=False)
 
-    for w in workers:
-        w.algo.finish()  # land fragments still in flight
-    final_eval = eval_loss()
-    log_row({"kind": "eval", "step": cfg.train.steps, "tokens": cfg.train.steps * tokens_per_step,
-             "eval_loss": final_eval, "wall_seconds": wall()})
-    save(cfg.train.steps)
-    summary = _summary(cfg, ctx, workers, run_dir, final_eval, train_loss, wall(), n_params, tokens_per_step)
-    if metrics is not None:
-        metrics.close()
-    if ctx.is_main:
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+
+def eval_loss(run: Run) -> float:
+    return evaluate(run.eval_model, run.workers[0].algo, run.eval_set, run.device)
+
+
+def save(run: Run, step: int) -> None:
+    """Every local worker's checkpoint; rank 0 commits it once all files exist."""
+    for w in run.workers:
+        ckpt.save_worker(run.run_dir, step, w.rank, {
+            "model": w.model.state_dict(), "optimizer": w.optimizer.state_dict(),
+            "scheduler": w.scheduler.state_dict(), "algo": w.algo.state_dict(),
+            "step": step, "wall_seconds": run.wall(),
+        })
+    run.group.barrier()
+    if run.group.is_main:
+        ckpt.commit(run.run_dir, step, run.cfg.algo.workers)
+
+
+def finish(run: Run) -> dict:
+    """Land what is in flight, evaluate θ_g, checkpoint, write summary and plots."""
+    steps = run.cfg.train.steps
+    if run.bar is not None:
+        run.bar.close()
+        run.bar = None
+    for w in run.workers:
+        w.algo.finish()
+    final_eval = eval_loss(run)
+    run.write_row({"kind": "eval", "step": steps, "tokens": steps * run.tokens_per_step,
+                   "eval_loss": final_eval, "wall_seconds": run.wall()})
+    save(run, steps)
+    summary = _summary(run, final_eval)
+    run.close()
+    if run.group.is_main:
+        with open(os.path.join(run.run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         from farsync.train.plots import plot_run
 
-        plot_run(run_dir)
+        plot_run(run.run_dir)
     return summary
 
 
-def _summary(cfg, ctx, workers, run_dir, final_eval, final_train, wall_s, n_params, tokens_per_step) -> dict:
-    per_worker = [w.algo.stats.to_dict() for w in workers]
-    if ctx.distributed:
-        import torch.distributed as dist
-
-        gathered: list = [None] * cfg.algo.workers
-        dist.all_gather_object(gathered, per_worker[0])
-        per_worker = gathered
+def _summary(run: Run, final_eval: float) -> dict:
+    cfg, wall_s = run.cfg, run.wall()
+    per_worker = [w.algo.stats.to_dict() for w in run.workers]
+    if run.group.distributed:
+        per_worker = run.group.gather(per_worker[0])
     sent = [s["total_bytes"] for s in per_worker]
     dp = per_worker[0]["dp_equivalent_bytes"]
     compute = sum(s["compute_seconds"] for s in per_worker)
     blocked = sum(s["blocked_seconds"] for s in per_worker)
-    tokens = cfg.train.steps * tokens_per_step
+    tokens = cfg.train.steps * run.tokens_per_step
     return {
-        "run_dir": run_dir,
+        "run_dir": run.run_dir,
         "mode": cfg.algo.mode,
         "workers": cfg.algo.workers,
-        "backend": "torch.distributed" if ctx.distributed else "in-process",
+        "backend": "torch.distributed" if run.group.distributed else "in-process",
         "model": cfg.model.size,
-        "parameters": n_params,
+        "parameters": run.n_params,
         "steps": cfg.train.steps,
         "tokens": tokens,
         "wall_seconds": wall_s,
         "tokens_per_second": tokens / wall_s if wall_s > 0 else None,
         "final_eval_loss": final_eval,
-        "final_train_loss": final_train,
-        "codec": cfg.algo.codec if cfg.algo.mode != "dp" else "fp32",
+        "final_train_loss": run.train_loss,
+        "codec": cfg.algo.wire_codec,
         "bytes_sent_per_worker": sent,
         "bytes_sent_total": sum(sent),
         "dp_equivalent_bytes_per_worker": dp,
@@ -401,4 +421,3 @@ def _summary(cfg, ctx, workers, run_dir, final_eval, final_train, wall_s, n_para
         "blocked_seconds": blocked,
         "compute_utilization": compute / (compute + blocked) if compute + blocked > 0 else 1.0,
     }
-

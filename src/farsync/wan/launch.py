@@ -3,7 +3,7 @@
 Each worker is ``ip netns exec fs-P-h<i> python -m farsync train RECIPE`` with the
 environment ``torchrun`` would give it (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``MASTER_ADDR``/``MASTER_PORT`` = host 0's address on the private bridge), so
-:func:`farsync.train.loop.make_context` initialises gloo through ``env://`` and the
+:func:`farsync.comm.rendezvous.join` initialises gloo through ``env://`` and the
 rendezvous store runs in rank 0, on host 0. ``GLOO_SOCKET_IFNAME=eth0`` makes gloo use
 the host's rate-limited interface rather than whatever its hostname resolves to.
 

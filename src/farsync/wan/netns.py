@@ -158,7 +158,7 @@ class Network:
 
     def __init__(self, hosts: int, link: LinkSpec, owner_pid: int | None = None):
         if not 2 <= hosts <= MAX_HOSTS:
-            raise WanError(f"--hosts {hosts}: must be in 2…{MAX_HOSTS}")
+            raise WanError(f"--workers {hosts}: must be in 2…{MAX_HOSTS} (one emulated host per worker)")
         self.hosts = hosts
         self.link = link
         self.owner_pid = os.getpid() if owner_pid is None else owner_pid

@@ -2,7 +2,7 @@
 
 Order of events::
 
-    resolve the config (algo.workers = hosts), write it to RUN/wan/recipe.toml
+    resolve the config (algo.workers = M, one worker per emulated host), write it to RUN/wan/recipe.toml
     build the corpus/tokenizer cache once, here, so workers only read it
     start the cleanup guardian (see farsync.wan.guardian)
     create namespaces, bridge, veths, tbf          ┐
@@ -101,20 +101,20 @@ def release_guardian(g: subprocess.Popen) -> None:
         g.kill()
 
 
-def resolve_config(recipe: str | None, overrides: list[str], hosts: int):
-    """The run's config with algo.workers = hosts and a run name fixed here (so workers
+def resolve_config(recipe: str | None, overrides: list[str], workers: int):
+    """The run's config with algo.workers = ``workers`` and a run name fixed here (so workers
     need not agree on a timestamp). Raises ConfigError (a ValueError) on bad input."""
+    from farsync.overrides import parse_override
     from farsync.train.config import ConfigError, build_config, load_recipe
 
     for o in overrides:
-        key, _, value = o.lstrip("-").partition("=")
-        if key == "algo.workers" and value.strip() != str(hosts):
-            raise ConfigError(f"--algo.workers={value} but --hosts {hosts}: farsync wan runs one worker per host; "
-                              f"drop --algo.workers or make it {hosts}")
-    cfg = build_config(load_recipe(recipe) if recipe else None, [*overrides, f"--algo.workers={hosts}"])
+        section, key, value = parse_override(o)
+        if (section, key) == ("algo", "workers") and value.strip() != str(workers):
+            raise ConfigError(f"--algo.workers={value} but --workers {workers}: farsync wan runs one worker per host; "
+                              f"drop --algo.workers or make it {workers}")
+    cfg = build_config(load_recipe(recipe) if recipe else None, [*overrides, f"--algo.workers={workers}"])
     if not cfg.train.name:
-        codec = cfg.algo.codec if cfg.algo.mode != "dp" else "fp32"
-        cfg.train.name = f"wan-{cfg.algo.mode}-{codec}-{time.strftime('%Y%m%d-%H%M%S')}"
+        cfg.train.name = f"wan-{cfg.algo.mode}-{cfg.algo.wire_codec}-{time.strftime('%Y%m%d-%H%M%S')}"
     return cfg
 
 
@@ -122,7 +122,7 @@ def run_wan(
     recipe: str | None,
     overrides: list[str],
     *,
-    hosts: int,
+    workers: int,
     link: LinkSpec,
     timeout_s: float = 3600.0,
     echo: bool = True,
@@ -134,10 +134,10 @@ def run_wan(
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     preflight()
-    net = Network(hosts, link)  # validates hosts
+    net = Network(workers, link)  # validates M
     if not timeout_s > 0:
         raise WanError(f"--timeout {timeout_s}: must be > 0 seconds")
-    cfg = resolve_config(recipe, overrides, hosts)
+    cfg = resolve_config(recipe, overrides, workers)
     run_path = os.path.join(cfg.train.run_dir, cfg.train.name)
     wan_dir = os.path.join(run_path, "wan")
     os.makedirs(wan_dir, exist_ok=True)
@@ -146,7 +146,7 @@ def run_wan(
         f.write(to_toml(cfg))
     _prebuild_data(cfg, log)
 
-    log(f"wan: {hosts} hosts ({', '.join(net.host_names)}) on a private bridge ({net.switch}), "
+    log(f"wan: {workers} hosts ({', '.join(net.host_names)}) on a private bridge ({net.switch}), "
         + (f"{link.bandwidth_mbit:g} Mbit/s each way per host (tbf, burst {link.burst} B)" if link.limited
            else "no rate limit") + f", MTU {link.mtu}; latency not emulated")
     guardian = start_guardian(net.names)
@@ -231,7 +231,7 @@ def build_report(net: Network, link: LinkSpec, summary: dict, before: list[HostC
             "compute_seconds", "blocked_seconds", "compute_utilization", "bytes_sent_per_worker",
             "dp_equivalent_bytes_per_worker", "sync_events", "run_dir")
     return {
-        "hosts": net.hosts,
+        "workers": net.hosts,
         "launch": "env:// (RANK/WORLD_SIZE/MASTER_ADDR=host 0), one process per namespace, gloo over TCP",
         "link": {**link.to_dict(), "shaping": "tbf on each host's eth0 (upload) and its switch port (download)"
                  if link.limited else "none",

@@ -1,0 +1,106 @@
+"""How the workers of one run find each other.
+
+Two ways: all M workers simulated in this process (an :class:`InProcessGroup`), or one
+worker per process launched by ``torchrun`` (which sets ``RANK``, ``WORLD_SIZE``,
+``MASTER_ADDR``, ``MASTER_PORT`` and ``LOCAL_RANK``): the default process group is
+created here (gloo on CPU, NCCL on GPU) and the exchange gets a
+:class:`~farsync.comm.distributed.TorchDistributedCommunicator`.
+
+A :class:`Group` is what the training loop holds: the communicators of the workers this
+process drives, and the few blocking collectives the loop itself needs (metrics, a run
+name chosen by rank 0, a barrier before a checkpoint is committed, every worker's
+summary). The loop never imports ``torch.distributed``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from farsync.comm.base import Communicator
+from farsync.comm.inprocess import InProcessGroup
+
+
+def launched_by_torchrun() -> bool:
+    """True when this process is one worker of a ``torchrun`` launch."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def local_rank() -> int:
+    """This process's index on its machine (picks its GPU); 0 outside torchrun."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+@dataclass
+class Group:
+    """The workers this process drives and how it reaches the others."""
+
+    rank: int  # process rank (0 when simulating in-process)
+    workers: int  # M, all workers of the run
+    distributed: bool
+    comms: list[Communicator] = field(default_factory=list)  # one per local worker
+    local_ranks: list[int] = field(default_factory=list)  # the workers' ranks
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        """Blocking sum over processes (metrics; not counted as exchange bytes)."""
+        return self.comms[0].all_sum_floats(values) if self.distributed else list(values)
+
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every process."""
+        if not self.distributed:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj) -> list:
+        """Every process's ``obj``, by rank (in-process: the one object, as a list)."""
+        if not self.distributed:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list = [None] * self.workers
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        for c in self.comms:
+            c.close()
+
+
+def join(workers: int, *, device_type: str = "cpu", delay_s: float = 0.0) -> Group:
+    """The group of a run of M = ``workers``: under torchrun, this process's worker
+    (creating the default process group if needed); otherwise all M, in-process.
+
+    ``delay_s`` makes every exchange take at least that long (a slow-link stand-in).
+    ValueError when torchrun started another number of processes than M.
+    """
+    if not launched_by_torchrun():
+        group = InProcessGroup(workers, delay_s=delay_s)
+        return Group(0, workers, False, group.communicators(), list(range(workers)))
+    import torch.distributed as dist
+
+    from farsync.comm.distributed import TorchDistributedCommunicator
+
+    world = int(os.environ["WORLD_SIZE"])
+    if world != workers:
+        raise ValueError(
+            f"algo.workers = {workers} but torchrun started {world} processes; "
+            f"set --algo.workers={world} or --nproc-per-node/--nnodes to match"
+        )
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    rank = dist.get_rank()
+    return Group(rank, workers, True, [TorchDistributedCommunicator(delay_s=delay_s)], [rank])
