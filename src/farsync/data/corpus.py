@@ -1,6 +1,6 @@
 """Tokenized corpus and the batches each worker trains on.
 
-Batches are a pure function of (worker, num_workers, step, batch size, sequence length,
+Batches are a pure function of (worker, workers, step, batch size, sequence length,
 seed): no iterator state, so a resumed run draws exactly the batches an uninterrupted run
 would, and M simulated workers in one process draw what M real processes would.
 """
@@ -20,7 +20,8 @@ import torch
 
 from farsync.data.config import DataConfig, is_pretokenized
 from farsync.data.sources import documents_hash, load_documents, split_documents
-from farsync.data.tokenizer import EOS_TOKEN, atomic_write, get_tokenizer, tokenizer_hash
+from farsync.data.tokenizer import EOS_TOKEN, get_tokenizer, tokenizer_hash
+from farsync.files import atomic_write
 
 Log = Callable[[str], None]
 
@@ -227,40 +228,40 @@ class Corpus:
             self._cache.popitem(last=False)
         return value
 
-    def _noniid_ranges(self, num_workers: int) -> list[tuple[int, int]]:
+    def _noniid_ranges(self, workers: int) -> list[tuple[int, int]]:
         """Token range [start, end) of each worker: contiguous blocks of whole files with
         about equal token counts. A single-document corpus is cut into equal ranges."""
         n = self.train_tokens.numel()
         if len(self.train_file_spans) == 1:
-            cuts = [n * m // num_workers for m in range(num_workers + 1)]
+            cuts = [n * m // workers for m in range(workers + 1)]
         else:
-            if len(self.train_file_spans) < num_workers:
+            if len(self.train_file_spans) < workers:
                 raise ValueError(
                     f"data.partition = 'non-iid' gives each worker whole files, but there are "
-                    f"{len(self.train_file_spans)} training files for {num_workers} workers; "
+                    f"{len(self.train_file_spans)} training files for {workers} workers; "
                     f"raise data.max_bytes or use data.partition = 'iid'"
                 )
             ends = np.array([e for _, e in self.train_file_spans], dtype=np.int64)
             cuts, last = [0], -1  # last: index of the last file given out so far
-            for m in range(1, num_workers):
+            for m in range(1, workers):
                 # Cut after the first file that reaches the m-th equal share, but give
                 # each worker at least one file and leave one for each worker to come.
-                i = int(np.searchsorted(ends, n * m // num_workers))
-                last = min(max(i, last + 1), len(ends) - 1 - (num_workers - m))
+                i = int(np.searchsorted(ends, n * m // workers))
+                last = min(max(i, last + 1), len(ends) - 1 - (workers - m))
                 cuts.append(int(ends[last]))
             cuts.append(n)
         return list(zip(cuts[:-1], cuts[1:]))
 
-    def _shard(self, worker: int, num_workers: int, seq_len: int, seed: int) -> torch.Tensor:
+    def _shard(self, worker: int, workers: int, seq_len: int, seed: int) -> torch.Tensor:
         """Start offsets (int64) of the windows of seq_len + 1 tokens that this worker owns."""
         w = seq_len + 1
         n_tokens = self.train_tokens.numel()
         if self.partition == "iid":
             n_windows = n_tokens // w
-            if n_windows < num_workers:
+            if n_windows < workers:
                 raise ValueError(
                     f"the training split has {n_tokens} tokens = {n_windows} windows of "
-                    f"seq_len + 1 = {w}, fewer than num_workers = {num_workers}; lower the "
+                    f"seq_len + 1 = {w}, fewer than workers = {workers}; lower the "
                     f"sequence length or use more data (data.max_bytes)"
                 )
             # Deal the windows of the whole stream to workers through one fixed seeded
@@ -269,12 +270,12 @@ class Corpus:
                 ("deal", n_windows, seed),
                 lambda: torch.randperm(n_windows, generator=_generator("deal", seed, n_windows)),
             )
-            return perm[worker::num_workers] * w
-        start, end = self._noniid_ranges(num_workers)[worker]
+            return perm[worker::workers] * w
+        start, end = self._noniid_ranges(workers)[worker]
         n_windows = (end - start) // w
         if n_windows < 1:
             raise ValueError(
-                f"worker {worker} of {num_workers} has {end - start} training tokens "
+                f"worker {worker} of {workers} has {end - start} training tokens "
                 f"(non-iid), fewer than seq_len + 1 = {w}; lower the sequence length or "
                 f"use more data (data.max_bytes)"
             )
@@ -286,7 +287,7 @@ class Corpus:
         return win[:, :-1].contiguous(), win[:, 1:].contiguous()  # x, y: (B, T) each
 
     def worker_batch(
-        self, worker: int, num_workers: int, step: int, batch_size: int, seq_len: int, seed: int
+        self, worker: int, workers: int, step: int, batch_size: int, seq_len: int, seed: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs x and targets y, each (batch_size, seq_len) int64, for one worker's step.
 
@@ -296,17 +297,17 @@ class Corpus:
         (seed, worker, e); step s takes positions s*B ... s*B + B - 1 of that walk.
         y is x shifted left by one token.
         """
-        num_workers = _check_int("num_workers", num_workers, 1)
+        workers = _check_int("workers", workers, 1)
         step = _check_int("step", step, 0)
         batch_size = _check_int("batch_size", batch_size, 1)
         seq_len = _check_int("seq_len", seq_len, 1)
         worker = _check_int("worker", worker, 0)
-        if worker >= num_workers:
-            raise ValueError(f"worker must be in [0, {num_workers}) (got {worker})")
+        if worker >= workers:
+            raise ValueError(f"worker must be in [0, {workers}) (got {worker})")
 
         shard = self._memo(
-            ("shard", self.partition, worker, num_workers, seq_len, seed),
-            lambda: self._shard(worker, num_workers, seq_len, seed),
+            ("shard", self.partition, worker, workers, seq_len, seed),
+            lambda: self._shard(worker, workers, seq_len, seed),
         )
         n = shard.numel()
         pos = step * batch_size + torch.arange(batch_size, dtype=torch.int64)
@@ -314,7 +315,7 @@ class Corpus:
         starts = torch.empty(batch_size, dtype=torch.int64)
         for e in epochs.unique().tolist():
             order = self._memo(
-                ("order", self.partition, worker, num_workers, seq_len, seed, e),
+                ("order", self.partition, worker, workers, seq_len, seed, e),
                 lambda: torch.randperm(n, generator=_generator("order", seed, worker, e)),
             )
             sel = epochs == e

@@ -9,36 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import time
 from typing import Callable, Iterable
 
 import tokenizers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from farsync.files import atomic_write
+
 EOS_TOKEN = "<|endoftext|>"
 
 # Bump when the training recipe below changes, so stale cached tokenizers are not reused.
 BPE_RECIPE = "bytelevel-bpe-v1"
-
-
-def atomic_write(path: str, write: Callable[[object], None]) -> None:
-    """Write a file via ``write(binary_file)`` to a temporary name, then rename it into place.
-
-    Readers see the old file or the whole new one, never a torn one, even when several
-    processes (one per worker) build the same cache at once.
-    """
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:

@@ -15,24 +15,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 
 import torch
 
-
-def _atomic(path: str, write) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+from farsync.files import atomic_write
 
 
 def step_dir(run_dir: str, step: int) -> str:
@@ -41,18 +27,18 @@ def step_dir(run_dir: str, step: int) -> str:
 
 def save_worker(run_dir: str, step: int, worker: int, state: dict) -> None:
     """Write one worker's state for ``step`` (atomic)."""
-    _atomic(os.path.join(step_dir(run_dir, step), f"worker-{worker}.pt"), lambda f: torch.save(state, f))
+    atomic_write(os.path.join(step_dir(run_dir, step), f"worker-{worker}.pt"), lambda f: torch.save(state, f))
 
 
-def commit(run_dir: str, step: int, num_workers: int) -> None:
+def commit(run_dir: str, step: int, workers: int) -> None:
     """Mark ``step`` as the checkpoint to resume from, once all workers' files exist;
     then remove older ones."""
     d = step_dir(run_dir, step)
-    missing = [w for w in range(num_workers) if not os.path.exists(os.path.join(d, f"worker-{w}.pt"))]
+    missing = [w for w in range(workers) if not os.path.exists(os.path.join(d, f"worker-{w}.pt"))]
     if missing:
         raise RuntimeError(f"checkpoint of step {step} lacks worker files {missing}")
-    _atomic(os.path.join(run_dir, "checkpoints", "latest.json"),
-            lambda f: f.write(json.dumps({"step": step, "workers": num_workers}).encode()))
+    atomic_write(os.path.join(run_dir, "checkpoints", "latest.json"),
+            lambda f: f.write(json.dumps({"step": step, "workers": workers}).encode()))
     root = os.path.join(run_dir, "checkpoints")
     for name in os.listdir(root):
         if name.startswith("step-") and name != os.path.basename(d):

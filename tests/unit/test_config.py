@@ -1,0 +1,43 @@
+"""Config keys that mean "the default": no sentinels — None in Python, the key omitted in
+TOML, ``auto`` on the command line; and the one ``--section.key=value`` parser."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+
+from farsync.overrides import parse_override, split_args
+from farsync.train.config import ConfigError, build_config, to_toml
+
+
+def test_mixing_and_codec_block_size_default_to_none():
+    cfg = build_config()
+    assert cfg.algo.mixing is None and cfg.algo.codec_block_size is None
+    assert cfg.strategy_kwargs()["mixing"] is None
+    saved = tomllib.loads(to_toml(cfg))
+    assert "mixing" not in saved["algo"] and "codec_block_size" not in saved["algo"]
+    assert build_config(saved) == cfg  # a saved run's config rebuilds the same
+
+
+@pytest.mark.parametrize("text,value", [("auto", None), ("AUTO", None), ("0.25", 0.25), ("0", 0.0)])
+def test_mixing_on_the_command_line(text, value):
+    assert build_config(None, [f"--algo.mixing={text}"]).algo.mixing == value
+
+
+def test_recipe_values_for_optional_keys():
+    assert build_config({"algo": {"mixing": 0.5, "codec_block_size": 16}}).algo.codec_block_size == 16
+    with pytest.raises(ConfigError, match=r"algo.mixing must be a number \(got 'auto'\)"):
+        build_config({"algo": {"mixing": "auto"}})  # TOML: omit the key instead
+    with pytest.raises(ConfigError, match=r"algo.codec_block_size must be >= 1 \(got 0\)"):
+        build_config(None, ["--algo.codec_block_size=0"])
+
+
+def test_override_parser():
+    assert parse_override("--algo.mixing=0.5") == ("algo", "mixing", "0.5")
+    assert parse_override("train.name=a=b") == ("train", "name", "a=b")
+    for bad in ("--steps=3", "--algo.mixing", "--.x=1", "--algo.=1"):
+        with pytest.raises(ValueError, match="must look like --section.key=value"):
+            parse_override(bad)
+    assert split_args(["r.toml", "--algo.mode", "dp", "--train.steps=3"]) == (
+        ["r.toml"], ["--algo.mode=dp", "--train.steps=3"])
