@@ -4,12 +4,11 @@ bandwidth figure is compared against, through the same phases as DiLoCo."""
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from farsync.algorithms.fragments import flatten, unflatten_into
 from farsync.algorithms.strategy import Strategy
 from farsync.codecs import get_codec
-from farsync.comm.base import Communicator, Work
+from farsync.comm.base import Work
 from farsync.schedule import DP_CODEC
 
 
@@ -20,20 +19,10 @@ class DataParallel(Strategy):
     """
 
     mode = "dp"
-
-    def __init__(
-        self,
-        model: nn.Module,
-        inner_optimizer: torch.optim.Optimizer,
-        comm: Communicator,
-        *,
-        exchange: str = "auto",
-        workers: int | None = None,
-    ):
-        super().__init__(model, inner_optimizer, comm, exchange=exchange, workers=workers)
-        self.codec = get_codec(DP_CODEC)
-        self._work: Work | None = None
-        self._synced = False  # this step's gradients are averaged already
+    #: fp32 is lossless and stateless: one codec serves every instance
+    codec = get_codec(DP_CODEC)
+    _work: Work | None = None  # the gradient mean in flight
+    _synced = False  # this step's gradients are averaged already
 
     def launch(self) -> None:
         """Start the mean of this worker's gradients."""
