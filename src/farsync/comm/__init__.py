@@ -1,4 +1,5 @@
-"""The communication seam (see :mod:`farsync.comm.base`) and its two backends."""
+"""The communication seam (see :mod:`farsync.comm.base`), its two backends, and how the
+workers of a run find each other (:mod:`farsync.comm.rendezvous`)."""
 
 from farsync.comm.base import CompletedWork, Communicator, ExchangeRequest, ExchangeResult, Work
 from farsync.comm.exchange import ExchangePlan, make_plan
