@@ -149,7 +149,7 @@ class Run:
     metrics: IO[str] | None = None  # metrics.jsonl, on rank 0
     bar: Any = None  # the progress bar, on rank 0
     train_loss: float | None = None  # set at every log step, and the last step always logs
-    stop: "_StopFlag" = field(default_factory=lambda: _StopFlag())
+    stop: _StopFlag = field(default_factory=_StopFlag)
 
     @property
     def tokens_per_step(self) -> int:
@@ -159,8 +159,7 @@ class Run:
         return time.perf_counter() - self.t_start
 
     def log(self, msg: str) -> None:
-        if self.group.is_main:
-            print(msg, file=sys.stderr, flush=True)
+        _log_main(self.group, msg)
 
     def write_row(self, row: dict) -> None:
         if self.metrics is not None:
@@ -174,6 +173,12 @@ class Run:
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
+
+
+def _log_main(group: rendezvous.Group, msg: str) -> None:
+    """Progress messages: rank 0 speaks."""
+    if group.is_main:
+        print(msg, file=sys.stderr, flush=True)
 
 
 def _run_name(cfg: Config, group: rendezvous.Group) -> str:
@@ -200,7 +205,10 @@ def train(cfg: Config, *, run_dir: str | None = None, resume: bool = False) -> d
         try:
             run = build(cfg, group, device, run_dir)
             try:
-                restore(run) if resume else _fresh_metrics(run)
+                if resume:
+                    restore(run)
+                else:
+                    _fresh_metrics(run)
                 return _loop(run)
             finally:
                 run.close()
@@ -218,7 +226,7 @@ def build(cfg: Config, group: rendezvous.Group, device: torch.device, run_dir: s
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "config.toml"), "w") as f:
             f.write(to_toml(cfg))
-    corpus = Corpus.build(cfg.data, log=lambda m: print(m, file=sys.stderr, flush=True) if group.is_main else None)
+    corpus = Corpus.build(cfg.data, log=lambda m: _log_main(group, m))
     workers = [build_worker(cfg, r, c, corpus.vocab_size, device) for r, c in zip(group.local_ranks, group.comms)]
     run = Run(cfg, group, device, run_dir, corpus, workers,
               eval_model=build_model(cfg, corpus.vocab_size, device),
