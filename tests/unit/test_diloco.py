@@ -316,3 +316,59 @@ def test_overlap_hides_a_slow_exchange_and_tau0_does_not():
     assert blocked_serial >= 0.8 * 5 * 0.05
     # τ = 1: the next step's 80 ms of compute covers the 50 ms exchange
     assert blocked_overlap < 0.2 * blocked_serial
+
+
+# ---- error feedback -----------------------------------------------------------------------
+
+def test_error_feedback_telescopes_and_sends_codec_values():
+    """What was sent plus the residual left is exactly what should have been sent:
+    Σ_k Q_k + e_K = Σ_k Δ_k, and every Q_k is a value the codec can represent."""
+    from farsync.codecs import get_codec
+
+    _, algos = make_workers(1, mode="diloco", inner_steps=2, codec="fp4-e3m0", error_feedback=True)
+    a, codec = algos[0], get_codec("fp4-e3m0")
+    n = sum(p.numel() for p in a.fragments[0].params)
+    g = torch.Generator().manual_seed(0)
+    deltas = [torch.randn(n, generator=g) * 10 ** (k - 2) for k in range(4)]
+    sent = []
+    for d in deltas:
+        e_before = torch.zeros(n) if a.residuals[0] is None else a.residuals[0].clone()
+        q = a._with_error_feedback(0, d.clone()) - a.residuals[0]
+        sent.append(q)
+        pad = torch.nn.functional.pad(d + e_before, (0, -n % codec.alignment))
+        torch.testing.assert_close(q, codec.decode(codec.encode(pad), pad.numel())[:n], rtol=0, atol=0)
+    torch.testing.assert_close(sum(sent) + a.residuals[0], sum(deltas), rtol=1e-6, atol=1e-6)  # fp32 sums
+    assert float(a.residuals[0].abs().max()) > 0  # fp4 drops something: the residual carries it
+
+
+def test_error_feedback_keeps_replicas_identical_and_resumes_exactly():
+    kw = dict(inner="adamw", lr=1e-2, mode="streaming", inner_steps=6, fragments=2, sync_delay=2,
+              mixing=0.0, codec="fp4-e3m0", error_feedback=True)
+    full_models, full_algos = make_workers(3, **kw)
+    run(full_models, full_algos, 20)
+    # fragment 0 was sent at step 18 and landed at 20 (α = 0): every replica holds the same values
+    vals = [[p.detach() for p in a.fragments[0].params] for a in full_algos]
+    assert all(torch.equal(x, y) for other in vals[1:] for x, y in zip(vals[0], other))
+    # without error feedback the run differs (the residuals do something)
+    plain_models, _ = make_workers(3, **{**kw, "error_feedback": False})
+    run(plain_models, _, 20)
+    assert any(not torch.equal(x, y) for x, y in zip(params(full_models[0]), params(plain_models[0])))
+
+    models, algos = make_workers(3, **kw)
+    run(models, algos, 10)
+    saved = [(copy.deepcopy(m.state_dict()), copy.deepcopy(a.inner_optimizer.state_dict()), copy.deepcopy(a.state_dict()))
+             for m, a in zip(models, algos)]
+    models2, algos2 = make_workers(3, **kw)
+    for m, a, (ms, os_, as_) in zip(models2, algos2, saved):
+        m.load_state_dict(ms)
+        a.inner_optimizer.load_state_dict(os_)
+        a.load_state_dict(as_)
+    run(models2, algos2, 10, start=10)
+    for a, b in zip(full_models, models2):
+        for x, y in zip(params(a), params(b)):
+            assert torch.equal(x, y)
+
+
+def test_error_feedback_refuses_stochastic_rounding():
+    with pytest.raises(ValueError, match="error_feedback"):
+        make_workers(2, mode="diloco", codec="fp4-e3m0", error_feedback=True, stochastic_rounding=True)

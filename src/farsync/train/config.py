@@ -60,6 +60,9 @@ class AlgoConfig:
     """Values per codec scale block; auto (omit the key) = the codec's default."""
     stochastic_rounding: bool = False
     """Stochastic rounding in lossy codecs."""
+    error_feedback: bool = False
+    """Carry what the codec dropped from a worker's pseudo-gradient into its next one
+    (error feedback; needs round-to-nearest)."""
     exchange: str = "auto"
     """auto, reduce-scatter or all-gather (how a quantized mean travels)."""
     outer_lr: float = 0.7
@@ -157,6 +160,8 @@ class Config:
                 raise ConfigError(f"{key} must be > 0 (got {value})")
         if not 0.0 <= self.optim.min_lr_ratio <= 1.0:
             raise ConfigError(f"optim.min_lr_ratio must be in [0, 1] (got {self.optim.min_lr_ratio})")
+        if a.error_feedback and a.stochastic_rounding:
+            raise ConfigError("algo.error_feedback needs round-to-nearest: set algo.stochastic_rounding=false")
 
     def strategy_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`farsync.algorithms.make_strategy` (which drops
@@ -166,7 +171,8 @@ class Config:
             mode=a.mode, workers=a.workers, exchange=a.exchange, seed=self.train.seed,
             inner_steps=a.inner_steps, fragments=a.fragments, fragment_pattern=a.fragment_pattern,
             sync_delay=a.sync_delay, mixing=a.mixing, codec=a.codec, codec_block_size=a.codec_block_size,
-            stochastic_rounding=a.stochastic_rounding, outer_lr=a.outer_lr, outer_momentum=a.outer_momentum,
+            stochastic_rounding=a.stochastic_rounding, error_feedback=a.error_feedback, outer_lr=a.outer_lr,
+            outer_momentum=a.outer_momentum,
         )
 
 
