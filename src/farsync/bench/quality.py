@@ -1,23 +1,35 @@
-"""The quality benchmark: does Streaming DiLoCo reach data-parallel's loss while sending
-two to three orders of magnitude fewer bytes? (Streaming DiLoCo, arXiv 2501.18512: 1B
-model, H = 100, loss 2.66 vs 2.67 for DP with 400× fewer bytes.)
+"""The quality benchmark: does (Streaming) DiLoCo reach data-parallel's loss, in the regime
+where the papers measured it, while sending two to three orders of magnitude fewer bytes?
 
-Every run trains the same model on the same data with the same per-worker batch B, steps
-and seed, so every method of a table sees the same tokens. DP averages the M workers'
-gradients every step (a global batch of M·B); the others exchange pseudo-gradients.
+Anchors: Scaling Laws for DiLoCo (arXiv 2503.09799) Table 4 — C4, 20 tokens per parameter,
+H = 30, hyperparameters tuned per M — has DiLoCo at M = 1, 2, 4, 8 within −0.1, +0.7, +2.0
+and +3.9 % of data-parallel at 35M parameters, the gap shrinking with size (its Table 7
+power laws predict the gap at any size). Streaming DiLoCo (arXiv 2501.18512) adds
+fragments, overlap and 4-bit exchange at the same loss.
 
-The plan has three stages:
+The regime, chosen so that a 2-core CPU can afford it without cutting rounds:
 
-1. **Tuning**, at M = ``workers[0]``, with the same number of runs for each family: DP
-   over its learning rate (``dp_lrs``); DiLoCo and Streaming DiLoCo (P fragments, τ = 0)
-   over outer lr × H (``outer_lrs`` × ``sync_everys``), their inner AdamW lr fixed at
-   ``inner_lr``. The best of a family is the run with the lowest final eval loss.
-2. **Tables**, one per M in ``workers``: DP, DiLoCo, Streaming (τ = 0), and Streaming +
-   overlap (τ = ``overlap_delay``) with fp32, fp4-e3m0, fp4-e2m1 and int8
-   pseudo-gradients. Overlap and codec variants reuse Streaming's tuned (outer lr, H);
-   every M reuses what was tuned at ``workers[0]``.
-3. **Size study**, at M = ``workers[0]``: DP vs Streaming + overlap + fp4-e3m0 at each of
-   ``sizes``, with the hyperparameters tuned at ``size``.
+* one model (``size``) trained on ``tokens_per_param`` tokens per parameter, every run the
+  same tokens: a fixed **global batch** of ``global_batch`` sequences per step, split evenly
+  over the M workers (DP averages the M gradients, so DP is the same optimisation whatever
+  M: it is trained once, at M = 1, and is every M's baseline);
+* steps = tokens ÷ (global batch × sequence length), rounded to a multiple of
+  ``step_multiple`` so that every H tried divides it: each run ends on a sync and gets
+  ≥ 50 outer rounds at the largest H (checked);
+* the same held-out sequences evaluate every run.
+
+The plan:
+
+1. **Tuning with equal budgets**, at M = ``tune_workers``: DP over its learning rate
+   (``dp_lrs``), DiLoCo over (inner lr, outer lr, H) (``diloco_grid``, as many points).
+2. **The M table**: DiLoCo at every M of ``workers``. M ≠ ``tune_workers`` reuse the tuned
+   inner lr and H and sweep the outer lr (``outer_lrs_by_workers``), as the scaling-law
+   paper tunes it per M.
+3. **Streaming** at M = ``tune_workers`` with the tuned DiLoCo hyperparameters: P =
+   ``fragments`` strided fragments, τ = 0 (fp32), and overlap τ = ``overlap_delay``, α = 0.5
+   with each of ``streaming_codecs``.
+4. **Beyond the papers**: the headline configuration with each option of ``variants``.
+5. **Seeds**: the headline rows again with every seed of ``seeds``.
 
 A configuration several stages share is trained once. Runs go to a pool of ``jobs``
 processes with one torch thread each: on a 2-core machine two single-thread runs side by
@@ -39,190 +51,258 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 Log = Callable[[str], None]
+
+#: Scaling Laws for DiLoCo (arXiv 2503.09799): Table 4's 35M row (gap to DP, %) and
+#: Table 7's power-law fits L(N) = A·N^α of DP and DiLoCo at M = 2, 4, 8.
+PAPER_35M_GAP_PCT = {1: -0.1, 2: 0.7, 4: 2.0, 8: 3.9}
+POWER_LAWS = {"dp": (18.129, -0.0953), 2: (18.768, -0.0969), 4: (19.762, -0.0992), 8: (21.051, -0.1018)}
+
+
+def scaling_law_gap_pct(workers: int, parameters: int) -> float | None:
+    """The gap to DP (%) that Table 7's fits predict for M workers at N parameters
+    (None for M without a fit)."""
+    if workers not in POWER_LAWS:
+        return None
+    (a_dp, e_dp), (a_m, e_m) = POWER_LAWS["dp"], POWER_LAWS[workers]
+    return 100.0 * ((a_m * parameters ** e_m) / (a_dp * parameters ** e_dp) - 1.0)
+
+
+@dataclass(frozen=True)
+class Hparams:
+    """What tuning chooses: the (inner) lr, and for DiLoCo the outer lr and H."""
+
+    lr: float
+    outer_lr: float | None = None
+    inner_steps: int | None = None
+
+    def label(self) -> str:
+        if self.outer_lr is None:
+            return f"lr {self.lr:g}"
+        return f"inner lr {self.lr:g}, outer lr {self.outer_lr:g}, H {self.inner_steps}"
+
+
+#: the options tried beyond the papers, as trainer overrides on the headline configuration
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "error-feedback": ("--algo.error_feedback=true",),
+}
 
 
 @dataclass(frozen=True)
 class QualitySpec:
     """What the benchmark trains. Defaults: the full benchmark on the 2-core CPU box."""
 
-    size: str = "tiny"
-    """Model size of the tables and the tuning (models.MODEL_SIZES)."""
+    size: str = "micro"
+    """Model size (models.MODEL_SIZES)."""
+    vocab_size: int = 512
+    """BPE vocabulary: a small one keeps the head from dominating the step on CPU."""
     seq_len: int = 128
     """Tokens per sequence (T)."""
-    batch_size: int = 8
-    """Sequences per worker per step (B); DP's global batch is M·B."""
-    steps: int = 160
-    """Inner steps per worker, for every run."""
-    warmup_steps: int = 16
+    global_batch: int = 16
+    """Sequences per step over all workers; each of M workers gets global_batch / M."""
+    tokens_per_param: float = 20.0
+    """Token budget per model parameter (the scaling-law paper's 20)."""
+    step_multiple: int = 60
+    """Steps are rounded to a multiple of this, which every H tried must divide."""
+    min_rounds: int = 50
+    """Each DiLoCo run must get at least this many outer rounds (checked)."""
+    warmup_steps: int = 50
     """Linear warmup of the inner lr (then cosine decay to 10 %)."""
-    eval_every: int = 20
-    """Evaluate the global model every this many steps (and at the end)."""
-    eval_batches: int = 16
-    """Held-out batches of B sequences per evaluation; the same for every run."""
-    log_every: int = 5
-    """metrics.jsonl train rows (bytes so far); must divide eval_every."""
-    workers: tuple[int, ...] = (4, 2)
-    """M of each table; the first is the default table, tuning and size study."""
+    evals: int = 10
+    """Evaluations per run, evenly spaced (the last at the end)."""
+    eval_sequences: int = 128
+    """Held-out sequences per evaluation, the same for every run."""
+    workers: tuple[int, ...] = (1, 2, 4, 8)
+    """M of the table."""
+    tune_workers: int = 4
+    """M at which DP and DiLoCo are tuned and Streaming is run."""
+    dp_lrs: tuple[float, ...] = (2e-3, 4e-3, 6e-3, 8e-3, 1.2e-2, 1.6e-2, 2.4e-2)
+    """DP learning rates tried."""
+    diloco_grid: tuple[tuple[float, float, int], ...] = (
+        (4e-3, 0.7, 10),
+        (2e-3, 0.7, 10), (8e-3, 0.7, 10),
+        (4e-3, 0.4, 10), (4e-3, 1.0, 10),
+        (4e-3, 0.7, 20), (4e-3, 0.7, 30),
+    )
+    """(inner lr, outer lr, H) points tried at M = tune_workers; as many as dp_lrs."""
+    outer_lrs_by_workers: tuple[tuple[int, tuple[float, ...]], ...] = (
+        (1, (0.4, 0.7, 1.0)), (2, (0.4, 0.7, 1.0)), (8, (0.7, 1.0, 1.3)),
+    )
+    """Outer lrs tried at each other M (inner lr and H as tuned)."""
+    outer_momentum: float = 0.9
+    """Outer Nesterov momentum, every DiLoCo run."""
     fragments: int = 2
-    """P: Streaming DiLoCo's fragments (strided)."""
+    """P of the Streaming runs (strided)."""
     overlap_delay: int = 1
-    """τ of the overlap variants."""
-    inner_lr: float = 3e-3
-    """Inner AdamW lr of DiLoCo and Streaming DiLoCo (not tuned)."""
-    dp_lrs: tuple[float, ...] = (1.5e-3, 3e-3, 6e-3, 1.2e-2)
-    """DP learning rates tried; as many as outer_lrs × sync_everys."""
-    outer_lrs: tuple[float, ...] = (0.4, 0.7)
-    """Outer Nesterov-SGD learning rates tried (momentum 0.9)."""
-    sync_everys: tuple[int, ...] = (20, 40)
-    """H values tried."""
-    sizes: tuple[str, ...] = ("nano", "tiny", "mini")
-    """Model sizes of the size study."""
-    seed: int = 0
-    """Seed of model init and data order, for every run."""
-    runtime_limit_s: float = 1800.0
+    """τ of the overlapped Streaming runs (α = 0.5)."""
+    streaming_codecs: tuple[str, ...] = ("fp32", "int8", "fp4-e3m0")
+    """Pseudo-gradient codecs of the overlapped Streaming runs."""
+    headline_codec: str = "fp4-e3m0"
+    """The overlapped Streaming codec the targets and variants are about."""
+    variants: tuple[str, ...] = ("error-feedback",)
+    """Options beyond the papers tried on the headline configuration (VARIANTS)."""
+    seeds: tuple[int, ...] = (0, 1)
+    """Seeds of the headline rows (DP, DiLoCo at every M, the headline); others seed 0."""
+    runtime_limit_s: float = 3600.0
     """The runtime target this configuration is held to (reported, not enforced)."""
     extra_overrides: tuple[str, ...] = ()
     """More ``--section.key=value`` overrides applied to every run (e.g. data.*)."""
 
+    def parameters(self) -> int:
+        from farsync.models import Llama, model_config
+
+        import torch
+
+        with torch.device("meta"):
+            return Llama(model_config(self.size, self.vocab_size, self.seq_len)).num_parameters()
+
+    def steps(self) -> int:
+        per_step = self.global_batch * self.seq_len
+        raw = self.tokens_per_param * self.parameters() / per_step
+        return max(self.step_multiple, self.step_multiple * round(raw / self.step_multiple))
+
     def validate(self) -> None:
         """Raise ValueError naming the first inconsistent field."""
-        if not self.workers or any(m < 2 for m in self.workers):
-            raise ValueError(f"workers: every M must be >= 2 (got {list(self.workers)})")
-        if len(set(self.workers)) != len(self.workers):
-            raise ValueError(f"workers: each M once (got {list(self.workers)})")
-        if self.eval_every % self.log_every:
-            raise ValueError(f"log_every ({self.log_every}) must divide eval_every ({self.eval_every})")
-        budget = len(self.outer_lrs) * len(self.sync_everys)
-        if len(self.dp_lrs) != budget or budget == 0:
-            raise ValueError(
-                f"the sweeps must have equal budgets: {len(self.dp_lrs)} DP learning rates vs "
-                f"{len(self.outer_lrs)} outer lrs × {len(self.sync_everys)} H = {budget}"
-            )
         from farsync.models.llama import MODEL_SIZES
 
-        for s in (self.size, *self.sizes):
-            if s not in MODEL_SIZES:
-                raise ValueError(f"model size {s!r} is not one of {', '.join(MODEL_SIZES)}")
-        if self.size not in self.sizes:
-            raise ValueError(f"sizes {list(self.sizes)} must include the table size {self.size!r}")
+        if self.size not in MODEL_SIZES:
+            raise ValueError(f"size {self.size!r} is not one of {', '.join(MODEL_SIZES)}")
+        if not self.workers or any(m < 1 for m in self.workers) or len(set(self.workers)) != len(self.workers):
+            raise ValueError(f"workers: distinct M >= 1 (got {list(self.workers)})")
+        if self.tune_workers not in self.workers or self.tune_workers < 2:
+            raise ValueError(f"tune_workers ({self.tune_workers}) must be >= 2 and one of workers {list(self.workers)}")
+        for m in self.workers:
+            if self.global_batch % m:
+                raise ValueError(f"global_batch ({self.global_batch}) must be divisible by every M (not by {m})")
+        if len(self.dp_lrs) != len(self.diloco_grid) or not self.dp_lrs:
+            raise ValueError(
+                f"equal tuning budgets: {len(self.dp_lrs)} DP learning rates vs {len(self.diloco_grid)} DiLoCo points")
+        others = dict(self.outer_lrs_by_workers)
+        missing = [m for m in self.workers if m != self.tune_workers and m not in others]
+        if missing:
+            raise ValueError(f"outer_lrs_by_workers has no outer lrs for M = {missing}")
+        steps = self.steps()
+        for _, _, H in self.diloco_grid:
+            if steps % H:
+                raise ValueError(f"H = {H} does not divide the {steps} steps; change step_multiple or the grid")
+            if steps // H < self.min_rounds:
+                raise ValueError(f"H = {H} gives {steps // H} outer rounds over {steps} steps, fewer than "
+                                 f"min_rounds = {self.min_rounds}: lower H or raise tokens_per_param")
+        if self.headline_codec not in self.streaming_codecs:
+            raise ValueError(f"headline_codec {self.headline_codec!r} must be one of streaming_codecs")
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+        if self.eval_sequences % self.global_batch and self.eval_sequences < self.global_batch:
+            raise ValueError("eval_sequences must be >= global_batch")
+        if 0 not in self.seeds:
+            raise ValueError(f"seeds must include 0 (got {list(self.seeds)})")
 
 
 FULL = QualitySpec()
 
-# --quick: every stage and method, on the nano model for a few steps. Its figures mean
-# nothing; it tests the harness (CI runs it).
+# --quick: every stage on the nano model for a few steps. Its figures mean nothing; it
+# tests the harness (CI runs it).
 QUICK = QualitySpec(
-    size="nano", seq_len=64, batch_size=4, steps=30, warmup_steps=5, eval_every=10, eval_batches=4,
-    log_every=5, dp_lrs=(3e-3, 6e-3), outer_lrs=(0.4, 0.7), sync_everys=(10,), sizes=("nano", "tiny"),
-    runtime_limit_s=300.0,
+    size="nano", seq_len=32, global_batch=8, tokens_per_param=0.25, step_multiple=12, min_rounds=2,
+    warmup_steps=4, evals=3, eval_sequences=16, workers=(1, 2, 4), tune_workers=4,
+    dp_lrs=(3e-3, 6e-3), diloco_grid=((3e-3, 0.7, 4), (3e-3, 0.7, 6)),
+    outer_lrs_by_workers=((1, (0.4,)), (2, (0.7,))), runtime_limit_s=180.0,
 )
-
-
-@dataclass(frozen=True)
-class Method:
-    key: str
-    label: str
-    mode: str
-    overlap: bool = False
-    codec: str = "fp32"
-
-
-METHODS: tuple[Method, ...] = (
-    Method("dp", "Data-parallel", "dp"),
-    Method("diloco", "DiLoCo", "diloco"),
-    Method("streaming", "Streaming DiLoCo (τ=0)", "streaming"),
-    Method("overlap", "Streaming + overlap", "streaming", True),
-    Method("overlap-fp4-e3m0", "Streaming + overlap + fp4-e3m0", "streaming", True, "fp4-e3m0"),
-    Method("overlap-fp4-e2m1", "Streaming + overlap + fp4-e2m1", "streaming", True, "fp4-e2m1"),
-    Method("overlap-int8", "Streaming + overlap + int8", "streaming", True, "int8"),
-)
-BY_KEY = {m.key: m for m in METHODS}
-#: the method the headline target is about
-HEADLINE = "overlap-fp4-e3m0"
-#: tuning families: which method each sweep tunes
-FAMILIES = ("dp", "diloco", "streaming")
-
-
-@dataclass(frozen=True)
-class Hparams:
-    lr: float
-    outer_lr: float | None = None
-    sync_every: int | None = None
-
-    def label(self) -> str:
-        if self.outer_lr is None:
-            return f"lr {self.lr:g}"
-        return f"outer lr {self.outer_lr:g}, H {self.sync_every}"
 
 
 @dataclass(frozen=True)
 class Job:
     """One training run."""
 
-    method: Method
+    method: str  # dp, diloco, streaming, streaming-overlap
     workers: int
-    size: str
     hp: Hparams
+    codec: str = "fp32"
+    variant: str | None = None
+    seed: int = 0
 
     @property
     def name(self) -> str:
-        s = f"{self.size}-m{self.workers}-{self.method.key}-lr{self.hp.lr:g}"
-        if self.method.mode != "dp":
-            s += f"-olr{self.hp.outer_lr:g}-H{self.hp.sync_every}"
-        return s
+        s = f"m{self.workers}-{self.method}-lr{self.hp.lr:g}"
+        if self.method != "dp":
+            s += f"-olr{self.hp.outer_lr:g}-H{self.hp.inner_steps}"
+        if self.method == "streaming-overlap":
+            s += f"-{self.codec}"
+        if self.variant:
+            s += f"-{self.variant}"
+        return s + f"-s{self.seed}"
 
     def overrides(self, spec: QualitySpec) -> list[str]:
         """The run's ``--section.key=value`` overrides of the trainer's defaults."""
-        m, hp = self.method, self.hp
+        steps = spec.steps()
+        B = spec.global_batch // self.workers
+        every = max(1, steps // spec.evals)
         o = [
-            f"--model.size={self.size}", f"--model.seq_len={spec.seq_len}",
-            f"--algo.mode={m.mode}", f"--algo.workers={self.workers}",
-            f"--optim.lr={hp.lr}", f"--optim.warmup_steps={spec.warmup_steps}",
-            f"--train.steps={spec.steps}", f"--train.batch_size={spec.batch_size}", f"--train.seed={spec.seed}",
-            f"--train.eval_every={spec.eval_every}", f"--train.eval_batches={spec.eval_batches}",
-            f"--train.log_every={spec.log_every}", "--train.checkpoint_every=0", "--train.progress=false",
+            f"--model.size={spec.size}", f"--model.seq_len={spec.seq_len}", f"--data.vocab_size={spec.vocab_size}",
+            f"--algo.mode={'streaming' if self.method.startswith('streaming') else self.method}",
+            f"--algo.workers={self.workers}", f"--optim.lr={self.hp.lr}", f"--optim.warmup_steps={spec.warmup_steps}",
+            f"--train.steps={steps}", f"--train.batch_size={B}", f"--train.seed={self.seed}",
+            # the same held-out windows for every M: eval_batches × B is constant
+            f"--train.eval_every={every}", f"--train.eval_batches={max(1, spec.eval_sequences // B)}",
+            f"--train.log_every={math.gcd(every, 10)}", "--train.checkpoint_every=0", "--train.progress=false",
             "--train.threads=1", "--train.device=cpu",
         ]
-        if m.mode == "dp":  # DP gradients travel as fp32 whatever algo.codec says; say fp32
+        if self.method == "dp":
             o += ["--algo.fragments=1", "--algo.sync_delay=0", "--algo.codec=fp32"]
         else:
+            streaming = self.method.startswith("streaming")
             o += [
-                f"--algo.inner_steps={hp.sync_every}", f"--algo.outer_lr={hp.outer_lr}",
-                f"--algo.fragments={1 if m.mode == 'diloco' else spec.fragments}",
-                f"--algo.sync_delay={spec.overlap_delay if m.overlap else 0}", f"--algo.codec={m.codec}",
+                f"--algo.inner_steps={self.hp.inner_steps}", f"--algo.outer_lr={self.hp.outer_lr}",
+                f"--algo.outer_momentum={spec.outer_momentum}",
+                f"--algo.fragments={spec.fragments if streaming else 1}",
+                f"--algo.sync_delay={spec.overlap_delay if self.method == 'streaming-overlap' else 0}",
+                f"--algo.codec={self.codec}",
             ]
+        if self.variant:
+            o += list(VARIANTS[self.variant])
         return o + list(spec.extra_overrides)
 
 
-def sweep_jobs(spec: QualitySpec) -> dict[str, list[Job]]:
-    """Stage 1: the tuning runs of each family, at M = workers[0]."""
-    M = spec.workers[0]
-    out = {"dp": [Job(BY_KEY["dp"], M, spec.size, Hparams(lr)) for lr in spec.dp_lrs]}
-    for fam in ("diloco", "streaming"):
-        out[fam] = [
-            Job(BY_KEY[fam], M, spec.size, Hparams(spec.inner_lr, olr, H))
-            for olr in spec.outer_lrs for H in spec.sync_everys
-        ]
-    return out
+@dataclass
+class Plan:
+    """Every job of every stage; stage 2+ depend on what stage 1 chose."""
+
+    tune_dp: list[Job]
+    tune_diloco: list[Job]
+    by_workers: dict[int, list[Job]] = field(default_factory=dict)  # DiLoCo at each other M
+    streaming: list[Job] = field(default_factory=list)
+    variants: list[Job] = field(default_factory=list)
+    seeds: list[Job] = field(default_factory=list)
 
 
-def hparams_for(method: Method, best: dict[str, Hparams]) -> Hparams:
-    """DP and DiLoCo use their own tuned values; every Streaming variant uses Streaming's."""
-    return best["dp"] if method.mode == "dp" else best["diloco"] if method.mode == "diloco" else best["streaming"]
+def tuning_jobs(spec: QualitySpec) -> Plan:
+    """Stage 1: DP over its lr at M = 1 (DP is M-invariant at a fixed global batch) and
+    DiLoCo over its grid at M = tune_workers."""
+    return Plan(
+        tune_dp=[Job("dp", 1, Hparams(lr)) for lr in spec.dp_lrs],
+        tune_diloco=[Job("diloco", spec.tune_workers, Hparams(lr, olr, H)) for lr, olr, H in spec.diloco_grid],
+    )
 
 
-def table_jobs(spec: QualitySpec, best: dict[str, Hparams]) -> dict[int, list[Job]]:
-    """Stage 2: the seven methods for each M."""
-    return {M: [Job(m, M, spec.size, hparams_for(m, best)) for m in METHODS] for M in spec.workers}
+def later_jobs(spec: QualitySpec, plan: Plan, best_dp: Hparams, best_diloco: Hparams) -> Plan:
+    """Stages 2–5, given what tuning chose."""
+    for M, olrs in spec.outer_lrs_by_workers:
+        if M in spec.workers and M != spec.tune_workers:
+            plan.by_workers[M] = [Job("diloco", M, replace(best_diloco, outer_lr=o)) for o in olrs]
+    Mt = spec.tune_workers
+    plan.streaming = [Job("streaming", Mt, best_diloco)] + [
+        Job("streaming-overlap", Mt, best_diloco, codec=c) for c in spec.streaming_codecs]
+    plan.variants = [Job("streaming-overlap", Mt, best_diloco, codec=spec.headline_codec, variant=v)
+                     for v in spec.variants]
+    return plan
 
 
-def size_jobs(spec: QualitySpec, best: dict[str, Hparams]) -> dict[str, list[Job]]:
-    """Stage 3: DP and the headline method at each size, M = workers[0]."""
-    pair = (BY_KEY["dp"], BY_KEY[HEADLINE])
-    return {s: [Job(m, spec.workers[0], s, hparams_for(m, best)) for m in pair] for s in spec.sizes}
+def seed_jobs(spec: QualitySpec, headline: list[Job]) -> list[Job]:
+    """Stage 5: the headline jobs again with every other seed."""
+    return [replace(j, seed=s) for j in headline for s in spec.seeds if s != 0]
 
 
 # ---- running ------------------------------------------------------------------------
@@ -261,41 +341,29 @@ def _record(name: str, cfg, summary: dict, run_dir: str) -> dict:
         b = summary["bytes_sent_total"] if row["step"] == cfg.train.steps else bytes_at[row["step"]]
         curve.append({"step": row["step"], "tokens": row["tokens"], "eval_loss": row["eval_loss"],
                       "bytes_sent_total": int(round(b))})
-    a = cfg.algo
     return {
         "name": name,
-        "run_dir": run_dir,
         "workers": M,
-        "size": cfg.model.size,
         "parameters": summary["parameters"],
-        "mode": a.mode,
-        "hparams": {
-            "lr": cfg.optim.lr,
-            **({} if a.mode == "dp" else {
-                "outer_lr": a.outer_lr, "outer_momentum": a.outer_momentum, "sync_every": a.inner_steps,
-                "num_fragments": a.fragments, "sync_delay": a.sync_delay, "codec": a.codec,
-            }),
-        },
-        "optim": dataclasses.asdict(cfg.optim),
         "steps": summary["steps"],
         "tokens": summary["tokens"],
         "final_eval_loss": summary["final_eval_loss"],
         "bytes_sent_total": summary["bytes_sent_total"],
         "bytes_sent_per_worker_max": max(summary["bytes_sent_per_worker"]),
-        "dp_equivalent_bytes_total": summary["dp_equivalent_bytes_per_worker"] * M,
+        "dp_equivalent_bytes_per_worker": summary["dp_equivalent_bytes_per_worker"],
         "peak_bytes_per_sync": summary["peak_bytes_per_sync"],
         "sync_events": summary["sync_events"],
         "wall_seconds": summary["wall_seconds"],
+        "algo": dataclasses.asdict(cfg.algo),
+        "optim": dataclasses.asdict(cfg.optim),
         "curve": curve,
     }
 
 
 def _cost(job: Job) -> float:
-    """Relative compute of a run, to start the longest first (order only)."""
-    from farsync.models.llama import MODEL_SIZES
-
-    s = MODEL_SIZES[job.size]
-    return job.workers * (12 * s["n_layers"] * s["dim"] ** 2 + 2 * s["dim"] * 4096)
+    """Relative wall time of a run, to start the longest first (order only): small
+    per-worker batches run less efficiently."""
+    return 1.0 + 0.08 * job.workers
 
 
 def run_jobs(jobs: list[Job], spec: QualitySpec, work_dir: str, n_procs: int, done: dict[str, dict],
@@ -314,7 +382,7 @@ def run_jobs(jobs: list[Job], spec: QualitySpec, work_dir: str, n_procs: int, do
         nonlocal count
         count += 1
         done[rec["name"]] = rec
-        log(f"  [{count}/{len(order)}] {rec['name']:<48} eval loss {rec['final_eval_loss']:.4f}  "
+        log(f"  [{count}/{len(order)}] {rec['name']:<52} eval loss {rec['final_eval_loss']:.4f}  "
             f"{rec['wall_seconds']:.0f} s")
 
     if n_procs <= 1:
@@ -328,92 +396,106 @@ def run_jobs(jobs: list[Job], spec: QualitySpec, work_dir: str, n_procs: int, do
             finished(fut.result())
 
 
-# ---- the report ---------------------------------------------------------------------
-
-def _loss_key(rec: dict) -> float:
+def _loss(rec: dict) -> float:
     v = rec["final_eval_loss"]
     return v if v is not None and math.isfinite(v) else math.inf
 
 
-def _table(records: list[dict]) -> list[dict]:
-    """Rows of one table; ratios against its DP and DiLoCo runs."""
-    dp = next(r for r in records if r["method"] == "dp")
-    diloco = next(r for r in records if r["method"] == "diloco")
-    rows = []
-    for r in records:
-        rows.append({
-            "method": r["method"],
-            "label": r["label"],
-            "run": r["name"],
-            "hparams": r["hparams"],
-            "final_eval_loss": r["final_eval_loss"],
-            "loss_ratio_to_dp": r["final_eval_loss"] / dp["final_eval_loss"],
-            "bytes_sent_total": r["bytes_sent_total"],
-            "dp_bytes_ratio": dp["bytes_sent_total"] / r["bytes_sent_total"],
-            "peak_bytes_per_sync": r["peak_bytes_per_sync"],
-            "peak_ratio_diloco_to_method": diloco["peak_bytes_per_sync"] / r["peak_bytes_per_sync"],
-            "sync_events": r["sync_events"],
-            "wall_seconds": r["wall_seconds"],
-            "tokens": r["tokens"],
-        })
-    return rows
+def best_of(jobs: list[Job], runs: dict[str, dict]) -> Job:
+    """The job with the lowest final eval loss (ties: the first)."""
+    return min(jobs, key=lambda j: _loss(runs[j.name]))
 
 
-def _sweep_summary(jobs: list[Job], runs: dict[str, dict]) -> dict:
-    grid = [{"hparams": asdict(j.hp), "run": j.name, "final_eval_loss": runs[j.name]["final_eval_loss"]} for j in jobs]
-    losses = [g["final_eval_loss"] for g in grid]
-    best = min(grid, key=lambda g: _loss_key(g))
-    finite = [x for x in losses if x is not None and math.isfinite(x)]
-    lo, hi = (min(finite), max(finite)) if finite else (math.nan, math.nan)
-    return {"grid": grid, "best": best, "spread": {"min": lo, "max": hi, "range": hi - lo,
-                                                   "range_pct_of_min": 100 * (hi - lo) / lo if finite else math.nan}}
+# ---- the report ---------------------------------------------------------------------
+
+def _seed_stats(values: list[float]) -> dict:
+    return {"mean": sum(values) / len(values), "min": min(values), "max": max(values),
+            "spread": max(values) - min(values)}
 
 
-def _labelled(rec: dict, method: Method) -> dict:
-    return {**rec, "method": method.key, "label": method.label}
-
-
-def build_report(spec: QualitySpec, runs: dict[str, dict], best: dict[str, Hparams], runtime_s: float,
-                 quick: bool, command: str) -> dict:
-    """Everything quality.json holds, from the finished runs."""
-    sweeps = sweep_jobs(spec)
-    tables = {str(M): _table([_labelled(runs[j.name], j.method) for j in js])
-              for M, js in table_jobs(spec, best).items()}
-    size_rows = []
-    for s, (dp_job, head_job) in size_jobs(spec, best).items():
-        dp, head = runs[dp_job.name], runs[head_job.name]
-        size_rows.append({
-            "size": s, "parameters": dp["parameters"], "tokens": dp["tokens"],
-            "dp_eval_loss": dp["final_eval_loss"], "streaming_fp4_eval_loss": head["final_eval_loss"],
-            "loss_ratio_to_dp": head["final_eval_loss"] / dp["final_eval_loss"],
-            "gap_pct": 100 * (head["final_eval_loss"] / dp["final_eval_loss"] - 1),
-            "dp_bytes_ratio": dp["bytes_sent_total"] / head["bytes_sent_total"],
-            "runs": [dp_job.name, head_job.name],
-        })
-    size_rows.sort(key=lambda r: r["parameters"])
-
-    main = {r["method"]: r for r in tables[str(spec.workers[0])]}
-    head = main[HEADLINE]
-    peak = main["streaming"]["peak_ratio_diloco_to_method"]
-    targets = {
-        "headline_within_1pct_of_dp": {
-            "what": f"{head['label']} final eval loss ≤ 1.01 × DP's (M = {spec.workers[0]})",
-            "value": head["loss_ratio_to_dp"], "threshold": 1.01, "met": head["loss_ratio_to_dp"] <= 1.01,
-        },
-        "headline_100x_fewer_bytes": {
-            "what": f"{head['label']} sends ≥ 100× fewer bytes than DP (M = {spec.workers[0]})",
-            "value": head["dp_bytes_ratio"], "threshold": 100, "met": head["dp_bytes_ratio"] >= 100,
-        },
-        "peak_about_P_lower": {
-            "what": f"DiLoCo's peak bytes per sync ÷ Streaming's (both fp32) within ±25 % of P = {spec.fragments}",
-            "value": peak, "threshold": [0.75 * spec.fragments, 1.25 * spec.fragments],
-            "met": 0.75 * spec.fragments <= peak <= 1.25 * spec.fragments,
-        },
-        "runtime": {
-            "what": f"{'--quick' if quick else 'full benchmark'} ≤ {spec.runtime_limit_s / 60:g} min on this machine",
-            "value": runtime_s, "threshold": spec.runtime_limit_s, "met": runtime_s <= spec.runtime_limit_s,
-        },
+def gap_row(spec: QualitySpec, runs: dict[str, dict], job: Job, dp_job: Job, seeds: tuple[int, ...]) -> dict:
+    """One row of gap_table: the job's mean loss over ``seeds`` against DP's on the same
+    seeds (the gap is taken per seed, then averaged)."""
+    recs = [runs[replace(job, seed=s).name] for s in seeds]
+    dps = [runs[replace(dp_job, seed=s).name] for s in seeds]
+    gaps = [100.0 * (r["final_eval_loss"] / d["final_eval_loss"] - 1.0) for r, d in zip(recs, dps)]
+    r0 = recs[0]
+    sent = r0["bytes_sent_per_worker_max"]
+    dp_bytes = r0["dp_equivalent_bytes_per_worker"]
+    eval_loss = _seed_stats([r["final_eval_loss"] for r in recs])
+    return {
+        "size": spec.size,
+        "parameters": r0["parameters"],
+        "tokens": r0["tokens"],
+        "method": job.method,
+        "workers": job.workers,
+        "codec": job.codec,
+        "variant": job.variant,
+        "eval_loss": eval_loss["mean"],
+        "dp_eval_loss": _seed_stats([d["final_eval_loss"] for d in dps])["mean"],
+        "gap_pct": sum(gaps) / len(gaps),
+        "bytes_ratio": (dp_bytes / sent) if sent and dp_bytes else None,
+        "seeds": list(seeds),
+        "eval_loss_by_seed": [r["final_eval_loss"] for r in recs],
+        "gap_pct_by_seed": gaps,
+        "gap_pct_spread": max(gaps) - min(gaps),
+        "hparams": asdict(job.hp),
+        "peak_bytes_per_sync": r0["peak_bytes_per_sync"],
+        "bytes_sent_total": r0["bytes_sent_total"],
+        "sync_events": r0["sync_events"],
+        "scaling_law_gap_pct": scaling_law_gap_pct(job.workers, r0["parameters"]) if job.method == "diloco" else None,
+        "paper_35m_gap_pct": PAPER_35M_GAP_PCT.get(job.workers) if job.method == "diloco" else None,
+        "runs": [r["name"] for r in recs],
     }
+
+
+def _sweep(jobs: list[Job], runs: dict[str, dict]) -> dict:
+    grid = [{"hparams": asdict(j.hp), "workers": j.workers, "run": j.name,
+             "final_eval_loss": runs[j.name]["final_eval_loss"]} for j in jobs]
+    best = best_of(jobs, runs)
+    return {"grid": grid, "best": {"hparams": asdict(best.hp), "run": best.name,
+                                   "final_eval_loss": runs[best.name]["final_eval_loss"]}}
+
+
+def build_report(spec: QualitySpec, plan: Plan, runs: dict[str, dict], runtime_s: float, quick: bool,
+                 command: str) -> dict:
+    """Everything quality.json holds, from the finished runs."""
+    dp = best_of(plan.tune_dp, runs)
+    diloco = {spec.tune_workers: best_of(plan.tune_diloco, runs)}
+    for M, js in plan.by_workers.items():
+        diloco[M] = best_of(js, runs)
+    all_seeds = tuple(spec.seeds)
+    head = next(j for j in plan.streaming if j.method == "streaming-overlap" and j.codec == spec.headline_codec)
+    rows = [gap_row(spec, runs, dp, dp, all_seeds)]
+    rows += [gap_row(spec, runs, diloco[M], dp, all_seeds) for M in sorted(diloco)]
+    rows += [gap_row(spec, runs, j, dp, all_seeds if j == head else (0,)) for j in plan.streaming]
+    rows += [gap_row(spec, runs, j, dp, (0,)) for j in plan.variants]
+    by = {(r["method"], r["workers"], r["codec"], r["variant"]): r for r in rows}
+    d4 = by[("diloco", spec.tune_workers, "fp32", None)]
+    h = by[("streaming-overlap", spec.tune_workers, spec.headline_codec, None)]
+    targets = {}
+    if 1 in diloco:
+        d1 = by[("diloco", 1, "fp32", None)]
+        targets["m1_within_half_pct"] = {
+            "what": "DiLoCo M = 1 within ±0.5 % of plain training (DP)", "value": d1["gap_pct"],
+            "threshold": [-0.5, 0.5], "met": abs(d1["gap_pct"]) <= 0.5}
+    pred = d4["scaling_law_gap_pct"]
+    targets["m4_within_scaling_law"] = {
+        "what": f"DiLoCo M = {spec.tune_workers} gap ≤ the scaling-law prediction at {d4['parameters']:,} "
+                f"parameters and ≤ 4 %", "value": d4["gap_pct"], "threshold": min(pred, 4.0) if pred else 4.0,
+        "met": d4["gap_pct"] <= (min(pred, 4.0) if pred else 4.0)}
+    targets["headline_within_1pt_of_diloco"] = {
+        "what": f"Streaming + overlap + {spec.headline_codec} gap within 1 point of DiLoCo's (M = {spec.tune_workers})",
+        "value": h["gap_pct"] - d4["gap_pct"], "threshold": 1.0, "met": h["gap_pct"] - d4["gap_pct"] <= 1.0}
+    targets["headline_100x_fewer_bytes"] = {
+        "what": f"Streaming + overlap + {spec.headline_codec} sends ≥ 100× fewer bytes than DP",
+        "value": h["bytes_ratio"], "threshold": 100, "met": bool(h["bytes_ratio"] and h["bytes_ratio"] >= 100)}
+    targets["stretch_m4_within_2pct"] = {
+        "what": f"Stretch: DiLoCo M = {spec.tune_workers} within 2 %", "value": d4["gap_pct"],
+        "threshold": 2.0, "met": d4["gap_pct"] <= 2.0}
+    targets["runtime"] = {
+        "what": f"{'--quick' if quick else 'full benchmark'} ≤ {spec.runtime_limit_s / 60:g} min on this machine",
+        "value": runtime_s, "threshold": spec.runtime_limit_s, "met": runtime_s <= spec.runtime_limit_s}
     return {
         "benchmark": "quality",
         "quick": quick,
@@ -423,14 +505,13 @@ def build_report(spec: QualitySpec, runs: dict[str, dict], best: dict[str, Hpara
                     "torch": _torch_version(), "cpus": os.cpu_count()},
         "runtime_seconds": runtime_s,
         "spec": asdict(spec),
+        "steps": spec.steps(),
+        "gap_table": rows,
         "tuning": {
-            "workers": spec.workers[0],
-            "inner_lr_diloco_streaming": spec.inner_lr,
-            "families": {fam: _sweep_summary(sweeps[fam], runs) for fam in FAMILIES},
-            "chosen": {fam: asdict(best[fam]) for fam in FAMILIES},
+            "dp": _sweep(plan.tune_dp, runs),
+            "diloco": _sweep(plan.tune_diloco, runs),
+            "diloco_outer_lr_by_workers": {str(M): _sweep(js, runs) for M, js in plan.by_workers.items()},
         },
-        "tables": tables,
-        "size_study": size_rows,
         "targets": targets,
         "runs": runs,
     }
@@ -444,38 +525,44 @@ def _torch_version() -> str:
 
 def run_benchmark(spec: QualitySpec, out_dir: str, work_dir: str, jobs: int = 2, quick: bool = False,
                   command: str = "", log: Log | None = None) -> dict:
-    """Run the three stages, write quality.json, quality.md and the plots to ``out_dir``;
+    """Run every stage, write quality.json, quality.md and the plots to ``out_dir``;
     return the report. Run directories go under ``work_dir``."""
     from farsync.bench.quality_report import write_markdown, write_plots
     from farsync.train.config import build_config
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     spec.validate()
+    plan = tuning_jobs(spec)
     # every configuration the plan can produce is checked before anything trains
-    probe = {"dp": Hparams(spec.dp_lrs[0]), "diloco": Hparams(spec.inner_lr, spec.outer_lrs[0], spec.sync_everys[0])}
-    for H in spec.sync_everys:
-        probe["streaming"] = Hparams(spec.inner_lr, spec.outer_lrs[0], H)
-        for js in [*table_jobs(spec, probe).values(), *size_jobs(spec, probe).values()]:
-            for j in js:
-                build_config(None, j.overrides(spec))
+    probe = later_jobs(spec, tuning_jobs(spec), plan.tune_dp[0].hp, plan.tune_diloco[0].hp)
+    for j in [*plan.tune_dp, *plan.tune_diloco, *[j for js in probe.by_workers.values() for j in js],
+              *probe.streaming, *probe.variants]:
+        build_config(None, j.overrides(spec))
 
     t0 = time.perf_counter()
     runs: dict[str, dict] = {}
-    sweeps = sweep_jobs(spec)
-    n = sum(len(v) for v in sweeps.values())
-    log(f"quality: stage 1/2, tuning at M = {spec.workers[0]} ({n} runs, {jobs} at a time)")
-    run_jobs([j for js in sweeps.values() for j in js], spec, work_dir, jobs, runs, log)
-    best = {fam: min(js, key=lambda j: _loss_key(runs[j.name])).hp for fam, js in sweeps.items()}
-    log("quality: tuned " + "; ".join(f"{fam}: {hp.label()}" for fam, hp in best.items()))
+    n = len(plan.tune_dp) + len(plan.tune_diloco)
+    log(f"quality: {spec.size}, {spec.parameters():,} parameters, {spec.steps()} steps of "
+        f"{spec.global_batch}×{spec.seq_len} tokens; stage 1, tuning ({n} runs, {jobs} at a time)")
+    run_jobs(plan.tune_dp + plan.tune_diloco, spec, work_dir, jobs, runs, log)
+    best_dp, best_diloco = best_of(plan.tune_dp, runs), best_of(plan.tune_diloco, runs)
+    log(f"quality: tuned DP {best_dp.hp.label()}; DiLoCo (M = {spec.tune_workers}) {best_diloco.hp.label()}")
 
-    rest = [j for js in table_jobs(spec, best).values() for j in js] + \
-           [j for js in size_jobs(spec, best).values() for j in js]
-    log(f"quality: stage 2/2, tables for M = {', '.join(map(str, spec.workers))} and the size study "
-        f"({len({j.name for j in rest} - set(runs))} more runs)")
+    later_jobs(spec, plan, best_dp.hp, best_diloco.hp)
+    rest = [j for js in plan.by_workers.values() for j in js] + plan.streaming + plan.variants
+    log(f"quality: stages 2–4, DiLoCo at M = {', '.join(map(str, plan.by_workers))}, Streaming, variants "
+        f"({len(rest)} runs)")
     run_jobs(rest, spec, work_dir, jobs, runs, log)
+
+    chosen = [best_dp, best_diloco] + [best_of(js, runs) for js in plan.by_workers.values()]
+    chosen.append(next(j for j in plan.streaming if j.method == "streaming-overlap" and j.codec == spec.headline_codec))
+    plan.seeds = seed_jobs(spec, chosen)
+    log(f"quality: stage 5, seeds {', '.join(str(s) for s in spec.seeds if s)} of the headline rows "
+        f"({len(plan.seeds)} runs)")
+    run_jobs(plan.seeds, spec, work_dir, jobs, runs, log)
     runtime = time.perf_counter() - t0
 
-    report = build_report(spec, runs, best, runtime, quick, command)
+    report = build_report(spec, plan, runs, runtime, quick, command)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "quality.json"), "w") as f:
         json.dump(report, f, indent=1)
@@ -490,5 +577,5 @@ def spec_with(base: QualitySpec, **changes) -> QualitySpec:
     return replace(base, **{k: v for k, v in changes.items() if v is not None})
 
 
-__all__ = ["FULL", "QUICK", "METHODS", "HEADLINE", "QualitySpec", "Hparams", "Job", "run_benchmark", "spec_with",
-           "build_report"]
+__all__ = ["FULL", "QUICK", "VARIANTS", "QualitySpec", "Hparams", "Job", "Plan", "run_benchmark", "spec_with",
+           "build_report", "scaling_law_gap_pct"]

@@ -1,4 +1,4 @@
-"""quality.md and the plots of the quality benchmark, drawn from its report dict
+"""quality.md and the plots of the quality benchmark, drawn from its report dict alone
 (what quality.json holds; see :func:`farsync.bench.quality.build_report`)."""
 
 from __future__ import annotations
@@ -9,84 +9,67 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from farsync.units import format_bytes  # noqa: E402
-from farsync.bench.quality import BY_KEY, HEADLINE  # noqa: E402
 
-# one colour and marker per method, the same in every plot
-_STYLE = {
-    "dp": ("black", "s"),
-    "diloco": ("tab:blue", "o"),
-    "streaming": ("tab:orange", "^"),
-    "overlap": ("tab:green", "v"),
-    "overlap-fp4-e3m0": ("tab:red", "D"),
-    "overlap-fp4-e2m1": ("tab:purple", "P"),
-    "overlap-int8": ("tab:brown", "X"),
+METHOD_LABELS = {
+    "dp": "Data-parallel",
+    "diloco": "DiLoCo",
+    "streaming": "Streaming DiLoCo (τ=0)",
+    "streaming-overlap": "Streaming + overlap",
 }
 
 
-
-def _hp(h: dict) -> str:
-    if "outer_lr" not in h:
-        return f"lr {h['lr']:g}"
-    s = f"H {h['sync_every']}, outer lr {h['outer_lr']:g}"
-    if h.get("num_fragments", 1) > 1:
-        s += f", P {h['num_fragments']}"
-    if h.get("sync_delay"):
-        s += f", τ {h['sync_delay']}"
+def row_label(r: dict) -> str:
+    s = METHOD_LABELS[r["method"]]
+    if r["method"] in ("dp", "diloco"):
+        s += f", M = {r['workers']}" if r["method"] == "diloco" else ""
+    if r["method"] == "streaming-overlap":
+        s += f" + {r['codec']}"
+    if r.get("variant"):
+        s += f" + {r['variant']}"
     return s
 
 
-def table_markdown(rows: list[dict]) -> str:
+def _hp(h: dict) -> str:
+    if h.get("outer_lr") is None:
+        return f"lr {h['lr']:g}"
+    return f"inner lr {h['lr']:g}, outer lr {h['outer_lr']:g}, H {h['inner_steps']}"
+
+
+def _pct(v) -> str:
+    return "—" if v is None else f"{v:+.2f} %"
+
+
+def gap_markdown(report: dict) -> str:
     lines = [
-        "| method | hyperparameters | final eval loss | ÷ DP loss | bytes sent (all workers) | DP bytes ÷ method's "
-        "| peak bytes / sync (one worker) | DiLoCo peak ÷ method's | wall time |",
+        "| method | hyperparameters | seeds | eval loss | gap to DP (per-seed range) | scaling-law prediction "
+        "at this size | paper, 35M | DP bytes ÷ method's | peak bytes / sync |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for r in report["gap_table"]:
+        gap = "—" if r["method"] == "dp" else (
+            f"{r['gap_pct']:+.2f} %" + (f" ({min(r['gap_pct_by_seed']):+.2f} … {max(r['gap_pct_by_seed']):+.2f})"
+                                        if len(r["seeds"]) > 1 else ""))
+        ratio = "—" if r["bytes_ratio"] is None else f"{r['bytes_ratio']:,.0f}×"
+        peak = "—" if r["workers"] == 1 else format_bytes(r["peak_bytes_per_sync"])  # M = 1 sends nothing
         lines.append(
-            f"| {r['label']} | {_hp(r['hparams'])} | {r['final_eval_loss']:.4f} | {r['loss_ratio_to_dp']:.4f} "
-            f"| {format_bytes(r['bytes_sent_total'])} | {r['dp_bytes_ratio']:,.1f}× | {format_bytes(r['peak_bytes_per_sync'])} "
-            f"| {r['peak_ratio_diloco_to_method']:.2f}× | {r['wall_seconds']:.0f} s |"
-        )
+            f"| {row_label(r)} | {_hp(r['hparams'])} | {len(r['seeds'])} | {r['eval_loss']:.4f} | {gap} "
+            f"| {_pct(r['scaling_law_gap_pct'])} | {_pct(r['paper_35m_gap_pct'])} | {ratio} | {peak} |")
     return "\n".join(lines)
 
 
 def tuning_markdown(report: dict) -> str:
     t = report["tuning"]
-    lines = [
-        "| family | tried | final eval loss of each | best | spread (max − min) |",
-        "|---|---|---|---|---|",
-    ]
-    names = {"dp": "Data-parallel (lr)", "diloco": "DiLoCo (outer lr × H)",
-             "streaming": f"Streaming DiLoCo, τ=0 (outer lr × H, P {report['spec']['fragments']})"}
-    for fam, s in t["families"].items():
-        tried = "; ".join(_short(g["hparams"]) for g in s["grid"])
-        each = "; ".join(f"{g['final_eval_loss']:.4f}" for g in s["grid"])
-        sp = s["spread"]
-        lines.append(f"| {names[fam]} | {tried} | {each} | {_short(s['best']['hparams'])}: "
-                     f"{s['best']['final_eval_loss']:.4f} | {sp['range']:.4f} ({sp['range_pct_of_min']:.2f} %) |")
-    return "\n".join(lines)
-
-
-def _short(h: dict) -> str:
-    if h.get("outer_lr") is None:
-        return f"lr {h['lr']:g}"
-    return f"{h['outer_lr']:g}/H{h['sync_every']}"
-
-
-def size_markdown(rows: list[dict]) -> str:
-    lines = [
-        "| size | parameters | tokens | DP eval loss | Streaming + overlap + fp4-e3m0 | ÷ DP loss | gap | DP bytes ÷ method's |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['size']} | {r['parameters']:,} | {r['tokens']:,} | {r['dp_eval_loss']:.4f} "
-            f"| {r['streaming_fp4_eval_loss']:.4f} | {r['loss_ratio_to_dp']:.4f} | {r['gap_pct']:+.2f} % "
-            f"| {r['dp_bytes_ratio']:,.0f}× |"
-        )
+    lines = ["| family | M | point | final eval loss |", "|---|---|---|---|"]
+    sweeps = [("Data-parallel (lr)", t["dp"]), ("DiLoCo (inner lr, outer lr, H)", t["diloco"])]
+    sweeps += [(f"DiLoCo (outer lr)", s) for s in t["diloco_outer_lr_by_workers"].values()]
+    for name, s in sweeps:
+        best = s["best"]["run"]
+        for g in s["grid"]:
+            mark = " **best**" if g["run"] == best else ""
+            lines.append(f"| {name} | {g['workers'] if name.startswith('DiLoCo') else 'any'} | {_hp(g['hparams'])} "
+                         f"| {g['final_eval_loss']:.4f}{mark} |")
     return "\n".join(lines)
 
 
@@ -94,25 +77,24 @@ def targets_markdown(report: dict) -> str:
     lines = ["| target | measured | met |", "|---|---|---|"]
     for key, t in report["targets"].items():
         v = t["value"]
-        shown = {
-            "headline_within_1pct_of_dp": lambda: f"{v:.4f} × DP's loss ({100 * (v - 1):+.2f} %)",
-            "headline_100x_fewer_bytes": lambda: f"{v:,.0f}× fewer",
-            "peak_about_P_lower": lambda: f"{v:.2f}×",
-            "runtime": lambda: f"{v / 60:.1f} min",
-        }.get(key, lambda: f"{v}")()
+        if key == "runtime":
+            shown = f"{v / 60:.1f} min"
+        elif key == "headline_100x_fewer_bytes":
+            shown = f"{v:,.0f}× fewer" if v else "—"
+        elif key == "headline_within_1pt_of_diloco":
+            shown = f"{v:+.2f} points"
+        else:
+            shown = f"{v:+.2f} %"
         lines.append(f"| {t['what']} | {shown} | {'yes' if t['met'] else '**no**'} |")
     return "\n".join(lines)
 
 
 def write_markdown(report: dict, path: str) -> None:
     spec = report["spec"]
-    M0 = spec["workers"][0]
-    main = report["tables"][str(M0)]
-    params = report["runs"][main[0]["run"]]["parameters"]
-    o = report["runs"][main[0]["run"]]["optim"]
-    chosen = report["tuning"]["chosen"]
+    first = report["gap_table"][0]
+    o = report["runs"][first["runs"][0]]["optim"]
     parts = [
-        "# Quality: Streaming DiLoCo vs data-parallel",
+        "# Quality: DiLoCo and Streaming DiLoCo vs data-parallel, in the papers' regime",
         "",
         f"Generated by `{report['command']}` on {report['date']} in {report['runtime_seconds'] / 60:.1f} min "
         f"({report['machine']['cpus']} CPUs, torch {report['machine']['torch']}).",
@@ -121,103 +103,117 @@ def write_markdown(report: dict, path: str) -> None:
         parts += ["", "**`--quick` run: a test of the harness; its figures mean nothing.**"]
     parts += [
         "",
-        f"Setup: model `{spec['size']}` ({params:,} parameters), sequence length {spec['seq_len']}, "
-        f"{spec['batch_size']} sequences per worker per step, {spec['steps']} steps, seed {spec['seed']}, "
-        f"default corpus (Python stdlib source, BPE vocab 4096); eval loss on the same "
-        f"{spec['eval_batches']} held-out batches for every run. DP averages gradients every step "
-        f"(global batch M × {spec['batch_size']}); inner AdamW (β {o['beta1']:g}/{o['beta2']:g}, weight decay {o['weight_decay']:g}, "
-        f"warmup {o['warmup_steps']}, cosine to {100 * o['min_lr_ratio']:g} %, clip {o['grad_clip']:g}); outer Nesterov SGD, momentum 0.9. Streaming: P = {spec['fragments']} strided fragments; "
-        f"overlap τ = {spec['overlap_delay']}, α = 0.5.",
+        f"Setup: model `{spec['size']}` ({first['parameters']:,} parameters), vocabulary {spec['vocab_size']}, "
+        f"sequence length {spec['seq_len']}; {first['tokens']:,} tokens per run "
+        f"({first['tokens'] / first['parameters']:.1f} per parameter) in {report['steps']} steps of a global batch "
+        f"of {spec['global_batch']} sequences, split evenly over the M workers (DP is the same optimisation at "
+        f"every M, trained once). Inner AdamW (β {o['beta1']:g}/{o['beta2']:g}, weight decay {o['weight_decay']:g}, "
+        f"warmup {o['warmup_steps']}, cosine to {100 * o['min_lr_ratio']:g} %, clip {o['grad_clip']:g}); "
+        f"outer Nesterov SGD, momentum {spec['outer_momentum']:g}. Streaming: P = {spec['fragments']} strided "
+        f"fragments, overlap τ = {spec['overlap_delay']}, α = 0.5. Eval loss on the same {spec['eval_sequences']} "
+        f"held-out sequences for every run. Gaps are per seed, then averaged.",
         "",
-        f"Tuned at M = {M0} (same number of runs per family): DP lr {chosen['dp']['lr']:g}; "
-        f"DiLoCo outer lr {chosen['diloco']['outer_lr']:g}, H {chosen['diloco']['sync_every']}; "
-        f"Streaming outer lr {chosen['streaming']['outer_lr']:g}, H {chosen['streaming']['sync_every']} "
-        f"(reused by the overlap and codec variants and by every M). Inner lr of DiLoCo/Streaming: "
-        f"{spec['inner_lr']:g}, not tuned.",
+        "## Gap to data-parallel",
+        "",
+        gap_markdown(report),
+        "",
+        "The prediction column is Scaling Laws for DiLoCo (arXiv 2503.09799) Table 7's power laws evaluated "
+        "at this model's parameter count (no fit is given for M = 1); the 35M column is its Table 4.",
+        "",
+        "## Tuning (equal budgets)",
+        "",
+        tuning_markdown(report),
+        "",
+        "## Targets",
+        "",
+        targets_markdown(report),
+        "",
+        "Plots: `quality_sweeps.png` (loss vs H, loss vs outer lr), `quality_loss_vs_tokens.png`, "
+        "`quality_loss_vs_bytes.png`.",
+        "",
     ]
-    for M, rows in report["tables"].items():
-        parts += ["", f"## M = {M} workers ({rows[0]['tokens']:,} tokens)", "", table_markdown(rows)]
-    parts += ["", f"## Tuning (M = {M0})", "", tuning_markdown(report)]
-    parts += ["", f"## Size study (M = {M0}, hyperparameters tuned at `{spec['size']}`)", "",
-              size_markdown(report["size_study"])]
-    parts += ["", "## Targets", "", targets_markdown(report)]
-    parts += ["", "Plots: `quality_loss_vs_tokens.png`, `quality_loss_vs_bytes.png`, `quality_size_study.png`.", ""]
     with open(path, "w") as f:
         f.write("\n".join(parts))
 
 
-def _curves(report: dict, M: str):
-    for row in report["tables"][M]:
-        yield row["method"], report["runs"][row["run"]]["curve"]
+_COLORS = ["black", "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
+           "tab:gray", "tab:olive", "tab:cyan"]
 
 
 def _zoom(ax, ys: list[float]) -> None:
-    """Leave out the first evaluation's much higher losses so the methods' differences show."""
+    """Leave out the first evaluations' much higher losses so the methods' differences show."""
     if ys:
         lo, hi = min(ys), max(ys)
         pad = 0.05 * (hi - lo or 1.0)
         ax.set_ylim(lo - pad, hi + pad)
 
 
-def write_plots(report: dict, out_dir: str) -> list[str]:
-    """quality_loss_vs_tokens.png, quality_loss_vs_bytes.png, quality_size_study.png."""
-    Ms = list(report["tables"])
-    paths = []
-    for kind in ("tokens", "bytes"):
-        fig, axes = plt.subplots(1, len(Ms), figsize=(6.4 * len(Ms), 4.6), squeeze=False)
-        for ax, M in zip(axes[0], Ms):
-            late = []
-            for key, curve in _curves(report, M):
-                pts = curve if kind == "tokens" else [p for p in curve if p["bytes_sent_total"] > 0]
-                x = [p["tokens"] if kind == "tokens" else p["bytes_sent_total"] for p in pts]
-                y = [p["eval_loss"] for p in pts]
-                color, marker = _STYLE[key]
-                ax.plot(x, y, marker=marker, color=color, ms=4, lw=1.2, label=BY_KEY[key].label)
-                late += y[1:] if kind == "tokens" else y[len(y) // 3:]
-            _zoom(ax, late)
-            if kind == "bytes":
-                ax.set_xscale("log")
-                ax.set_xlabel("bytes sent by all workers so far (log)")
-            else:
-                ax.set_xlabel("tokens (all workers)")
-            ax.set_ylabel("eval loss (nats/token)")
-            ax.set_title(f"M = {M}")
-            ax.grid(alpha=0.3, which="both")
-            ax.legend(fontsize=7)
-        title = "eval loss vs tokens" if kind == "tokens" else "eval loss vs bytes sent (points after the first sync)"
-        fig.suptitle(f"quality benchmark: {title} ({report['spec']['size']})")
-        fig.tight_layout()
-        paths.append(os.path.join(out_dir, f"quality_loss_vs_{kind}.png"))
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
-
-    rows = report["size_study"]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    n = [r["parameters"] for r in rows]
-    a1.plot(n, [r["dp_eval_loss"] for r in rows], "s-", color=_STYLE["dp"][0], label="Data-parallel")
-    a1.plot(n, [r["streaming_fp4_eval_loss"] for r in rows], "D-", color=_STYLE[HEADLINE][0],
-            label=BY_KEY[HEADLINE].label)
-    for r in rows:
-        a1.annotate(r["size"], (r["parameters"], r["dp_eval_loss"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    for ax in (a1, a2):
+def _curve_plot(report: dict, kind: str, path: str) -> None:
+    fig, ax = plt.subplots(figsize=(8, 5))
+    late = []
+    for color, r in zip(_COLORS, report["gap_table"]):
+        curve = report["runs"][r["runs"][0]]["curve"]
+        if kind == "bytes":
+            curve = [p for p in curve if p["bytes_sent_total"] > 0]
+        if not curve:
+            continue
+        x = [p["tokens"] if kind == "tokens" else p["bytes_sent_total"] for p in curve]
+        y = [p["eval_loss"] for p in curve]
+        ax.plot(x, y, marker="o", ms=3, lw=1.2, color=color, label=row_label(r))
+        late += y[len(y) // 3:]
+    _zoom(ax, late)
+    if kind == "bytes":
         ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on a short decade
-    a1.set_xlabel("parameters (log)")
-    a1.set_ylabel("final eval loss")
-    a1.legend(fontsize=8)
-    a1.grid(alpha=0.3, which="both")
-    a2.plot(n, [r["gap_pct"] for r in rows], "D-", color=_STYLE[HEADLINE][0])
-    a2.axhline(1.0, ls="--", color="gray", lw=1, label="target: +1 %")
-    a2.axhline(0.0, color="black", lw=0.6)
-    a2.set_xlabel("parameters (log)")
-    a2.set_ylabel("loss gap to DP (%)")
-    a2.legend(fontsize=8)
-    a2.grid(alpha=0.3, which="both")
-    fig.suptitle(f"size study (M = {report['spec']['workers'][0]}, same tokens per size)")
+        ax.set_xlabel("bytes sent by all workers so far (log)")
+    else:
+        ax.set_xlabel("tokens (all workers)")
+    ax.set_ylabel("eval loss (nats/token)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    ax.set_title(f"quality benchmark: eval loss vs {kind} (seed 0, {report['spec']['size']})")
     fig.tight_layout()
-    paths.append(os.path.join(out_dir, "quality_size_study.png"))
-    fig.savefig(paths[-1], dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _slice(grid: list[dict], best: dict, axis: str) -> list[tuple[float, float]]:
+    """The grid points that differ from the best only along ``axis``."""
+    others = [k for k in ("lr", "outer_lr", "inner_steps") if k != axis]
+    pts = [(g["hparams"][axis], g["final_eval_loss"]) for g in grid
+           if all(g["hparams"][k] == best[k] for k in others)]
+    return sorted(pts)
+
+
+def write_plots(report: dict, out_dir: str) -> list[str]:
+    """quality_sweeps.png, quality_loss_vs_tokens.png, quality_loss_vs_bytes.png."""
+    t = report["tuning"]
+    dp_loss = t["dp"]["best"]["final_eval_loss"]
+    M0 = report["spec"]["tune_workers"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    d = t["diloco"]
+    for ax, axis, xlabel in zip(axes, ("inner_steps", "outer_lr", "lr"), ("H (inner steps per round)",
+                                                                        "outer lr", "inner lr")):
+        pts = _slice(d["grid"], d["best"]["hparams"], axis)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="tab:blue", label=f"DiLoCo, M = {M0}")
+        if axis == "outer_lr":
+            for color, (M, s) in zip(_COLORS[2:], t["diloco_outer_lr_by_workers"].items()):
+                pts = sorted((g["hparams"]["outer_lr"], g["final_eval_loss"]) for g in s["grid"])
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "s--", color=color, label=f"DiLoCo, M = {M}")
+        if axis == "lr":
+            pts = sorted((g["hparams"]["lr"], g["final_eval_loss"]) for g in t["dp"]["grid"])
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "s-", color="black", label="Data-parallel (its lr)")
+            ax.set_xscale("log")
+        ax.axhline(dp_loss, color="black", ls=":", lw=1, label="best DP")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("final eval loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("quality benchmark: loss vs H, outer lr and inner lr (others at their tuned values)")
+    fig.tight_layout()
+    paths = [os.path.join(out_dir, "quality_sweeps.png")]
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+    for kind in ("tokens", "bytes"):
+        paths.append(os.path.join(out_dir, f"quality_loss_vs_{kind}.png"))
+        _curve_plot(report, kind, paths[-1])
     return paths
-
-
