@@ -372,3 +372,57 @@ def test_error_feedback_keeps_replicas_identical_and_resumes_exactly():
 def test_error_feedback_refuses_stochastic_rounding():
     with pytest.raises(ValueError, match="error_feedback"):
         make_workers(2, mode="diloco", codec="fp4-e3m0", error_feedback=True, stochastic_rounding=True)
+
+
+# ---- end of training ----------------------------------------------------------------------
+
+def _fragment_mean(algos, f):
+    return [torch.stack([a.fragments[f].params[i].detach() for a in algos]).mean(0)
+            for i in range(len(algos[0].fragments[f].params))]
+
+
+def test_finish_syncs_the_last_inner_steps_of_every_fragment_as_a_plain_mean():
+    # H = 4, P = 2: fragment 0 is sent at 4, 8; fragment 1 at 6, 10 — after 11 steps, fragment 0's
+    # steps 9..11 and fragment 1's step 11 are synced only by finish()
+    models, algos = make_workers(3, inner="adamw", lr=1e-2, mode="streaming", inner_steps=4, fragments=2)
+    run(models, algos, 11)
+    assert [a.last_sent(0) for a in algos] == [8, 8, 8] and algos[0].last_sent(1) == 10
+    events = algos[0].stats.sync_events
+    means = {f: _fragment_mean(algos, f) for f in range(2)}
+    for a in algos:
+        a.launch_final()
+    for a in algos:
+        a.finish()
+    assert algos[0].stats.sync_events == events + 2  # both fragments trained since their last send
+    for f in range(2):
+        for a in algos:  # θ_g = the workers' mean (no outer step), and every replica holds it
+            for anchor, p, m in zip(a.anchors[f], a.fragments[f].params, means[f]):
+                torch.testing.assert_close(anchor, m, rtol=0, atol=1e-6)
+                assert torch.equal(p.detach(), anchor)
+
+
+def test_final_average_lands_the_last_scheduled_sync_without_momentum():
+    def last_round(final_average):
+        models, algos = make_workers(2, inner="adamw", lr=1e-2, mode="diloco", inner_steps=4, total_steps=8,
+                                     final_average=final_average, outer_lr=0.7, outer_momentum=0.9)
+        run(models, algos, 7)
+        # step 8: the last inner step; its sync (sent after step total_steps) is the final one
+        for r, model in enumerate(models):
+            x, y = batch(r, 7)
+            loss_fn(model, x, y).backward()
+        for a in algos:
+            a.launch(); a.wait(); a.inner_step()
+        mean = _fragment_mean(algos, 0)
+        for a in algos:
+            a.complete()
+        return algos, mean
+
+    algos, mean = last_round(True)
+    for anchor, m in zip(algos[0].anchors[0], mean):
+        torch.testing.assert_close(anchor, m, rtol=0, atol=1e-6)
+    events = algos[0].stats.sync_events
+    for a in algos:
+        a.finish()  # nothing trained since: nothing more to send
+    assert algos[0].stats.sync_events == events
+    nesterov, mean = last_round(False)
+    assert any(not torch.allclose(a, m, atol=1e-4) for a, m in zip(nesterov[0].anchors[0], mean))

@@ -11,7 +11,7 @@ from farsync.algorithms.accounting import CommStats, dp_bytes_per_step
 from farsync.algorithms.diloco import DiLoCo
 from farsync.algorithms.dp import DataParallel
 from farsync.algorithms.fragments import Fragment, build_fragments, find_blocks
-from farsync.algorithms.strategy import Strategy, make_strategy, step_in_lockstep
+from farsync.algorithms.strategy import Strategy, finish_in_lockstep, make_strategy, step_in_lockstep
 
 __all__ = [
     "CommStats",
@@ -22,6 +22,7 @@ __all__ = [
     "build_fragments",
     "dp_bytes_per_step",
     "find_blocks",
+    "finish_in_lockstep",
     "make_strategy",
     "step_in_lockstep",
 ]

@@ -88,6 +88,15 @@ class DiLoCo(Strategy):
             (see :mod:`farsync.comm.exchange`).
         outer_optimizer: factory ``params -> Optimizer`` for each fragment's outer
             optimizer; default SGD(lr=outer_lr, momentum=outer_momentum, nesterov).
+        final_average: how training ends. :meth:`finish` always sends every fragment
+            trained since its last send (so θ_g holds every inner step, also the last
+            ones of a Streaming fragment whose round had not come); with
+            ``final_average`` those final exchanges, and the regular ones sent after
+            inner step ``total_steps``, land as the plain mean of the workers
+            (θ_g ← θ_g − Δ̄: outer lr 1, no momentum) instead of an outer step, so the
+            model kept is not a momentum extrapolation. ``total_steps`` unknown (None):
+            only the exchanges :meth:`finish` sends.
+        total_steps: inner steps the run will take (see ``final_average``).
         workers: expected M; a communicator of another size is an error.
         seed: seeds this worker's stochastic-rounding generator (with its rank).
     """
@@ -114,6 +123,8 @@ class DiLoCo(Strategy):
         outer_lr: float = 0.7,
         outer_momentum: float = 0.9,
         outer_nesterov: bool = True,
+        final_average: bool = True,
+        total_steps: int | None = None,
         workers: int | None = None,
         seed: int = 0,
     ):
@@ -150,7 +161,10 @@ class DiLoCo(Strategy):
         device = self.params[0].device
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed * 1_000_003 + comm.rank)
-        self._pending: dict[int, tuple[Work, int]] = {}  # fragment -> (work, step sent)
+        self.final_average = final_average
+        self.total_steps = total_steps
+        self._pending: dict[int, tuple[Work, int, bool]] = {}  # fragment -> (work, step sent, final)
+        self._final_launched = False
 
     # ---- schedule -------------------------------------------------------------------
     def due_to_send(self, step: int) -> list[int]:
@@ -173,12 +187,28 @@ class DiLoCo(Strategy):
     def complete(self) -> None:
         """Land every fragment sent τ steps ago (outer step + merge)."""
         for f in sorted(self._pending):
-            _, sent = self._pending[f]
+            _, sent, _ = self._pending[f]
             if self.step_count >= sent + self.sync_delay:
                 self._complete_fragment(f)
 
+    def last_sent(self, f: int) -> int:
+        """The inner step after which fragment ``f`` was last sent (0: never)."""
+        t, H = self.offsets[f], self.inner_steps
+        return 0 if self.step_count < H + t else t + H * ((self.step_count - t) // H)
+
+    def launch_final(self) -> None:
+        """Send every fragment trained since its last send (end of training)."""
+        if self._final_launched:
+            return
+        self._final_launched = True
+        for f in range(self.num_fragments):
+            if f not in self._pending and self.last_sent(f) < self.step_count:
+                self._launch_fragment(f, final=True)
+
     def finish(self) -> None:
-        """Land all fragments still in flight (call at the end of training)."""
+        """Bring θ_g up to date with every inner step and land everything in flight
+        (call once, at the end of training; see ``final_average``)."""
+        self.launch_final()
         for f in sorted(self._pending):
             self._complete_fragment(f)
 
@@ -194,13 +224,14 @@ class DiLoCo(Strategy):
 
     # ---- fragments ------------------------------------------------------------------
     @torch.no_grad()
-    def _launch_fragment(self, f: int) -> None:
+    def _launch_fragment(self, f: int, final: bool = False) -> None:
         frag = self.fragments[f]
         delta = flatten(self.anchors[f]).sub_(flatten(frag.params))  # Δ_m = θ_g − θ_m
         if self.error_feedback:
             delta = self._with_error_feedback(f, delta)
         work = self._start(delta, self.codec, round=("fragment", f, self.step_count), generator=self.generator)
-        self._pending[f] = (work, self.step_count)
+        final = final or (self.total_steps is not None and self.step_count >= self.total_steps)
+        self._pending[f] = (work, self.step_count, final)
 
     def _with_error_feedback(self, f: int, delta: torch.Tensor) -> torch.Tensor:
         """Δ + e, and e ← (Δ + e) − Q(Δ + e): Q is exactly what this worker's payload
@@ -216,7 +247,7 @@ class DiLoCo(Strategy):
 
     @torch.no_grad()
     def _complete_fragment(self, f: int) -> None:
-        work, sent = self._pending.pop(f)
+        work, sent, final = self._pending.pop(f)
         res = self._wait(work)
         if res.invalid_ranks:
             raise FloatingPointError(
@@ -231,10 +262,15 @@ class DiLoCo(Strategy):
             n = a.numel()
             a.grad = mean[offset: offset + n].view_as(a)
             offset += n
-        opt.step()  # θ_g,p ← OuterOpt(θ_g,p, Δ_p)
+        if final and self.final_average:
+            for a in anchors:
+                a.sub_(a.grad)  # θ_g,p ← θ_g,p − Δ̄_p: the workers' mean, no extrapolation
+            alpha = 0.0  # and every replica takes it
+        else:
+            opt.step()  # θ_g,p ← OuterOpt(θ_g,p, Δ_p)
+            alpha = self.mixing
         for a in anchors:
             a.grad = None
-        alpha = self.mixing
         for p, a in zip(self.fragments[f].params, anchors):
             if alpha == 0.0:
                 p.copy_(a)  # exact copy: replicas become bit-identical
@@ -248,11 +284,11 @@ class DiLoCo(Strategy):
         resumed run lands it at the same step with the same values."""
         pending = []
         for f in sorted(self._pending):
-            work, sent = self._pending[f]
+            work, sent, final = self._pending[f]
             res = work.wait()
-            self._pending[f] = (CompletedWork(res), sent)
+            self._pending[f] = (CompletedWork(res), sent, final)
             pending.append({
-                "fragment": f, "sent_step": sent, "mean": res.mean.clone(), "weights": list(res.weights),
+                "fragment": f, "sent_step": sent, "final": final, "mean": res.mean.clone(), "weights": list(res.weights),
                 "bytes_sent": res.bytes_sent, "control_bytes": res.control_bytes,
             })
         return {
@@ -277,6 +313,6 @@ class DiLoCo(Strategy):
             o.load_state_dict(s)
         for item in state["pending"]:
             res = ExchangeResult(item["mean"], tuple(item["weights"]), item["bytes_sent"], item["control_bytes"])
-            self._pending[item["fragment"]] = (CompletedWork(res), item["sent_step"])
+            self._pending[item["fragment"]] = (CompletedWork(res), item["sent_step"], item["final"])
         self.generator.set_state(state["generator"])
         self.residuals = [None if r is None else r.clone() for r in state.get("residuals", self.residuals)]

@@ -112,6 +112,10 @@ class Strategy(abc.ABC):
         self.inner_step()
         self.complete()
 
+    def launch_final(self) -> None:
+        """End of training, phase 1: start the exchanges that bring θ_g up to date (none
+        by default). :meth:`finish` calls it if the driver has not."""
+
     def finish(self) -> None:
         """Land whatever is still in flight (call once, at the end of training)."""
 
@@ -172,6 +176,15 @@ def make_strategy(
         diloco_only = set(inspect.signature(DiLoCo).parameters) - set(dp_args)
         return DataParallel(model, inner_optimizer, comm, **{k: v for k, v in kwargs.items() if k not in diloco_only})
     return DiLoCo(model, inner_optimizer, comm, mode=mode, **kwargs)
+
+
+def finish_in_lockstep(strategies: list[Strategy]) -> None:
+    """End training for several simulated workers in one thread: every worker starts its
+    final exchanges before any worker waits for them."""
+    for s in strategies:
+        s.launch_final()
+    for s in strategies:
+        s.finish()
 
 
 def step_in_lockstep(

@@ -69,6 +69,9 @@ class AlgoConfig:
     """Outer SGD learning rate."""
     outer_momentum: float = 0.9
     """Outer Nesterov momentum."""
+    final_average: bool = True
+    """End of training: sync every fragment's last inner steps and land the final syncs as
+    the workers' plain mean (no outer-momentum extrapolation in the model kept)."""
 
     @property
     def wire_codec(self) -> str:
@@ -172,7 +175,7 @@ class Config:
             inner_steps=a.inner_steps, fragments=a.fragments, fragment_pattern=a.fragment_pattern,
             sync_delay=a.sync_delay, mixing=a.mixing, codec=a.codec, codec_block_size=a.codec_block_size,
             stochastic_rounding=a.stochastic_rounding, error_feedback=a.error_feedback, outer_lr=a.outer_lr,
-            outer_momentum=a.outer_momentum,
+            outer_momentum=a.outer_momentum, final_average=a.final_average, total_steps=self.train.steps,
         )
 
 

@@ -27,7 +27,7 @@ from typing import IO, Any
 
 import torch
 
-from farsync.algorithms import Strategy, make_strategy, step_in_lockstep
+from farsync.algorithms import Strategy, finish_in_lockstep, make_strategy, step_in_lockstep
 from farsync.comm import rendezvous
 from farsync.comm.base import Communicator
 from farsync.data import Corpus
@@ -378,8 +378,7 @@ def finish(run: Run) -> dict:
     if run.bar is not None:
         run.bar.close()
         run.bar = None
-    for w in run.workers:
-        w.algo.finish()
+    finish_in_lockstep([w.algo for w in run.workers])
     final_eval = eval_loss(run)
     run.write_row({"kind": "eval", "step": steps, "tokens": steps * run.tokens_per_step,
                    "eval_loss": final_eval, "wall_seconds": run.wall()})
