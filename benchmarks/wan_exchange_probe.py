@@ -9,9 +9,11 @@ not count. For comparison, the same bytes as per-tensor ``dist.all_reduce`` call
 (torchft's DiLoCo syncs a fragment that way) on a group of their own.
 
 ``--compute-s S`` keeps the main thread computing for S seconds after each launch (an
-inner step overlapping the exchange, τ = 1). ``--metrics-every S`` then runs, on the main
-thread while the exchange is in flight, ``all_sum_floats`` every S seconds (what the
-training loop does each log step) and reports how long each call took. ``--cc`` is the
+inner step overlapping the exchange, τ = 1). ``--metric-calls K`` then makes K calls of
+``all_sum_floats`` on the main thread, ``--metrics-every`` seconds apart, while the
+exchange is in flight (what the training loop does each log step) and reports how long
+each call took (``--metrics-via all_reduce``: gloo's all_reduce on the default group instead, which
+is what ``all_sum_floats`` did before it had a group and a protocol of its own). ``--cc`` is the
 TCP congestion control in the host namespaces (``reno``, farsync wan's default;
 ``inherit`` keeps the machine's, ``bbr`` on the machine of BENCHMARKS.md's figures).
 
@@ -31,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -76,23 +79,16 @@ def worker(args) -> None:
         t_c = time.perf_counter()
         while time.perf_counter() - t_c < args.compute_s:  # an inner step overlapping the exchange
             a = torch.tanh(a @ a * 1e-2)
-        if args.metrics_every:
-            # the loop's own thread is the main thread: run the metric calls here
-            while not work.is_completed():
-                t = time.perf_counter()
+        for _ in range(args.metric_calls):  # the same count on both ranks: collectives pair up
+            t = time.perf_counter()
+            if args.metrics_via == "all_reduce":  # what all_sum_floats did before: the default group
+                dist.all_reduce(torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64))
+            else:
                 comm.all_sum_floats([1.0, 0.0, 2.0])
-                metric_calls.append(time.perf_counter() - t)
-                time.sleep(args.metrics_every)
+            metric_calls.append(time.perf_counter() - t)
+            time.sleep(args.metrics_every)
         res = work.wait()
         t1 = time.perf_counter()
-        if args.metrics_every:
-            # the peer may still be in a metric call: match the count
-            n = torch.tensor([len(metric_calls)], dtype=torch.float64)
-            dist.all_reduce(n, op=dist.ReduceOp.MAX)
-            while len(metric_calls) < int(n.item()):
-                t = time.perf_counter()
-                comm.all_sum_floats([1.0, 0.0, 2.0])
-                metric_calls.append(time.perf_counter() - t)
         if i == 0:
             continue
         reps.append({
@@ -136,11 +132,24 @@ def parent(args) -> dict:
                              "net.ipv4.tcp_congestion_control"], capture_output=True, text=True).stdout.strip()
         before = net.counters()
         cmd = [sys.executable, __file__, "--worker", "--out", out, "--numel", str(args.numel), "--reps", str(args.reps),
-               "--metrics-every", str(args.metrics_every), "--tensor-numel", str(args.tensor_numel),
+               "--metrics-every", str(args.metrics_every), "--metric-calls", str(args.metric_calls),
+               "--metrics-via", args.metrics_via, "--tensor-numel", str(args.tensor_numel),
                "--compute-s", str(args.compute_s)]
         procs = [subprocess.Popen(["ip", "netns", "exec", net.host_names[r], *cmd], env=worker_env(net, r))
                  for r in range(2)]
-        codes = [p.wait(timeout=600) for p in procs]
+        backlog = []  # tbf queue of host 0's upload, sampled while the workers run
+
+        def sample():
+            while procs[0].poll() is None:
+                q = json.loads(subprocess.run(["tc", "-n", net.host_names[0], "-j", "-s", "qdisc", "show", "dev", "eth0"],
+                                              capture_output=True, text=True).stdout or "[]")
+                backlog.append(sum(int(x.get("backlog", 0)) for x in q))
+                time.sleep(0.05)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        codes = [p.wait(timeout=300) for p in procs]
+        sampler.join()
         after = net.counters()
         if any(codes):
             raise SystemExit(f"worker exit codes {codes}")
@@ -155,19 +164,20 @@ def parent(args) -> dict:
         return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
     res = {
-        "bandwidth_mbit": args.bandwidth, "burst_bytes": link.burst, "queue_ms": args.queue_ms,
+        "bandwidth_mbit": args.bandwidth, "metrics_via": args.metrics_via, "burst_bytes": link.burst, "queue_ms": args.queue_ms,
         "tcp_congestion_control": cc, "numel": args.numel, "payload_bytes": nbytes,
         "predicted_s": predicted,
         "farsync": {k: summ([r[k] for rk in ranks for r in rk["reps"]])
                     for k in ("total_s", "handshake_s", "payload_s", "after_payload_s")},
         "allreduce_per_tensor_s": summ([x for rk in ranks for x in rk["allreduce_per_tensor_s"]]),
-        "counters": diff, "qdisc_h0_eth0": qdisc,
+        "counters": diff, "h0_upload_backlog_bytes": summ(backlog) if backlog else None, "qdisc_h0_eth0": qdisc,
     }
     res["farsync"]["total_vs_predicted"] = res["farsync"]["total_s"]["median"] / predicted - 1
     res["allreduce_vs_predicted"] = res["allreduce_per_tensor_s"]["median"] / predicted - 1
-    if args.metrics_every:
+    if args.metric_calls:
         calls = [x for rk in ranks for r in rk["reps"] for x in r["metric_calls_s"]]
-        res["metric_call_s"] = {**summ(calls), "n": len(calls)}
+        res["metric_call_s"] = {**summ(calls), "n": len(calls), "sum_per_exchange": sum(calls) / len(calls) * args.metric_calls}
+        res["per_rep_metric_ms"] = [[[round(1e3 * x, 1) for x in r["metric_calls_s"]] for r in rk["reps"]] for rk in ranks]
     res["per_rep_total_s"] = [[round(r["total_s"], 4) for r in rk["reps"]] for rk in ranks]
     res["per_rep_payload_s"] = [[round(r["payload_s"], 4) for r in rk["reps"]] for rk in ranks]
     return res
@@ -179,7 +189,10 @@ def main() -> None:
     p.add_argument("--numel", type=int, default=650_000)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--tensor-numel", type=int, default=65_536)
-    p.add_argument("--metrics-every", type=float, default=0.0)
+    p.add_argument("--metrics-every", type=float, default=0.02)
+    p.add_argument("--metric-calls", type=int, default=0)
+    p.add_argument("--metrics-via", choices=["all_sum_floats", "all_reduce"], default="all_sum_floats",
+                   help="all_reduce: gloo's all_reduce on the default group (farsync before the control group)")
     p.add_argument("--queue-ms", type=float, default=2000.0)
     p.add_argument("--burst-bytes", type=int, default=None)
     p.add_argument("--compute-s", type=float, default=0.0)
