@@ -123,10 +123,10 @@ class TorchDistributedCommunicator(Communicator):
     # crossing waits behind the payload bytes queued there, whatever TCP connection it
     # uses (`farsync wan` at 20 Mbit/s: up to 157 KB, 63 ms; BENCHMARKS.md, WAN section).
     # gloo's all_reduce takes two dependent steps (reduce-scatter, then all-gather), each
-    # sent only after the peer's receive announcement: about four crossings, 250-280 ms a
+    # sent only after the peer's receive announcement: about four crossings, 250-320 ms a
     # call there. Here every rank sends its values to every other rank with all receives
     # posted first, so the announcements cross together and the values follow: two
-    # crossings, 75-115 ms. The sum is taken in rank order in float64: the same bits on
+    # crossings, 75-165 ms. The sum is taken in rank order in float64: the same bits on
     # every rank. A blocking call cannot do better than one crossing; not waiting at all
     # needs a caller that collects the result later.
     def all_sum_floats(self, values: list[float]) -> list[float]:
