@@ -149,6 +149,21 @@ def _start_long_run(tmp_path, name):
 
 
 @needs_netns
+def test_hosts_use_the_link_specs_congestion_control():
+    # the namespaces must not inherit the machine's default: BBR at veth's RTT leaves the
+    # link partly idle when both directions are loaded (BENCHMARKS.md, WAN section)
+    from farsync.wan.netns import LinkSpec, Network
+
+    def cc_of(ns: str) -> str:
+        return subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-n", "net.ipv4.tcp_congestion_control"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    assert LinkSpec(20).congestion_control == "reno"
+    with Network(2, LinkSpec(20)) as net:
+        assert [cc_of(ns) for ns in net.host_names] == ["reno", "reno"]
+
+
+@needs_netns
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
 def test_sigterm_or_sigint_mid_run_cleans_up(tmp_path, sig):
     before = interfaces()
@@ -222,6 +237,7 @@ def test_refuses_without_ip_command(monkeypatch, runner):
     ([], "--bandwidth is required"),
     (["--bandwidth", "10", "--workers", "1"], "--workers 1"),
     (["--bandwidth", "10", "--mtu", "100"], "--mtu 100"),
+    (["--bandwidth", "10", "--tcp-congestion", "no such"], "--tcp-congestion"),
     (["--bandwidth", "10", "--algo.workers=3"], "--algo.workers=3"),
     (["--bandwidth", "10", "--algo.nope=1"], "algo.nope"),
 ])

@@ -34,6 +34,10 @@ def wan(
     mtu: int = typer.Option(1500, "--mtu", help="MTU of the host links, bytes."),
     burst_bytes: int = typer.Option(None, "--burst-bytes", help="tbf bucket, bytes (default: max(2 frames, 1 ms at the rate))."),
     queue_ms: float = typer.Option(2000.0, "--queue-ms", help="tbf queue length as time at the rate, ms."),
+    tcp_congestion: str = typer.Option(
+        "reno", "--tcp-congestion",
+        help="TCP congestion control in the host namespaces ('inherit': the machine's default; see BENCHMARKS.md, WAN).",
+    ),
     timeout: float = typer.Option(3600.0, "--timeout", help="Stop the workers after this many seconds."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not echo host 0's training output."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
@@ -52,7 +56,8 @@ def wan(
             raise fail(f"at most one recipe file (got {positional}); overrides look like --section.key=value")
         if bandwidth is None:
             raise fail("--bandwidth is required: the rate of every host's link in Mbit/s (0 = no limit)")
-        link = LinkSpec(bandwidth, mtu=mtu, burst_bytes=burst_bytes, queue_ms=queue_ms)
+        link = LinkSpec(bandwidth, mtu=mtu, burst_bytes=burst_bytes, queue_ms=queue_ms,
+                        congestion_control=None if tcp_congestion == "inherit" else tcp_congestion)
         from farsync.wan.run import Interrupted, run_wan
 
         try:
@@ -78,7 +83,8 @@ def format_report(r: dict) -> str:
     rate = f"{link['bandwidth_mbit']:g} Mbit/s each way (tbf, burst {link['burst_bytes']} B)" \
         if link["bandwidth_mbit"] else "no rate limit"
     lines = [
-        f"link: {r['workers']} hosts (one worker each), {rate}, MTU {link['mtu']}; latency not emulated",
+        f"link: {r['workers']} hosts (one worker each), {rate}, MTU {link['mtu']}, TCP {link.get('congestion_control') or 'inherited'}; "
+        "latency not emulated",
         f"{'host':<5}{'address':<12}{'farsync sent':>16}{'kernel tx':>16}{'headers':>14}{'kernel payload':>17}"
         f"{'payload/farsync':>17}{'retrans':>9}",
     ]

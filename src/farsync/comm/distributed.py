@@ -1,9 +1,11 @@
 """``torch.distributed`` backend: one process per worker (gloo on CPU, NCCL on GPU).
 
 Exchanges run on a background thread over a process group of their own, so that with
-a sync delay τ ≥ 1 the inner steps really compute while bytes are in flight, and the
-main thread's own collectives (metrics) never interleave with them. One thread means
-exchanges run in launch order on every rank, which is what matches them across ranks.
+a sync delay τ ≥ 1 the inner steps really compute while bytes are in flight. One thread
+means exchanges run in launch order on every rank, which is what matches them across
+ranks. The main thread's metrics (:meth:`all_sum_floats`) go over a second group of
+their own, created beside it: their own TCP connections, never a payload's stream, and
+never the default group that barriers and user code share.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ class TorchDistributedCommunicator(Communicator):
         # a group of its own: collectives of the exchange thread never interleave with
         # collectives the main thread issues on the default group
         self._group = dist.new_group(backend=dist.get_backend())
+        # and one for the main thread's metrics: connections no payload ever uses
+        self._control = dist.new_group(backend=dist.get_backend())
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="farsync-exchange")
 
     def all_reduce_mean(self, buf, codec, *, weight=1.0, generator=None, method="auto") -> Work:
@@ -115,12 +119,32 @@ class TorchDistributedCommunicator(Communicator):
         self._exchange([None if j == me else chunks[j] for j in range(m)], [None if j == me else out[j] for j in range(m)])
         return out
 
+    # Metrics cross the same link as a payload in flight, and on a FIFO link every
+    # crossing waits behind the payload bytes queued there, whatever TCP connection it
+    # uses (`farsync wan` at 20 Mbit/s: up to 157 KB, 63 ms; BENCHMARKS.md, WAN section).
+    # gloo's all_reduce takes two dependent steps (reduce-scatter, then all-gather), each
+    # sent only after the peer's receive announcement: about four crossings, 250-320 ms a
+    # call there. Here every rank sends its values to every other rank with all receives
+    # posted first, so the announcements cross together and the values follow: two
+    # crossings, 75-165 ms. The sum is taken in rank order in float64: the same bits on
+    # every rank. A blocking call cannot do better than one crossing; not waiting at all
+    # needs a caller that collects the result later.
     def all_sum_floats(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64)
         if dist.get_backend() == "nccl":
             t = t.cuda()
-        dist.all_reduce(t)
-        return [float(x) for x in t.cpu()]
+            dist.all_reduce(t, group=self._control)
+            return [float(x) for x in t.cpu()]
+        me, m, g = self.rank, self.world_size, self._control
+        got = [t if j == me else torch.empty_like(t) for j in range(m)]
+        reqs = [dist.irecv(got[j], src=j, group=g) for j in range(m) if j != me]
+        reqs += [dist.isend(t, dst=j, group=g) for j in range(m) if j != me]
+        for r in reqs:
+            r.wait()
+        total = got[0].clone()
+        for x in got[1:]:
+            total += x
+        return [float(x) for x in total]
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)

@@ -19,6 +19,14 @@ Topology of one run (owner pid ``P``, M hosts)::
   TCP does not lose packets to it.
 * IPv6 is switched off inside the namespaces so that router/neighbour solicitations do
   not add to the byte counters.
+* TCP congestion control is set in every host namespace (``LinkSpec.congestion_control``,
+  default ``reno``) instead of inheriting the machine's default. A namespace otherwise
+  takes the init namespace's, which on some machines is ``bbr``; BBR sizes its window
+  from the minimum RTT, which here is veth's (no latency is emulated), so when both
+  directions carry a payload at once the ACKs waiting behind the peer's data stall it:
+  an exchange then takes 3-18 % longer than bytes ÷ rate, differently per direction and
+  per run (BENCHMARKS.md, WAN section). Reno (which is what Linux's default, CUBIC,
+  behaves like at such RTTs) fills the link: within 1 %.
 
 Namespaces are named ``fs-<owner pid>-sw`` and ``fs-<owner pid>-h<i>``; leftovers of a
 run whose owner process is gone are found (and removed) by that pattern.
@@ -86,12 +94,15 @@ class LinkSpec:
         the rate.
     queue_ms: tbf queue length expressed as time at the rate (tbf's ``latency``): long
         enough that TCP does not lose packets to the queue.
+    congestion_control: TCP congestion control of every host namespace (its
+        ``net.ipv4.tcp_congestion_control``); ``None`` keeps what the namespace inherits.
     """
 
     bandwidth_mbit: float
     mtu: int = 1500
     burst_bytes: int | None = None
     queue_ms: float = 2000.0
+    congestion_control: str | None = "reno"
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.bandwidth_mbit) and self.bandwidth_mbit >= 0):
@@ -104,6 +115,8 @@ class LinkSpec:
             raise WanError(f"--burst-bytes {self.burst_bytes}: must hold one frame (>= MTU + 14 = {self.mtu + 14})")
         if not (math.isfinite(self.queue_ms) and self.queue_ms > 0):
             raise WanError(f"--queue-ms {self.queue_ms}: must be > 0")
+        if self.congestion_control is not None and not re.fullmatch(r"[a-z0-9_]+", self.congestion_control):
+            raise WanError(f"--tcp-congestion {self.congestion_control!r}: not a congestion control name")
 
     @property
     def limited(self) -> bool:
@@ -191,6 +204,7 @@ class Network:
         _run(["ip", "-n", sw, "link", "set", "br0", "up"])
         for i, ns in enumerate(self.host_names):
             self._quiet_ipv6(ns)
+            self._set_congestion_control(ns)
             port = f"b{i}"
             _run(["ip", "-n", sw, "link", "add", port, "mtu", str(self.link.mtu), "type", "veth",
                   "peer", "name", HOST_IF, "mtu", str(self.link.mtu), "netns", ns])
@@ -207,6 +221,17 @@ class Network:
     def _quiet_ipv6(ns: str) -> None:
         for key in ("all", "default"):
             _run(["ip", "netns", "exec", ns, "sysctl", "-qw", f"net.ipv6.conf.{key}.disable_ipv6=1"], check=False)
+
+    def _set_congestion_control(self, ns: str) -> None:
+        cc = self.link.congestion_control
+        if cc is None:
+            return
+        r = _run(["ip", "netns", "exec", ns, "sysctl", "-qw", f"net.ipv4.tcp_congestion_control={cc}"], check=False)
+        if r.returncode != 0:
+            allowed = _run(["ip", "netns", "exec", ns, "sysctl", "-n", "net.ipv4.tcp_allowed_congestion_control"],
+                           check=False).stdout.strip()
+            raise WanError(f"--tcp-congestion {cc}: cannot be set in a network namespace here "
+                           f"(allowed: {allowed or 'unknown'})")
 
     def teardown(self) -> list[str]:
         """Kill whatever runs inside our namespaces and delete them (idempotent)."""

@@ -1,0 +1,104 @@
+"""What the torch.distributed communicator posts, and on which group (no network).
+
+The timing these orders buy is measured in BENCHMARKS.md (WAN section); what is pinned
+here can fail without any clock: metrics travel on a group of their own, distinct from
+the payload's; every receive of a phase is posted before any of its sends.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from farsync.codecs import get_codec
+from farsync.comm import distributed as dmod
+from farsync.comm import exchange as ex
+from farsync.comm.distributed import TorchDistributedCommunicator
+
+PAYLOAD, CONTROL = "payload-group", "control-group"
+
+
+class _Done:
+    def wait(self):
+        return True
+
+
+class FakeDist:
+    """Records irecv / isend / all_gather / all_reduce; a receive from rank j fills the
+    tensor with j + 1 (weights: 1.0)."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, int | None, str]] = []
+
+    def get_backend(self, group=None):
+        return "gloo"
+
+    def irecv(self, t, src, group):
+        t.fill_(src + 1)
+        self.calls.append(("recv", src, group))
+        return _Done()
+
+    def isend(self, t, dst, group):
+        self.calls.append(("send", dst, group))
+        return _Done()
+
+    def all_gather(self, out, t, group):
+        for o in out:
+            o.fill_(1.0)
+        self.calls.append(("all_gather", None, group))
+
+    def all_reduce(self, t, group=None):
+        self.calls.append(("all_reduce", None, group))
+
+
+def fake_comm(monkeypatch, rank, world):
+    fake = FakeDist()
+    monkeypatch.setattr(dmod, "dist", fake)
+    comm = object.__new__(TorchDistributedCommunicator)
+    comm.rank, comm.world_size, comm.delay_s = rank, world, 0.0
+    comm._group, comm._control = PAYLOAD, CONTROL
+    return comm, fake
+
+
+@pytest.mark.parametrize("rank,world", [(0, 2), (1, 3), (2, 4)])
+def test_metrics_use_the_control_group_receives_first_and_sum_in_rank_order(monkeypatch, rank, world):
+    comm, fake = fake_comm(monkeypatch, rank, world)
+    mine = [0.1, 1.0, 7.0]
+    got = comm.all_sum_floats(mine)
+    others = [j for j in range(world) if j != rank]
+    assert fake.calls == [("recv", j, CONTROL) for j in others] + [("send", j, CONTROL) for j in others]
+    expect = torch.tensor(mine, dtype=torch.float64) * 0
+    for j in range(world):  # rank order, float64
+        expect += torch.tensor(mine, dtype=torch.float64) if j == rank else torch.full((3,), j + 1.0, dtype=torch.float64)
+    assert got == expect.tolist()
+
+
+@pytest.mark.parametrize("method,world", [("all-gather", 2), ("reduce-scatter", 3)])
+def test_payload_phases_stay_on_the_payload_group_handshake_first_receives_first(monkeypatch, method, world):
+    comm, fake = fake_comm(monkeypatch, 1, world)
+    codec = get_codec("fp32")
+    plan = ex.make_plan(96, world, codec, method)
+    comm._run(plan, codec, ex.pad(plan, torch.ones(96)), 1.0, None)
+    others = [j for j in range(world) if j != 1]
+    phase = [("recv", j, PAYLOAD) for j in others] + [("send", j, PAYLOAD) for j in others]
+    phases = 1 if method == "all-gather" else 2  # all-to-all of shards, then all-gather of reduced shards
+    assert fake.calls == [("all_gather", None, PAYLOAD)] + phase * phases
+
+
+def test_control_group_is_neither_the_payload_group_nor_the_default_group(tmp_path):
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=timedelta(seconds=30))
+    try:
+        comm = TorchDistributedCommunicator()
+        try:
+            assert comm._control is not comm._group
+            assert dist.group.WORLD not in (comm._control, comm._group)
+            assert comm.all_sum_floats([1.5, 2.0]) == [1.5, 2.0]
+        finally:
+            comm.close()
+    finally:
+        dist.destroy_process_group()
+
