@@ -41,3 +41,27 @@ def test_override_parser():
             parse_override(bad)
     assert split_args(["r.toml", "--algo.mode", "dp", "--train.steps=3"]) == (
         ["r.toml"], ["--algo.mode=dp", "--train.steps=3"])
+
+
+def test_inner_weight_decay_is_compensated_for_the_outer_gain():
+    base = ["--optim.weight_decay=0.1", "--algo.outer_lr=0.7", "--algo.outer_momentum=0.9"]
+    assert build_config(None, base + ["--algo.mode=diloco", "--algo.fragments=1", "--algo.sync_delay=0"]) \
+        .inner_weight_decay() == pytest.approx(0.1 / 7)
+    assert build_config(None, base + ["--algo.mode=streaming"]).inner_weight_decay() == pytest.approx(0.1 / 7)
+    assert build_config(None, base + ["--algo.compensate_weight_decay=false"]).inner_weight_decay() == 0.1
+    assert build_config(None, base + ["--algo.mode=dp"]).inner_weight_decay() == 0.1
+    # plain averaging (outer lr 1, no momentum) has gain 1: the decay is unchanged
+    assert build_config(None, ["--optim.weight_decay=0.1", "--algo.outer_lr=1", "--algo.outer_momentum=0"]) \
+        .inner_weight_decay() == 0.1
+    with pytest.raises(ConfigError, match=r"algo.outer_momentum must be in \[0, 1\) \(got 1.0\)"):
+        build_config(None, ["--algo.outer_momentum=1"])
+
+
+def test_the_trainer_builds_its_inner_optimizer_with_the_compensated_decay():
+    from farsync.comm import InProcessGroup
+    from farsync.train.loop import build_worker
+
+    cfg = build_config(None, ["--model.size=nano", "--optim.weight_decay=0.1", "--algo.outer_lr=0.4",
+                              "--algo.outer_momentum=0.8", "--algo.workers=1"])
+    w = build_worker(cfg, 0, InProcessGroup(1).communicator(0), 64, __import__("torch").device("cpu"))
+    assert w.optimizer.param_groups[0]["weight_decay"] == pytest.approx(0.1 / 2)

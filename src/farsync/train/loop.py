@@ -78,7 +78,7 @@ def build_model(cfg: Config, vocab_size: int, device: torch.device) -> Llama:
 def build_worker(cfg: Config, rank: int, comm: Communicator, vocab_size: int, device: torch.device) -> Worker:
     model = build_model(cfg, vocab_size, device)
     o = cfg.optim
-    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=cfg.inner_weight_decay())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     algo = make_strategy(model, opt, comm, **cfg.strategy_kwargs())
     return Worker(rank, model, opt, sched, algo)
