@@ -10,7 +10,7 @@ import math
 import pytest
 from typer.testing import CliRunner
 
-from farsync.bench.quality import QUICK, QualitySpec, scaling_law_gap_pct
+from farsync.bench.quality import AT_STREAMING_H, QUICK, QualitySpec, scaling_law_gap_pct
 from farsync.cli.main import app
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -54,7 +54,7 @@ def test_gap_table_schema_and_arithmetic(quick_run):
         assert r["size"] == QUICK.size
     # one DP row (M-invariant at a fixed global batch), DiLoCo at every M, Streaming at M = tune_workers
     assert [r["workers"] for r in rows if r["method"] == "dp"] == [1]
-    assert sorted(r["workers"] for r in rows if r["method"] == "diloco") == sorted(QUICK.workers)
+    assert sorted(r["workers"] for r in rows if r["method"] == "diloco" and not r["variant"]) == sorted(QUICK.workers)
     assert {r["workers"] for r in rows if r["method"].startswith("streaming")} == {QUICK.tune_workers}
     assert sorted(r["codec"] for r in rows if r["method"] == "streaming-overlap" and not r["variant"]) == \
         sorted(QUICK.streaming_codecs)
@@ -86,7 +86,7 @@ def test_seeds_bytes_and_tuning(quick_run):
     head = by[("streaming-overlap", M, QUICK.headline_codec, None)]
     # headline rows carry every seed; the others seed 0 only
     for r in rows:
-        headline = r["method"] in ("dp", "diloco") or r is head
+        headline = (r["method"] in ("dp", "diloco") and not r["variant"]) or r is head
         assert r["seeds"] == (list(QUICK.seeds) if headline else [0])
         assert len(r["runs"]) == len(r["seeds"])
     # same schedule, smaller payloads: fp4 < int8 < fp32; fragments lower the peak
@@ -100,7 +100,11 @@ def test_seeds_bytes_and_tuning(quick_run):
         assert s["best"]["final_eval_loss"] == min(g["final_eval_loss"] for g in s["grid"])
     assert by[("dp", 1, "fp32", None)]["hparams"] == t["dp"]["best"]["hparams"]
     assert by[("diloco", M, "fp32", None)]["hparams"] == t["diloco"]["best"]["hparams"]
-    assert head["hparams"] == t["diloco"]["best"]["hparams"]
+    # Streaming: DiLoCo's tuned values, at the H that meets the bytes target if the tuned one does not
+    best = t["diloco"]["best"]["hparams"]
+    assert head["hparams"] == {**best, "inner_steps": QUICK.streaming_inner_steps(best["inner_steps"])}
+    if head["hparams"] != best:
+        assert by[("diloco", M, "fp32", AT_STREAMING_H)]["hparams"] == head["hparams"]
 
 
 def test_the_full_spec_is_the_papers_regime():
@@ -109,10 +113,12 @@ def test_the_full_spec_is_the_papers_regime():
     spec.validate()
     steps, n = spec.steps(), spec.parameters()
     assert abs(steps * spec.global_batch * spec.seq_len / n - 20) < 0.5
-    assert all(steps // H >= 50 and steps % H == 0 for _, _, H in spec.diloco_grid)
+    assert all(steps // H >= 50 and steps % H == 0 for *_, H in spec.diloco_grid)
+    # Streaming + fp4 reaches 100× fewer bytes than DP at some H of the grid
+    assert spec.streaming_bytes_ratio(max(p[-1] for p in spec.diloco_grid)) >= spec.streaming_min_bytes_ratio
     assert len(spec.dp_lrs) == len(spec.diloco_grid)
     with pytest.raises(ValueError, match="fewer than"):
-        QualitySpec(diloco_grid=spec.diloco_grid[:-1] + ((4e-3, 0.7, 60),)).validate()
+        QualitySpec(diloco_grid=spec.diloco_grid[:-1] + ((4e-3, 0.7, 0.8, 60),)).validate()
 
 
 def test_bad_flags_fail_with_a_message():

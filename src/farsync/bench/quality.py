@@ -72,17 +72,23 @@ def scaling_law_gap_pct(workers: int, parameters: int) -> float | None:
 
 @dataclass(frozen=True)
 class Hparams:
-    """What tuning chooses: the (inner) lr, and for DiLoCo the outer lr and H."""
+    """What tuning chooses: the (inner) lr, and for DiLoCo the outer lr, outer momentum
+    and H."""
 
     lr: float
     outer_lr: float | None = None
+    outer_momentum: float | None = None
     inner_steps: int | None = None
 
     def label(self) -> str:
         if self.outer_lr is None:
             return f"lr {self.lr:g}"
-        return f"inner lr {self.lr:g}, outer lr {self.outer_lr:g}, H {self.inner_steps}"
+        return (f"inner lr {self.lr:g}, outer lr {self.outer_lr:g}, momentum {self.outer_momentum:g}, "
+                f"H {self.inner_steps}")
 
+
+#: the variant name of the DiLoCo row run at Streaming's H, when that is not the tuned H
+AT_STREAMING_H = "at Streaming's H"
 
 #: the options tried beyond the papers, as trainer overrides on the headline configuration
 VARIANTS: dict[str, tuple[str, ...]] = {
@@ -118,21 +124,28 @@ class QualitySpec:
     """M of the table."""
     tune_workers: int = 4
     """M at which DP and DiLoCo are tuned and Streaming is run."""
-    dp_lrs: tuple[float, ...] = (2e-3, 4e-3, 6e-3, 8e-3, 1.2e-2, 1.6e-2, 2.4e-2)
+    weight_decay: float = 0.01
+    """Inner AdamW weight decay of every run (DiLoCo's compensated for the outer gain, the
+    trainer's default). DP's loss at this size is flat between 0 and 0.014 and 1.7 % worse
+    at 0.1, so the baseline gets a value where it is at its best."""
+    dp_lrs: tuple[float, ...] = (2e-3, 3e-3, 4e-3, 6e-3, 8e-3, 1.1e-2, 1.6e-2, 2.2e-2, 3.2e-2)
     """DP learning rates tried."""
-    diloco_grid: tuple[tuple[float, float, int], ...] = (
-        (4e-3, 0.7, 10),
-        (2e-3, 0.7, 10), (8e-3, 0.7, 10),
-        (4e-3, 0.4, 10), (4e-3, 1.0, 10),
-        (4e-3, 0.7, 20), (4e-3, 0.7, 30),
+    diloco_grid: tuple[tuple[float, float, float, int], ...] = (
+        (4e-3, 0.7, 0.8, 20),                        # the centre; then one axis at a time:
+        (2e-3, 0.7, 0.8, 20), (8e-3, 0.7, 0.8, 20),  # inner lr
+        (4e-3, 0.5, 0.8, 20), (4e-3, 1.0, 0.8, 20),  # outer lr
+        (4e-3, 0.7, 0.7, 20), (4e-3, 0.7, 0.9, 20),  # outer momentum
+        (4e-3, 0.7, 0.8, 10), (4e-3, 0.7, 0.8, 30),  # H
     )
-    """(inner lr, outer lr, H) points tried at M = tune_workers; as many as dp_lrs."""
+    """(inner lr, outer lr, outer momentum, H) points tried at M = tune_workers; as many as
+    dp_lrs."""
     outer_lrs_by_workers: tuple[tuple[int, tuple[float, ...]], ...] = (
-        (1, (0.4, 0.7, 1.0)), (2, (0.4, 0.7, 1.0)), (8, (0.7, 1.0, 1.3)),
+        (1, (0.3, 0.5, 0.7)), (2, (0.5, 0.7, 1.0)), (8, (0.7, 1.0, 1.3)),
     )
-    """Outer lrs tried at each other M (inner lr and H as tuned)."""
-    outer_momentum: float = 0.9
-    """Outer Nesterov momentum, every DiLoCo run."""
+    """Outer lrs tried at each other M (inner lr, momentum and H as tuned)."""
+    streaming_min_bytes_ratio: float = 100.0
+    """Streaming runs at the tuned H, or at the smallest H of the grid that sends this many
+    times fewer bytes than DP with the headline codec if the tuned H does not."""
     fragments: int = 2
     """P of the Streaming runs (strided)."""
     overlap_delay: int = 1
@@ -157,6 +170,34 @@ class QualitySpec:
 
         with torch.device("meta"):
             return Llama(model_config(self.size, self.vocab_size, self.seq_len)).num_parameters()
+
+    def streaming_bytes_ratio(self, inner_steps: int) -> float:
+        """DP's bytes ÷ Streaming's (P fragments, headline codec) per worker at M =
+        tune_workers, from the exchange plans the run will use (sync payloads and
+        control bytes; the run's own accounting is what the report shows)."""
+        import torch
+
+        from farsync.algorithms.accounting import dp_bytes_per_step
+        from farsync.algorithms.fragments import build_fragments
+        from farsync.codecs import get_codec
+        from farsync.comm.exchange import make_plan
+        from farsync.models import Llama, model_config
+
+        with torch.device("meta"):
+            model = Llama(model_config(self.size, self.vocab_size, self.seq_len))
+        M, codec = self.tune_workers, get_codec(self.headline_codec)
+        per_round = 0
+        for frag in build_fragments(model, self.fragments, "strided", None):
+            plan = make_plan(sum(p.numel() for p in frag.params), M, codec)
+            per_round += plan.bytes_sent + plan.control_bytes
+        return inner_steps * dp_bytes_per_step(M, model.num_parameters()) / per_round
+
+    def streaming_inner_steps(self, tuned: int) -> int:
+        """H of the Streaming runs: the tuned H if it meets streaming_min_bytes_ratio,
+        else the smallest H of the grid that does (else the largest)."""
+        Hs = sorted({p[-1] for p in self.diloco_grid} | {tuned})
+        ok = [H for H in Hs if H >= tuned and self.streaming_bytes_ratio(H) >= self.streaming_min_bytes_ratio]
+        return ok[0] if ok else Hs[-1]
 
     def steps(self) -> int:
         per_step = self.global_batch * self.seq_len
@@ -184,7 +225,7 @@ class QualitySpec:
         if missing:
             raise ValueError(f"outer_lrs_by_workers has no outer lrs for M = {missing}")
         steps = self.steps()
-        for _, _, H in self.diloco_grid:
+        for *_, H in self.diloco_grid:
             if steps % H:
                 raise ValueError(f"H = {H} does not divide the {steps} steps; change step_multiple or the grid")
             if steps // H < self.min_rounds:
@@ -208,7 +249,7 @@ FULL = QualitySpec()
 QUICK = QualitySpec(
     size="nano", seq_len=32, global_batch=8, tokens_per_param=0.25, step_multiple=12, min_rounds=2,
     warmup_steps=4, evals=3, eval_sequences=16, workers=(1, 2, 4), tune_workers=4,
-    dp_lrs=(3e-3, 6e-3), diloco_grid=((3e-3, 0.7, 4), (3e-3, 0.7, 6)),
+    dp_lrs=(3e-3, 6e-3), diloco_grid=((3e-3, 0.7, 0.8, 4), (3e-3, 0.7, 0.8, 6)),
     outer_lrs_by_workers=((1, (0.4,)), (2, (0.7,))), runtime_limit_s=180.0,
 )
 
@@ -228,7 +269,7 @@ class Job:
     def name(self) -> str:
         s = f"m{self.workers}-{self.method}-lr{self.hp.lr:g}"
         if self.method != "dp":
-            s += f"-olr{self.hp.outer_lr:g}-H{self.hp.inner_steps}"
+            s += f"-olr{self.hp.outer_lr:g}-mom{self.hp.outer_momentum:g}-H{self.hp.inner_steps}"
         if self.method == "streaming-overlap":
             s += f"-{self.codec}"
         if self.variant:
@@ -244,7 +285,7 @@ class Job:
             f"--model.size={spec.size}", f"--model.seq_len={spec.seq_len}", f"--data.vocab_size={spec.vocab_size}",
             f"--algo.mode={'streaming' if self.method.startswith('streaming') else self.method}",
             f"--algo.workers={self.workers}", f"--optim.lr={self.hp.lr}", f"--optim.warmup_steps={spec.warmup_steps}",
-            f"--train.steps={steps}", f"--train.batch_size={B}", f"--train.seed={self.seed}",
+            f"--optim.weight_decay={spec.weight_decay}", f"--train.steps={steps}", f"--train.batch_size={B}", f"--train.seed={self.seed}",
             # the same held-out windows for every M: eval_batches × B is constant
             f"--train.eval_every={every}", f"--train.eval_batches={max(1, spec.eval_sequences // B)}",
             f"--train.log_every={math.gcd(every, 10)}", "--train.checkpoint_every=0", "--train.progress=false",
@@ -256,7 +297,7 @@ class Job:
             streaming = self.method.startswith("streaming")
             o += [
                 f"--algo.inner_steps={self.hp.inner_steps}", f"--algo.outer_lr={self.hp.outer_lr}",
-                f"--algo.outer_momentum={spec.outer_momentum}",
+                f"--algo.outer_momentum={self.hp.outer_momentum}",
                 f"--algo.fragments={spec.fragments if streaming else 1}",
                 f"--algo.sync_delay={spec.overlap_delay if self.method == 'streaming-overlap' else 0}",
                 f"--algo.codec={self.codec}",
@@ -283,7 +324,7 @@ def tuning_jobs(spec: QualitySpec) -> Plan:
     DiLoCo over its grid at M = tune_workers."""
     return Plan(
         tune_dp=[Job("dp", 1, Hparams(lr)) for lr in spec.dp_lrs],
-        tune_diloco=[Job("diloco", spec.tune_workers, Hparams(lr, olr, H)) for lr, olr, H in spec.diloco_grid],
+        tune_diloco=[Job("diloco", spec.tune_workers, Hparams(lr, olr, mom, H)) for lr, olr, mom, H in spec.diloco_grid],
     )
 
 
@@ -293,10 +334,11 @@ def later_jobs(spec: QualitySpec, plan: Plan, best_dp: Hparams, best_diloco: Hpa
         if M in spec.workers and M != spec.tune_workers:
             plan.by_workers[M] = [Job("diloco", M, replace(best_diloco, outer_lr=o)) for o in olrs]
     Mt = spec.tune_workers
-    plan.streaming = [Job("streaming", Mt, best_diloco)] + [
-        Job("streaming-overlap", Mt, best_diloco, codec=c) for c in spec.streaming_codecs]
-    plan.variants = [Job("streaming-overlap", Mt, best_diloco, codec=spec.headline_codec, variant=v)
-                     for v in spec.variants]
+    hs = replace(best_diloco, inner_steps=spec.streaming_inner_steps(best_diloco.inner_steps))
+    plan.streaming = [Job("streaming", Mt, hs)] + [Job("streaming-overlap", Mt, hs, codec=c) for c in spec.streaming_codecs]
+    if hs != best_diloco:  # DiLoCo at Streaming's H, to tell the cost of H from the cost of streaming
+        plan.streaming.insert(0, Job("diloco", Mt, hs))
+    plan.variants = [Job("streaming-overlap", Mt, hs, codec=spec.headline_codec, variant=v) for v in spec.variants]
     return plan
 
 
@@ -468,7 +510,10 @@ def build_report(spec: QualitySpec, plan: Plan, runs: dict[str, dict], runtime_s
     head = next(j for j in plan.streaming if j.method == "streaming-overlap" and j.codec == spec.headline_codec)
     rows = [gap_row(spec, runs, dp, dp, all_seeds)]
     rows += [gap_row(spec, runs, diloco[M], dp, all_seeds) for M in sorted(diloco)]
-    rows += [gap_row(spec, runs, j, dp, all_seeds if j == head else (0,)) for j in plan.streaming]
+    for j in plan.streaming:
+        rows.append(gap_row(spec, runs, j, dp, all_seeds if j == head else (0,)))
+        if j.method == "diloco":  # DiLoCo again at Streaming's H (see later_jobs)
+            rows[-1]["variant"] = AT_STREAMING_H
     rows += [gap_row(spec, runs, j, dp, (0,)) for j in plan.variants]
     by = {(r["method"], r["workers"], r["codec"], r["variant"]): r for r in rows}
     d4 = by[("diloco", spec.tune_workers, "fp32", None)]

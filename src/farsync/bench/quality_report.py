@@ -34,7 +34,7 @@ def row_label(r: dict) -> str:
 def _hp(h: dict) -> str:
     if h.get("outer_lr") is None:
         return f"lr {h['lr']:g}"
-    return f"inner lr {h['lr']:g}, outer lr {h['outer_lr']:g}, H {h['inner_steps']}"
+    return f"inner lr {h['lr']:g}, outer lr {h['outer_lr']:g}, momentum {h['outer_momentum']:g}, H {h['inner_steps']}"
 
 
 def _pct(v) -> str:
@@ -109,7 +109,7 @@ def write_markdown(report: dict, path: str) -> None:
         f"of {spec['global_batch']} sequences, split evenly over the M workers (DP is the same optimisation at "
         f"every M, trained once). Inner AdamW (β {o['beta1']:g}/{o['beta2']:g}, weight decay {o['weight_decay']:g}, "
         f"warmup {o['warmup_steps']}, cosine to {100 * o['min_lr_ratio']:g} %, clip {o['grad_clip']:g}); "
-        f"outer Nesterov SGD, momentum {spec['outer_momentum']:g}. Streaming: P = {spec['fragments']} strided "
+        f"inner weight decay divided by the outer gain outer lr ÷ (1 − momentum) for DiLoCo/Streaming (the trainer's default); outer Nesterov SGD. Streaming: P = {spec['fragments']} strided "
         f"fragments, overlap τ = {spec['overlap_delay']}, α = 0.5. Eval loss on the same {spec['eval_sequences']} "
         f"held-out sequences for every run. Gaps are per seed, then averaged.",
         "",
@@ -128,7 +128,7 @@ def write_markdown(report: dict, path: str) -> None:
         "",
         targets_markdown(report),
         "",
-        "Plots: `quality_sweeps.png` (loss vs H, loss vs outer lr), `quality_loss_vs_tokens.png`, "
+        "Plots: `quality_sweeps.png` (loss vs H, outer lr, outer momentum and inner lr), `quality_loss_vs_tokens.png`, "
         "`quality_loss_vs_bytes.png`.",
         "",
     ]
@@ -178,7 +178,7 @@ def _curve_plot(report: dict, kind: str, path: str) -> None:
 
 def _slice(grid: list[dict], best: dict, axis: str) -> list[tuple[float, float]]:
     """The grid points that differ from the best only along ``axis``."""
-    others = [k for k in ("lr", "outer_lr", "inner_steps") if k != axis]
+    others = [k for k in ("lr", "outer_lr", "outer_momentum", "inner_steps") if k != axis]
     pts = [(g["hparams"][axis], g["final_eval_loss"]) for g in grid
            if all(g["hparams"][k] == best[k] for k in others)]
     return sorted(pts)
@@ -189,10 +189,10 @@ def write_plots(report: dict, out_dir: str) -> list[str]:
     t = report["tuning"]
     dp_loss = t["dp"]["best"]["final_eval_loss"]
     M0 = report["spec"]["tune_workers"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
     d = t["diloco"]
-    for ax, axis, xlabel in zip(axes, ("inner_steps", "outer_lr", "lr"), ("H (inner steps per round)",
-                                                                        "outer lr", "inner lr")):
+    for ax, axis, xlabel in zip(axes, ("inner_steps", "outer_lr", "outer_momentum", "lr"),
+                                ("H (inner steps per round)", "outer lr", "outer Nesterov momentum", "inner lr")):
         pts = _slice(d["grid"], d["best"]["hparams"], axis)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="tab:blue", label=f"DiLoCo, M = {M0}")
         if axis == "outer_lr":
@@ -208,7 +208,7 @@ def write_plots(report: dict, out_dir: str) -> list[str]:
         ax.set_ylabel("final eval loss")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("quality benchmark: loss vs H, outer lr and inner lr (others at their tuned values)")
+    fig.suptitle("quality benchmark: loss vs H, outer lr, outer momentum and inner lr (others at their tuned values)")
     fig.tight_layout()
     paths = [os.path.join(out_dir, "quality_sweeps.png")]
     fig.savefig(paths[0], dpi=120)
