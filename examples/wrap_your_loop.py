@@ -20,7 +20,7 @@ for step in range(100):
     loss.backward()
     algo.step()  # inner step; a fragment syncs when due
     inner.zero_grad()
-algo.finish()  # land the fragment still in flight
+algo.finish()  # sync what trained since the last sync, land what is in flight
 if dist.get_rank() == 0:
     s = algo.stats
     print(f"loss {loss.item():.4f}, sent {s.total_bytes:,} bytes, {s.dp_equivalent_bytes / s.total_bytes:.0f}x fewer than DP")

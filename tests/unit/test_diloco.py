@@ -55,6 +55,24 @@ def plain_sgd_on_union(m, steps, lr, seed=0):
     return params(model)
 
 
+def resumed_copy(models, algos, m, kw):
+    """Fresh workers loaded from the checkpoint state of ``models``/``algos``."""
+    saved = [(copy.deepcopy(x.state_dict()), copy.deepcopy(a.inner_optimizer.state_dict()), copy.deepcopy(a.state_dict()))
+             for x, a in zip(models, algos)]
+    models2, algos2 = make_workers(m, **kw)
+    for x, a, (ms, os_, as_) in zip(models2, algos2, saved):
+        x.load_state_dict(ms)
+        a.inner_optimizer.load_state_dict(os_)
+        a.load_state_dict(as_)
+    return models2, algos2
+
+
+def assert_bit_identical(models_a, models_b):
+    for a, b in zip(models_a, models_b):
+        for x, y in zip(params(a), params(b)):
+            assert torch.equal(x, y)
+
+
 def assert_close(a, b, atol=ATOL):
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, atol=atol, rtol=0)
@@ -267,17 +285,9 @@ def test_resume_with_fragment_in_flight_is_exact():
     models, algos = make_workers(2, **kw)
     run(models, algos, 10)  # fragment 1 was sent at step 9 and lands at 11: in flight now
     assert algos[0].in_flight == [1]
-    saved = [(copy.deepcopy(m.state_dict()), copy.deepcopy(a.inner_optimizer.state_dict()), copy.deepcopy(a.state_dict()))
-             for m, a in zip(models, algos)]
-    models2, algos2 = make_workers(2, **kw)
-    for m, a, (ms, os_, as_) in zip(models2, algos2, saved):
-        m.load_state_dict(ms)
-        a.inner_optimizer.load_state_dict(os_)
-        a.load_state_dict(as_)
+    models2, algos2 = resumed_copy(models, algos, 2, kw)
     run(models2, algos2, 10, start=10)
-    for a, b in zip(full_models, models2):
-        for x, y in zip(params(a), params(b)):
-            assert torch.equal(x, y)
+    assert_bit_identical(full_models, models2)
     assert full_algos[0].stats.bytes_sent == algos2[0].stats.bytes_sent
 
 
@@ -356,17 +366,9 @@ def test_error_feedback_keeps_replicas_identical_and_resumes_exactly():
 
     models, algos = make_workers(3, **kw)
     run(models, algos, 10)
-    saved = [(copy.deepcopy(m.state_dict()), copy.deepcopy(a.inner_optimizer.state_dict()), copy.deepcopy(a.state_dict()))
-             for m, a in zip(models, algos)]
-    models2, algos2 = make_workers(3, **kw)
-    for m, a, (ms, os_, as_) in zip(models2, algos2, saved):
-        m.load_state_dict(ms)
-        a.inner_optimizer.load_state_dict(os_)
-        a.load_state_dict(as_)
+    models2, algos2 = resumed_copy(models, algos, 3, kw)
     run(models2, algos2, 10, start=10)
-    for a, b in zip(full_models, models2):
-        for x, y in zip(params(a), params(b)):
-            assert torch.equal(x, y)
+    assert_bit_identical(full_models, models2)
 
 
 def test_error_feedback_refuses_stochastic_rounding():
