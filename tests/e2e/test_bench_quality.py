@@ -105,6 +105,11 @@ def test_seeds_bytes_and_tuning(quick_run):
     assert head["hparams"] == {**best, "inner_steps": QUICK.streaming_inner_steps(best["inner_steps"])}
     if head["hparams"] != best:
         assert by[("diloco", M, "fp32", AT_STREAMING_H)]["hparams"] == head["hparams"]
+    # the headline's α is the best of the sweep, and every overlapped row uses it
+    mix = t["streaming_mixing"]
+    assert sorted(g["mixing"] for g in mix["grid"]) == sorted(QUICK.overlap_mixings)
+    assert head["mixing"] == min(mix["grid"], key=lambda g: g["final_eval_loss"])["mixing"]
+    assert {r["mixing"] for r in rows if r["method"] == "streaming-overlap"} == {head["mixing"]}
 
 
 def test_the_full_spec_is_the_papers_regime():
@@ -119,6 +124,25 @@ def test_the_full_spec_is_the_papers_regime():
     assert len(spec.dp_lrs) == len(spec.diloco_grid)
     with pytest.raises(ValueError, match="fewer than"):
         QualitySpec(diloco_grid=spec.diloco_grid[:-1] + ((4e-3, 0.7, 0.8, 60),)).validate()
+
+
+@pytest.mark.slow
+def test_reuse_reads_back_unchanged_runs_and_trains_the_rest(quick_run, tmp_path):
+    """--reuse in a work dir holding every run trains nothing and reports the same gaps;
+    a run whose config changed is trained again."""
+    res, report = quick_run
+    work = res.parent / "work"
+    changed = report["gap_table"][0]["runs"][0]  # DP, seed 0: tamper with its saved config
+    cfg_path = work / changed / "config.toml"
+    cfg_path.write_text(cfg_path.read_text().replace("seed = 0", "seed = 7"))
+    out = tmp_path / "again"
+    r = CliRunner().invoke(app, ["bench", "quality", "--quick", "--reuse", "--out", str(out), "--work-dir", str(work)])
+    assert r.exit_code == 0, r.output
+    again = json.loads((out / "quality.json").read_text())
+    assert set(again["reused_runs"]) == set(report["runs"]) - {changed}
+    assert again["runs"][changed]["reused"] is False
+    assert [x["gap_pct"] for x in again["gap_table"]] == pytest.approx([x["gap_pct"] for x in report["gap_table"]])
+    assert again["targets"]["runtime"]["estimated"] is True
 
 
 def test_bad_flags_fail_with_a_message():

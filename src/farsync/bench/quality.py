@@ -25,9 +25,11 @@ The plan:
 2. **The M table**: DiLoCo at every M of ``workers``. M ≠ ``tune_workers`` reuse the tuned
    inner lr and H and sweep the outer lr (``outer_lrs_by_workers``), as the scaling-law
    paper tunes it per M.
-3. **Streaming** at M = ``tune_workers`` with the tuned DiLoCo hyperparameters: P =
-   ``fragments`` strided fragments, τ = 0 (fp32), and overlap τ = ``overlap_delay``, α = 0.5
-   with each of ``streaming_codecs``.
+3. **Streaming** at M = ``tune_workers`` with the tuned DiLoCo hyperparameters (at the
+   smallest H that meets the bytes target, if the tuned H does not): P = ``fragments``
+   strided fragments, τ = 0 (fp32); and overlap τ = ``overlap_delay`` with the headline
+   codec over the mixing α (``overlap_mixings``), then the other ``streaming_codecs`` at
+   the best α.
 4. **Beyond the papers**: the headline configuration with each option of ``variants``.
 5. **Seeds**: the headline rows again with every seed of ``seeds``.
 
@@ -149,7 +151,9 @@ class QualitySpec:
     fragments: int = 2
     """P of the Streaming runs (strided)."""
     overlap_delay: int = 1
-    """τ of the overlapped Streaming runs (α = 0.5)."""
+    """τ of the overlapped Streaming runs."""
+    overlap_mixings: tuple[float, ...] = (0.0, 0.25, 0.5)
+    """α tried for the overlapped Streaming runs (headline codec); the paper's is 0.5."""
     streaming_codecs: tuple[str, ...] = ("fp32", "int8", "fp4-e3m0")
     """Pseudo-gradient codecs of the overlapped Streaming runs."""
     headline_codec: str = "fp4-e3m0"
@@ -250,7 +254,7 @@ QUICK = QualitySpec(
     size="nano", seq_len=32, global_batch=8, tokens_per_param=0.25, step_multiple=12, min_rounds=2,
     warmup_steps=4, evals=3, eval_sequences=16, workers=(1, 2, 4), tune_workers=4,
     dp_lrs=(3e-3, 6e-3), diloco_grid=((3e-3, 0.7, 0.8, 4), (3e-3, 0.7, 0.8, 6)),
-    outer_lrs_by_workers=((1, (0.4,)), (2, (0.7,))), runtime_limit_s=180.0,
+    outer_lrs_by_workers=((1, (0.4,)), (2, (0.7,))), overlap_mixings=(0.0, 0.5), runtime_limit_s=180.0,
 )
 
 
@@ -264,6 +268,7 @@ class Job:
     codec: str = "fp32"
     variant: str | None = None
     seed: int = 0
+    mixing: float | None = None  # α of an overlapped Streaming run (None: the trainer's default)
 
     @property
     def name(self) -> str:
@@ -271,7 +276,7 @@ class Job:
         if self.method != "dp":
             s += f"-olr{self.hp.outer_lr:g}-mom{self.hp.outer_momentum:g}-H{self.hp.inner_steps}"
         if self.method == "streaming-overlap":
-            s += f"-{self.codec}"
+            s += f"-{self.codec}" + ("" if self.mixing is None else f"-mix{self.mixing:g}")
         if self.variant:
             s += f"-{self.variant}"
         return s + f"-s{self.seed}"
@@ -302,6 +307,8 @@ class Job:
                 f"--algo.sync_delay={spec.overlap_delay if self.method == 'streaming-overlap' else 0}",
                 f"--algo.codec={self.codec}",
             ]
+        if self.mixing is not None:
+            o.append(f"--algo.mixing={self.mixing}")
         if self.variant:
             o += list(VARIANTS[self.variant])
         return o + list(spec.extra_overrides)
@@ -314,7 +321,9 @@ class Plan:
     tune_dp: list[Job]
     tune_diloco: list[Job]
     by_workers: dict[int, list[Job]] = field(default_factory=dict)  # DiLoCo at each other M
-    streaming: list[Job] = field(default_factory=list)
+    streaming: list[Job] = field(default_factory=list)  # (DiLoCo at Streaming's H,) Streaming τ = 0
+    mixing: list[Job] = field(default_factory=list)  # overlap + headline codec, each α
+    overlap: list[Job] = field(default_factory=list)  # overlap, every codec, at the best α
     variants: list[Job] = field(default_factory=list)
     seeds: list[Job] = field(default_factory=list)
 
@@ -335,10 +344,17 @@ def later_jobs(spec: QualitySpec, plan: Plan, best_dp: Hparams, best_diloco: Hpa
             plan.by_workers[M] = [Job("diloco", M, replace(best_diloco, outer_lr=o)) for o in olrs]
     Mt = spec.tune_workers
     hs = replace(best_diloco, inner_steps=spec.streaming_inner_steps(best_diloco.inner_steps))
-    plan.streaming = [Job("streaming", Mt, hs)] + [Job("streaming-overlap", Mt, hs, codec=c) for c in spec.streaming_codecs]
+    plan.streaming = [Job("streaming", Mt, hs)]
     if hs != best_diloco:  # DiLoCo at Streaming's H, to tell the cost of H from the cost of streaming
         plan.streaming.insert(0, Job("diloco", Mt, hs))
-    plan.variants = [Job("streaming-overlap", Mt, hs, codec=spec.headline_codec, variant=v) for v in spec.variants]
+    plan.mixing = [Job("streaming-overlap", Mt, hs, codec=spec.headline_codec, mixing=a) for a in spec.overlap_mixings]
+    return plan
+
+
+def overlap_jobs(spec: QualitySpec, plan: Plan, head: Job) -> Plan:
+    """Stage 3b/4: every codec and variant at the α the headline codec chose (``head``)."""
+    plan.overlap = [head if c == spec.headline_codec else replace(head, codec=c) for c in spec.streaming_codecs]
+    plan.variants = [replace(head, variant=v) for v in spec.variants]
     return plan
 
 
@@ -349,19 +365,34 @@ def seed_jobs(spec: QualitySpec, headline: list[Job]) -> list[Job]:
 
 # ---- running ------------------------------------------------------------------------
 
-def _train_job(name: str, overrides: list[str], work_dir: str) -> dict:
+def _train_job(name: str, overrides: list[str], work_dir: str, reuse: bool = False) -> dict:
     """Train one run (in a pool process); return its record. The trainer's log lines go
-    to ``work_dir/name.log``; checkpoints are deleted (only metrics are needed)."""
-    from farsync.train.config import build_config
+    to ``work_dir/name.log``; checkpoints are deleted (only metrics are needed). With
+    ``reuse``, a finished run already in ``work_dir`` whose resolved config is this one's
+    is read back instead of trained again."""
+    from farsync.train.config import build_config, to_toml
     from farsync.train.loop import train
 
     cfg = build_config(None, overrides + [f"--train.run_dir={work_dir}", f"--train.name={name}"])
+    run_dir = os.path.join(work_dir, name)
+    if reuse and _finished_with(run_dir, to_toml(cfg)):
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            return {**_record(name, cfg, json.load(f), run_dir), "reused": True}
     os.makedirs(work_dir, exist_ok=True)
     with open(os.path.join(work_dir, f"{name}.log"), "w") as logf, contextlib.redirect_stderr(logf):
         summary = train(cfg)
-    run_dir = summary["run_dir"]
-    shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
-    return _record(name, cfg, summary, run_dir)
+    shutil.rmtree(os.path.join(summary["run_dir"], "checkpoints"), ignore_errors=True)
+    return {**_record(name, cfg, summary, summary["run_dir"]), "reused": False}
+
+
+def _finished_with(run_dir: str, config_toml: str) -> bool:
+    """A run directory holding a finished run (summary.json) of exactly this config."""
+    try:
+        with open(os.path.join(run_dir, "config.toml")) as f:
+            same = f.read() == config_toml
+    except FileNotFoundError:
+        return False
+    return same and os.path.exists(os.path.join(run_dir, "summary.json"))
 
 
 def _record(name: str, cfg, summary: dict, run_dir: str) -> dict:
@@ -409,7 +440,7 @@ def _cost(job: Job) -> float:
 
 
 def run_jobs(jobs: list[Job], spec: QualitySpec, work_dir: str, n_procs: int, done: dict[str, dict],
-             log: Log) -> None:
+             log: Log, reuse: bool = False) -> None:
     """Train every job not yet in ``done`` (keyed by name); add the records to it."""
     todo: dict[str, Job] = {}
     for j in jobs:
@@ -425,15 +456,15 @@ def run_jobs(jobs: list[Job], spec: QualitySpec, work_dir: str, n_procs: int, do
         count += 1
         done[rec["name"]] = rec
         log(f"  [{count}/{len(order)}] {rec['name']:<52} eval loss {rec['final_eval_loss']:.4f}  "
-            f"{rec['wall_seconds']:.0f} s")
+            f"{rec['wall_seconds']:.0f} s" + ("  (reused)" if rec["reused"] else ""))
 
     if n_procs <= 1:
         for j in order:
-            finished(_train_job(j.name, j.overrides(spec), work_dir))
+            finished(_train_job(j.name, j.overrides(spec), work_dir, reuse))
         return
     ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
     with ProcessPoolExecutor(max_workers=min(n_procs, len(order)), mp_context=ctx) as pool:
-        futures = [pool.submit(_train_job, j.name, j.overrides(spec), work_dir) for j in order]
+        futures = [pool.submit(_train_job, j.name, j.overrides(spec), work_dir, reuse) for j in order]
         for fut in as_completed(futures):
             finished(fut.result())
 
@@ -473,6 +504,7 @@ def gap_row(spec: QualitySpec, runs: dict[str, dict], job: Job, dp_job: Job, see
         "workers": job.workers,
         "codec": job.codec,
         "variant": job.variant,
+        "mixing": job.mixing,
         "eval_loss": eval_loss["mean"],
         "dp_eval_loss": _seed_stats([d["final_eval_loss"] for d in dps])["mean"],
         "gap_pct": sum(gaps) / len(gaps),
@@ -492,7 +524,7 @@ def gap_row(spec: QualitySpec, runs: dict[str, dict], job: Job, dp_job: Job, see
 
 
 def _sweep(jobs: list[Job], runs: dict[str, dict]) -> dict:
-    grid = [{"hparams": asdict(j.hp), "workers": j.workers, "run": j.name,
+    grid = [{"hparams": asdict(j.hp), "workers": j.workers, "mixing": j.mixing, "run": j.name,
              "final_eval_loss": runs[j.name]["final_eval_loss"]} for j in jobs]
     best = best_of(jobs, runs)
     return {"grid": grid, "best": {"hparams": asdict(best.hp), "run": best.name,
@@ -500,17 +532,17 @@ def _sweep(jobs: list[Job], runs: dict[str, dict]) -> dict:
 
 
 def build_report(spec: QualitySpec, plan: Plan, runs: dict[str, dict], runtime_s: float, quick: bool,
-                 command: str) -> dict:
+                 command: str, jobs: int = 2) -> dict:
     """Everything quality.json holds, from the finished runs."""
     dp = best_of(plan.tune_dp, runs)
     diloco = {spec.tune_workers: best_of(plan.tune_diloco, runs)}
     for M, js in plan.by_workers.items():
         diloco[M] = best_of(js, runs)
     all_seeds = tuple(spec.seeds)
-    head = next(j for j in plan.streaming if j.method == "streaming-overlap" and j.codec == spec.headline_codec)
+    head = best_of(plan.mixing, runs)
     rows = [gap_row(spec, runs, dp, dp, all_seeds)]
     rows += [gap_row(spec, runs, diloco[M], dp, all_seeds) for M in sorted(diloco)]
-    for j in plan.streaming:
+    for j in plan.streaming + plan.overlap:
         rows.append(gap_row(spec, runs, j, dp, all_seeds if j == head else (0,)))
         if j.method == "diloco":  # DiLoCo again at Streaming's H (see later_jobs)
             rows[-1]["variant"] = AT_STREAMING_H
@@ -538,9 +570,14 @@ def build_report(spec: QualitySpec, plan: Plan, runs: dict[str, dict], runtime_s
     targets["stretch_m4_within_2pct"] = {
         "what": f"Stretch: DiLoCo M = {spec.tune_workers} within 2 %", "value": d4["gap_pct"],
         "threshold": 2.0, "met": d4["gap_pct"] <= 2.0}
+    reused = any(r.get("reused") for r in runs.values())
+    # with reused runs, this invocation's time says nothing: estimate a run from scratch
+    # as the training time of every run, ``jobs`` at a time
+    runtime = sum(r["wall_seconds"] for r in runs.values()) / jobs if reused else runtime_s
     targets["runtime"] = {
         "what": f"{'--quick' if quick else 'full benchmark'} ≤ {spec.runtime_limit_s / 60:g} min on this machine",
-        "value": runtime_s, "threshold": spec.runtime_limit_s, "met": runtime_s <= spec.runtime_limit_s}
+        "value": runtime, "threshold": spec.runtime_limit_s, "met": runtime <= spec.runtime_limit_s,
+        "estimated": reused}
     return {
         "benchmark": "quality",
         "quick": quick,
@@ -549,6 +586,10 @@ def build_report(spec: QualitySpec, plan: Plan, runs: dict[str, dict], runtime_s
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "torch": _torch_version(), "cpus": os.cpu_count()},
         "runtime_seconds": runtime_s,
+        "reused_runs": sorted(n for n, r in runs.items() if r.get("reused")),
+        # what training every run took, two at a time as the benchmark runs them: the
+        # runtime of a run from scratch, also when this one reused earlier runs
+        "train_seconds_total": sum(r["wall_seconds"] for r in runs.values()),
         "spec": asdict(spec),
         "steps": spec.steps(),
         "gap_table": rows,
@@ -556,6 +597,7 @@ def build_report(spec: QualitySpec, plan: Plan, runs: dict[str, dict], runtime_s
             "dp": _sweep(plan.tune_dp, runs),
             "diloco": _sweep(plan.tune_diloco, runs),
             "diloco_outer_lr_by_workers": {str(M): _sweep(js, runs) for M, js in plan.by_workers.items()},
+            "streaming_mixing": _sweep(plan.mixing, runs),
         },
         "targets": targets,
         "runs": runs,
@@ -569,9 +611,10 @@ def _torch_version() -> str:
 
 
 def run_benchmark(spec: QualitySpec, out_dir: str, work_dir: str, jobs: int = 2, quick: bool = False,
-                  command: str = "", log: Log | None = None) -> dict:
+                  command: str = "", log: Log | None = None, reuse: bool = False) -> dict:
     """Run every stage, write quality.json, quality.md and the plots to ``out_dir``;
-    return the report. Run directories go under ``work_dir``."""
+    return the report. Run directories go under ``work_dir``; with ``reuse``, finished
+    runs there of an unchanged config are read back instead of trained again."""
     from farsync.bench.quality_report import write_markdown, write_plots
     from farsync.train.config import build_config
 
@@ -580,8 +623,9 @@ def run_benchmark(spec: QualitySpec, out_dir: str, work_dir: str, jobs: int = 2,
     plan = tuning_jobs(spec)
     # every configuration the plan can produce is checked before anything trains
     probe = later_jobs(spec, tuning_jobs(spec), plan.tune_dp[0].hp, plan.tune_diloco[0].hp)
+    overlap_jobs(spec, probe, probe.mixing[0])
     for j in [*plan.tune_dp, *plan.tune_diloco, *[j for js in probe.by_workers.values() for j in js],
-              *probe.streaming, *probe.variants]:
+              *probe.streaming, *probe.mixing, *probe.overlap, *probe.variants]:
         build_config(None, j.overrides(spec))
 
     t0 = time.perf_counter()
@@ -589,25 +633,28 @@ def run_benchmark(spec: QualitySpec, out_dir: str, work_dir: str, jobs: int = 2,
     n = len(plan.tune_dp) + len(plan.tune_diloco)
     log(f"quality: {spec.size}, {spec.parameters():,} parameters, {spec.steps()} steps of "
         f"{spec.global_batch}×{spec.seq_len} tokens; stage 1, tuning ({n} runs, {jobs} at a time)")
-    run_jobs(plan.tune_dp + plan.tune_diloco, spec, work_dir, jobs, runs, log)
+    run_jobs(plan.tune_dp + plan.tune_diloco, spec, work_dir, jobs, runs, log, reuse)
     best_dp, best_diloco = best_of(plan.tune_dp, runs), best_of(plan.tune_diloco, runs)
     log(f"quality: tuned DP {best_dp.hp.label()}; DiLoCo (M = {spec.tune_workers}) {best_diloco.hp.label()}")
 
     later_jobs(spec, plan, best_dp.hp, best_diloco.hp)
-    rest = [j for js in plan.by_workers.values() for j in js] + plan.streaming + plan.variants
-    log(f"quality: stages 2–4, DiLoCo at M = {', '.join(map(str, plan.by_workers))}, Streaming, variants "
+    rest = [j for js in plan.by_workers.values() for j in js] + plan.streaming + plan.mixing
+    log(f"quality: stages 2–3, DiLoCo at M = {', '.join(map(str, plan.by_workers))}, Streaming, overlap over α "
         f"({len(rest)} runs)")
-    run_jobs(rest, spec, work_dir, jobs, runs, log)
+    run_jobs(rest, spec, work_dir, jobs, runs, log, reuse)
+    head = best_of(plan.mixing, runs)
+    overlap_jobs(spec, plan, head)
+    log(f"quality: overlap α {head.mixing:g}; stage 4, the other codecs and the variants at it")
+    run_jobs(plan.overlap + plan.variants, spec, work_dir, jobs, runs, log, reuse)
 
-    chosen = [best_dp, best_diloco] + [best_of(js, runs) for js in plan.by_workers.values()]
-    chosen.append(next(j for j in plan.streaming if j.method == "streaming-overlap" and j.codec == spec.headline_codec))
+    chosen = [best_dp, best_diloco] + [best_of(js, runs) for js in plan.by_workers.values()] + [head]
     plan.seeds = seed_jobs(spec, chosen)
     log(f"quality: stage 5, seeds {', '.join(str(s) for s in spec.seeds if s)} of the headline rows "
         f"({len(plan.seeds)} runs)")
-    run_jobs(plan.seeds, spec, work_dir, jobs, runs, log)
+    run_jobs(plan.seeds, spec, work_dir, jobs, runs, log, reuse)
     runtime = time.perf_counter() - t0
 
-    report = build_report(spec, plan, runs, runtime, quick, command)
+    report = build_report(spec, plan, runs, runtime, quick, command, jobs)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "quality.json"), "w") as f:
         json.dump(report, f, indent=1)

@@ -37,6 +37,9 @@ def quality(
     work_dir: Optional[str] = typer.Option(
         None, "--work-dir", help="Run directories (default benchmarks/out/quality[-quick])."),
     jobs: int = typer.Option(2, "--jobs", help="Runs trained at once, one torch thread each."),
+    reuse: bool = typer.Option(
+        False, "--reuse", help="Read back finished runs in --work-dir whose resolved config is unchanged "
+                               "instead of training them again (after an interruption, or when the plan grew)."),
     size: Optional[str] = typer.Option(None, "--size", help="Model size (default micro; quick nano)."),
     tokens_per_param: Optional[float] = typer.Option(
         None, "--tokens-per-param", help="Token budget per parameter (default 20)."),
@@ -57,11 +60,11 @@ def quality(
     suffix = "-quick" if quick else ""
     out_dir = out or ("benchmarks/out/quality-quick" if quick else "benchmarks/results")
     given = [("--quick", quick or None), ("--out", out), ("--work-dir", work_dir),
-             ("--jobs", jobs if jobs != 2 else None), ("--size", size), ("--tokens-per-param", tokens_per_param)]
+             ("--jobs", jobs if jobs != 2 else None), ("--reuse", reuse or None), ("--size", size), ("--tokens-per-param", tokens_per_param)]
     command = " ".join(["farsync bench quality"] + [
         flag if value is True else f"{flag} {shlex.quote(str(value))}" for flag, value in given if value is not None])
     user_errors(lambda: run_benchmark(spec, out_dir, work_dir or f"benchmarks/out/quality{suffix}", jobs=jobs,
-                                      quick=quick, command=command))
+                                      quick=quick, command=command, reuse=reuse))
 
 
 def register(app: typer.Typer) -> None:
