@@ -158,6 +158,8 @@ def test_recipes_in_the_repository_are_valid():
     root = os.path.join(os.path.dirname(__file__), "..", "..", "recipes")
     names = sorted(f for f in os.listdir(root) if f.endswith(".toml"))
     assert "default.toml" in names
+    # default.toml is what runs with no recipe: the config's own defaults
+    assert build_config(load_recipe(os.path.join(root, "default.toml"))) == build_config()
     for name in names:
         cfg = build_config(load_recipe(os.path.join(root, name)))
         if cfg.algo.mode != "dp":  # DiLoCo is judged after enough outer rounds: every recipe gives it ≥ 50

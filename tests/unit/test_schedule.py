@@ -84,7 +84,7 @@ def test_schedule_functions():
     assert schedule.block_fragments(6, 3, "strided") == [0, 1, 2, 0, 1, 2]
     assert schedule.block_fragments(7, 3, "sequential") == [0, 0, 0, 1, 1, 2, 2]
     assert schedule.wire_codec("dp", "fp4-e3m0") == schedule.DP_CODEC == "fp32"
-    assert schedule.default_mixing(0) == 0.0 and schedule.default_mixing(1) == 0.5
+    assert schedule.default_mixing(0) == 0.0 and schedule.default_mixing(1) == schedule.OVERLAP_MIXING == 0.25
 
 
 @pytest.mark.parametrize("module", ["farsync", "farsync.sim", "farsync.schedule", "farsync.wan.guardian", "farsync.units"])

@@ -72,8 +72,9 @@ class DiLoCo(Strategy):
         fragment_groups: explicit fragments (name patterns or modules), overriding P and
             the pattern.
         sync_delay: τ, inner steps overlapped with a fragment's exchange; τ < H/P.
-        mixing: α in [0, 1]; None (default) = 0 when τ = 0 (replace, as DiLoCo) and 0.5
-            when τ ≥ 1 (the paper's uniform mix of local and global values).
+        mixing: α in [0, 1]; None (default) = 0 when τ = 0 (replace, as DiLoCo) and
+            0.25 when τ ≥ 1 (measured best by farsync's quality benchmark; the paper's
+            uniform mix is 0.5, see :data:`farsync.schedule.OVERLAP_MIXING`).
         codec: pseudo-gradient codec (``fp32``, ``bf16``, ``int8``, ``fp4-e3m0``,
             ``fp4-e2m1``).
         codec_block_size: values per codec scale block (codec default when None).

@@ -140,7 +140,7 @@ class QualitySpec:
         (4e-3, 0.7, 0.8, 10), (4e-3, 0.7, 0.8, 30),  # H
     )
     """(inner lr, outer lr, outer momentum, H) points tried at M = tune_workers; as many as
-    dp_lrs."""
+    dp_lrs. The first is the centre the loss-vs-hyperparameter plots slice through."""
     outer_lrs_by_workers: tuple[tuple[int, tuple[float, ...]], ...] = (
         (1, (0.3, 0.5, 0.7)), (2, (0.5, 0.7, 1.0)), (8, (0.7, 1.0, 1.3)),
     )

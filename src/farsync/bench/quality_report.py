@@ -9,7 +9,9 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
+from farsync.algorithms.accounting import dp_bytes_per_step  # noqa: E402
 from farsync.units import format_bytes  # noqa: E402
 
 METHOD_LABELS = {
@@ -158,15 +160,22 @@ def _zoom(ax, ys: list[float]) -> None:
 def _curve_plot(report: dict, kind: str, path: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     late = []
+    M = report["spec"]["tune_workers"]
     for color, r in zip(_COLORS, report["gap_table"]):
         curve = report["runs"][r["runs"][0]]["curve"]
+        label = row_label(r)
+        if kind == "bytes" and r["method"] == "dp":
+            # DP is trained once, at M = 1; plot what M workers would send for the same steps
+            per_step = M * dp_bytes_per_step(M, r["parameters"])
+            curve = [{**p, "bytes_sent_total": p["step"] * per_step} for p in curve]
+            label += f" (bytes of M = {M})"
         if kind == "bytes":
             curve = [p for p in curve if p["bytes_sent_total"] > 0]
         if not curve:
             continue
         x = [p["tokens"] if kind == "tokens" else p["bytes_sent_total"] for p in curve]
         y = [p["eval_loss"] for p in curve]
-        ax.plot(x, y, marker="o", ms=3, lw=1.2, color=color, label=row_label(r))
+        ax.plot(x, y, marker="o", ms=3, lw=1.2, color=color, label=label)
         late += y[len(y) // 3:]
     _zoom(ax, late)
     if kind == "bytes":
@@ -183,11 +192,11 @@ def _curve_plot(report: dict, kind: str, path: str) -> None:
     plt.close(fig)
 
 
-def _slice(grid: list[dict], best: dict, axis: str) -> list[tuple[float, float]]:
-    """The grid points that differ from the best only along ``axis``."""
+def _slice(grid: list[dict], centre: dict, axis: str) -> list[tuple[float, float]]:
+    """The grid points that differ from ``centre`` only along ``axis``."""
     others = [k for k in ("lr", "outer_lr", "outer_momentum", "inner_steps") if k != axis]
     pts = [(g["hparams"][axis], g["final_eval_loss"]) for g in grid
-           if all(g["hparams"][k] == best[k] for k in others)]
+           if all(g["hparams"][k] == centre[k] for k in others)]
     return sorted(pts)
 
 
@@ -200,7 +209,7 @@ def write_plots(report: dict, out_dir: str) -> list[str]:
     d = t["diloco"]
     for ax, axis, xlabel in zip(axes, ("inner_steps", "outer_lr", "outer_momentum", "lr"),
                                 ("H (inner steps per round)", "outer lr", "outer Nesterov momentum", "inner lr")):
-        pts = _slice(d["grid"], d["best"]["hparams"], axis)
+        pts = _slice(d["grid"], d["grid"][0]["hparams"], axis)  # the grid's first point is its centre
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="tab:blue", label=f"DiLoCo, M = {M0}")
         if axis == "outer_lr":
             for color, (M, s) in zip(_COLORS[2:], t["diloco_outer_lr_by_workers"].items()):
@@ -210,12 +219,14 @@ def write_plots(report: dict, out_dir: str) -> list[str]:
             pts = sorted((g["hparams"]["lr"], g["final_eval_loss"]) for g in t["dp"]["grid"])
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "s-", color="black", label="Data-parallel (its lr)")
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on a short decade
         ax.axhline(dp_loss, color="black", ls=":", lw=1, label="best DP")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("final eval loss")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("quality benchmark: loss vs H, outer lr, outer momentum and inner lr (others at their tuned values)")
+    fig.suptitle(f"quality benchmark: final loss along each axis of the M = {M0} grid, through its centre "
+                 f"(other M: outer lr at the tuned inner lr, momentum and H)")
     fig.tight_layout()
     paths = [os.path.join(out_dir, "quality_sweeps.png")]
     fig.savefig(paths[0], dpi=120)

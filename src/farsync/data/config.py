@@ -32,7 +32,7 @@ class DataConfig:
     tokenizer: str = "bpe"
     """"bpe": train a byte-level BPE on the training split (cached by content hash); or a
     path to a Hugging Face tokenizer.json. Ignored for pre-tokenized sources."""
-    vocab_size: int = 4096
+    vocab_size: int = 512
     """BPE vocabulary size (>= 257). With a tokenizer.json the file's own size is used.
     For pre-tokenized sources: must exceed every token id; 0 infers max id + 1."""
     val_fraction: float = 0.05
