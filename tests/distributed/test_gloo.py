@@ -97,3 +97,13 @@ def test_gloo_overlap_hides_slow_exchange(tmp_path):
         assert overlap["sync_events"] == serial["sync_events"] == 3  # sent after steps 4, 6, 8
         assert serial["blocked_seconds"] >= 0.8 * 3 * 0.3
         assert overlap["blocked_seconds"] < 0.25 * serial["blocked_seconds"]
+
+
+def test_gloo_metric_sums_started_during_exchanges_land_equal_on_every_rank(tmp_path):
+    """Sums started every step while exchanges are in flight, read at the end: each is
+    the rank-order sum, the same on both ranks, and the exchanges still match."""
+    cfg = dict(mode="streaming", inner_steps=4, fragments=2, sync_delay=1, delay_s=0.05, metrics=True)
+    stats = launch(2, "equal", [dict(cfg)], tmp_path, steps=8)
+    expect = [[1.0 * (s + 1) + 2.0 * (s + 1), 0.0 + 0.1] for s in range(8)]
+    assert stats[0][0]["metric_sums"] == stats[1][0]["metric_sums"] == expect
+    assert stats[0][0]["sync_events"] == stats[1][0]["sync_events"] > 0
