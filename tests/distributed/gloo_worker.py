@@ -37,8 +37,9 @@ def train(comm, rank, steps, compute_s=0.0, metrics=False, **kw):
         algo.inner_optimizer.zero_grad()
         if metrics:
             sums.append(comm.all_sum_floats_async([float(rank + 1) * (s + 1), 0.1 * rank]))
+    before_finish = algo.stats.to_dict()  # finish() adds its own, waited-for syncs
     algo.finish()
-    return model, algo, [f.result() for f in sums]
+    return model, algo, [f.result() for f in sums], before_finish
 
 
 def main():
@@ -61,10 +62,11 @@ def main():
         compute_s = cfg.pop("compute_s", 0.0)
         metrics = cfg.pop("metrics", False)
         comm = TorchDistributedCommunicator(delay_s=delay)
-        model, algo, sums = train(comm, args.rank, args.steps, compute_s=compute_s, metrics=metrics, **cfg)
+        model, algo, sums, before_finish = train(comm, args.rank, args.steps, compute_s=compute_s,
+                                                 metrics=metrics, **cfg)
         comm.close()
         torch.save([p.detach() for p in model.parameters()], os.path.join(args.out, f"params-{i}-{args.rank}.pt"))
-        results.append({**algo.stats.to_dict(), "metric_sums": sums})
+        results.append({**algo.stats.to_dict(), "metric_sums": sums, "before_finish": before_finish})
     with open(os.path.join(args.out, f"stats-{args.rank}.json"), "w") as f:
         json.dump(results, f)
     dist.destroy_process_group()
