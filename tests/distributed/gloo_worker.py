@@ -23,9 +23,11 @@ from toy import batch, loss_fn, make_model  # noqa: E402
 THREADS = 1  # the in-process side of the test uses the same count: float sums depend on it
 
 
-def train(comm, rank, steps, compute_s=0.0, **kw):
+def train(comm, rank, steps, compute_s=0.0, metrics=False, **kw):
+    """The toy model; with ``metrics``, a metrics sum started every step and read at the end."""
     model = make_model(0)
     algo = make_strategy(model, torch.optim.AdamW(model.parameters(), lr=1e-2), comm, **kw)
+    sums = []
     for s in range(steps):
         x, y = batch(rank, s)
         loss_fn(model, x, y).backward()
@@ -33,8 +35,11 @@ def train(comm, rank, steps, compute_s=0.0, **kw):
             time.sleep(compute_s)  # stands in for a heavier forward/backward
         algo.step()
         algo.inner_optimizer.zero_grad()
+        if metrics:
+            sums.append(comm.all_sum_floats_async([float(rank + 1) * (s + 1), 0.1 * rank]))
+    before_finish = algo.stats.to_dict()  # finish() adds its own, waited-for syncs
     algo.finish()
-    return model, algo
+    return model, algo, [f.result() for f in sums], before_finish
 
 
 def main():
@@ -55,11 +60,13 @@ def main():
     for i, cfg in enumerate(json.loads(args.configs)):
         delay = cfg.pop("delay_s", 0.0)
         compute_s = cfg.pop("compute_s", 0.0)
+        metrics = cfg.pop("metrics", False)
         comm = TorchDistributedCommunicator(delay_s=delay)
-        model, algo = train(comm, args.rank, args.steps, compute_s=compute_s, **cfg)
+        model, algo, sums, before_finish = train(comm, args.rank, args.steps, compute_s=compute_s,
+                                                 metrics=metrics, **cfg)
         comm.close()
         torch.save([p.detach() for p in model.parameters()], os.path.join(args.out, f"params-{i}-{args.rank}.pt"))
-        results.append(algo.stats.to_dict())
+        results.append({**algo.stats.to_dict(), "metric_sums": sums, "before_finish": before_finish})
     with open(os.path.join(args.out, f"stats-{args.rank}.json"), "w") as f:
         json.dump(results, f)
     dist.destroy_process_group()

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from farsync.algorithms import make_strategy, step_in_lockstep
+from farsync.algorithms import finish_in_lockstep, make_strategy, step_in_lockstep
 from farsync.codecs import CODEC_NAMES
 from farsync.comm import InProcessGroup
 from toy import batch, loss_fn, make_model
@@ -65,8 +65,7 @@ def _in_process(world, steps, **kw):
         step_in_lockstep(algos)
         for a in algos:
             a.inner_optimizer.zero_grad()
-    for a in algos:
-        a.finish()
+    finish_in_lockstep(algos)  # one worker's finish waits on exchanges the others launch
     return models, algos
 
 
@@ -93,7 +92,17 @@ def test_gloo_overlap_hides_slow_exchange(tmp_path):
     base = dict(mode="streaming", inner_steps=4, fragments=2, mixing=0.5, delay_s=0.3, compute_s=0.4)
     stats = launch(2, "overlap", [dict(base, sync_delay=1), dict(base, sync_delay=0)], tmp_path, steps=9)
     for r in range(2):
-        overlap, serial = stats[r]
+        overlap, serial = (s["before_finish"] for s in stats[r])  # the training steps, not finish()'s syncs
         assert overlap["sync_events"] == serial["sync_events"] == 3  # sent after steps 4, 6, 8
         assert serial["blocked_seconds"] >= 0.8 * 3 * 0.3
         assert overlap["blocked_seconds"] < 0.25 * serial["blocked_seconds"]
+
+
+def test_gloo_metric_sums_started_during_exchanges_land_equal_on_every_rank(tmp_path):
+    """Sums started every step while exchanges are in flight, read at the end: each is
+    the rank-order sum, the same on both ranks, and the exchanges still match."""
+    cfg = dict(mode="streaming", inner_steps=4, fragments=2, sync_delay=1, delay_s=0.05, metrics=True)
+    stats = launch(2, "equal", [dict(cfg)], tmp_path, steps=8)
+    expect = [[1.0 * (s + 1) + 2.0 * (s + 1), 0.0 + 0.1] for s in range(8)]
+    assert stats[0][0]["metric_sums"] == stats[1][0]["metric_sums"] == expect
+    assert stats[0][0]["sync_events"] == stats[1][0]["sync_events"] > 0

@@ -99,6 +99,31 @@ def test_ctrl_c_checkpoints_and_resume_equals_uninterrupted_run(tmp_path):
     assert resumed["bytes_sent_per_worker"] == full["bytes_sent_per_worker"]
 
 
+def test_metrics_rows_equal_a_loop_that_waits_for_each_sum(tmp_path, monkeypatch):
+    """Rows are written a log interval after their sum starts, and before checkpoints:
+    the same rows, in the same order, as a loop that waits for the sum at its log step."""
+    from farsync.train import loop
+
+    extra = {"train.checkpoint_every": 5, "train.log_every": 3}
+    deferred = train(_run(tmp_path, "deferred", steps=16, **extra))
+    log_step = loop.log_step
+
+    def waiting_log_step(run, done):
+        log_step(run, done)
+        loop.land_metrics(run)
+
+    monkeypatch.setattr(loop, "log_step", waiting_log_step)
+    waits = train(_run(tmp_path, "waits", steps=16, **extra))
+    rows = lambda n: [{k: v for k, v in json.loads(x).items() if k != "wall_seconds"}
+                      for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
+    assert rows("deferred") == rows("waits")
+    assert [(r["kind"], r["step"]) for r in rows("deferred")] == [
+        ("train", 3), ("train", 6), ("eval", 6), ("train", 9), ("train", 12), ("eval", 12), ("train", 15),
+        ("train", 16), ("eval", 16)]
+    for key in ("final_train_loss", "final_eval_loss", "bytes_sent_per_worker"):
+        assert deferred[key] == waits[key], key
+
+
 def test_a_failed_checkpoint_write_leaves_the_last_good_one(tmp_path, monkeypatch):
     run = str(tmp_path)
     ckpt.save_worker(run, 10, 0, {"x": torch.ones(3)})

@@ -7,6 +7,8 @@ the payload's; every receive of a phase is posted before any of its sends.
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import pytest
@@ -60,6 +62,7 @@ def fake_comm(monkeypatch, rank, world):
     comm = object.__new__(TorchDistributedCommunicator)
     comm.rank, comm.world_size, comm.delay_s = rank, world, 0.0
     comm._group, comm._control = PAYLOAD, CONTROL
+    comm._metrics = ThreadPoolExecutor(max_workers=1)
     return comm, fake
 
 
@@ -74,6 +77,29 @@ def test_metrics_use_the_control_group_receives_first_and_sum_in_rank_order(monk
     for j in range(world):  # rank order, float64
         expect += torch.tensor(mine, dtype=torch.float64) if j == rank else torch.full((3,), j + 1.0, dtype=torch.float64)
     assert got == expect.tolist()
+
+
+class _Gated:
+    def __init__(self, gate: threading.Event):
+        self.gate = gate
+
+    def wait(self):
+        assert self.gate.wait(30)
+        return True
+
+
+def test_an_async_sum_returns_at_once_and_sums_run_in_call_order(monkeypatch):
+    comm, fake = fake_comm(monkeypatch, 0, 2)
+    gate = threading.Event()  # every receive completes once the gate opens
+    recv = fake.irecv
+    monkeypatch.setattr(fake, "irecv", lambda t, src, group: (recv(t, src, group), _Gated(gate))[1])
+    first = comm.all_sum_floats_async([1.0])
+    second = comm.all_sum_floats_async([2.0])
+    assert not first.done() and not second.done()
+    gate.set()
+    assert first.result(timeout=30) == [3.0] and second.result(timeout=30) == [4.0]  # + rank 1's 2.0
+    assert fake.calls == [("recv", 1, CONTROL), ("send", 1, CONTROL)] * 2  # one sum after the other
+    comm._metrics.shutdown()
 
 
 @pytest.mark.parametrize("method,world", [("all-gather", 2), ("reduce-scatter", 3)])
@@ -97,6 +123,7 @@ def test_control_group_is_neither_the_payload_group_nor_the_default_group(tmp_pa
             assert comm._control is not comm._group
             assert dist.group.WORLD not in (comm._control, comm._group)
             assert comm.all_sum_floats([1.5, 2.0]) == [1.5, 2.0]
+            assert comm.all_sum_floats_async([0.5]).result(timeout=30) == [0.5]
         finally:
             comm.close()
     finally:

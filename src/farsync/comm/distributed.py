@@ -3,9 +3,11 @@
 Exchanges run on a background thread over a process group of their own, so that with
 a sync delay τ ≥ 1 the inner steps really compute while bytes are in flight. One thread
 means exchanges run in launch order on every rank, which is what matches them across
-ranks. The main thread's metrics (:meth:`all_sum_floats`) go over a second group of
-their own, created beside it: their own TCP connections, never a payload's stream, and
-never the default group that barriers and user code share.
+ranks. Metrics (:meth:`all_sum_floats_async`) go over a second group of their own,
+created beside it: their own TCP connections, never a payload's stream, and never the
+default group that barriers and user code share. They run on a second background thread,
+in call order, so the training loop can start a sum at one log step and read it at the
+next.
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ class TorchDistributedCommunicator(Communicator):
         # and one for the main thread's metrics: connections no payload ever uses
         self._control = dist.new_group(backend=dist.get_backend())
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="farsync-exchange")
+        # every metrics sum, blocking or not, runs here: one thread keeps them in call
+        # order on every rank, which is what matches them across ranks
+        self._metrics = ThreadPoolExecutor(max_workers=1, thread_name_prefix="farsync-metrics")
 
     def all_reduce_mean(self, buf, codec, *, weight=1.0, generator=None, method="auto") -> Work:
         ex.validate_weight(weight)
@@ -128,11 +133,16 @@ class TorchDistributedCommunicator(Communicator):
     # posted first, so the announcements cross together and the values follow: two
     # crossings, 75-165 ms. The sum is taken in rank order in float64: the same bits on
     # every rank. A blocking call cannot do better than one crossing; not waiting at all
-    # needs a caller that collects the result later.
-    def all_sum_floats(self, values: list[float]) -> list[float]:
+    # needs a caller that collects the result later: the training loop starts the sum at
+    # one log step and reads it at the next.
+    def all_sum_floats_async(self, values: list[float]) -> Future:
         t = torch.tensor(values, dtype=torch.float64)
         if dist.get_backend() == "nccl":
-            t = t.cuda()
+            t = t.cuda()  # on the calling thread's device
+        return self._metrics.submit(self._sum, t)
+
+    def _sum(self, t: torch.Tensor) -> list[float]:
+        if dist.get_backend() == "nccl":
             dist.all_reduce(t, group=self._control)
             return [float(x) for x in t.cpu()]
         me, m, g = self.rank, self.world_size, self._control
@@ -147,4 +157,5 @@ class TorchDistributedCommunicator(Communicator):
         return [float(x) for x in total]
 
     def close(self) -> None:
+        self._metrics.shutdown(wait=True)
         self._executor.shutdown(wait=True)

@@ -7,17 +7,18 @@ created here (gloo on CPU, NCCL on GPU) and the exchange gets a
 :class:`~farsync.comm.distributed.TorchDistributedCommunicator`.
 
 A :class:`Group` is what the training loop holds: the communicators of the workers this
-process drives, and the few blocking collectives the loop itself needs (metrics, a run
-name chosen by rank 0, a barrier before a checkpoint is committed, every worker's
-summary). The loop never imports ``torch.distributed``.
+process drives, and the few collectives the loop itself needs (a metrics sum it collects
+later, a run name chosen by rank 0, a barrier before a checkpoint is committed, every
+worker's summary). The loop never imports ``torch.distributed``.
 """
 
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from farsync.comm.base import Communicator
+from farsync.comm.base import Communicator, completed_future
 from farsync.comm.inprocess import InProcessGroup
 
 
@@ -45,9 +46,14 @@ class Group:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def all_sum_async(self, values: list[float]) -> Future:
+        """Start a sum over processes (metrics; not counted as exchange bytes); a Future
+        of the sums, the same bits on every process. In-process: already done."""
+        return self.comms[0].all_sum_floats_async(values) if self.distributed else completed_future(list(values))
+
     def all_sum(self, values: list[float]) -> list[float]:
-        """Blocking sum over processes (metrics; not counted as exchange bytes)."""
-        return self.comms[0].all_sum_floats(values) if self.distributed else list(values)
+        """Blocking sum over processes."""
+        return self.all_sum_async(values).result()
 
     def broadcast(self, obj):
         """Rank 0's ``obj`` on every process."""

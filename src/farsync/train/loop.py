@@ -11,6 +11,10 @@ outer steps when due).
 :func:`build` (config, data, workers), :func:`restore` (from a checkpoint), then per
 step :func:`train_step` and :func:`log_step`, and at the end :func:`finish` (land what
 is in flight, final eval, checkpoint, summary, plots).
+
+A log step's metrics are summed over the processes while training goes on: the sum is
+started at one log step and its row written at the next (:func:`land_metrics`; also
+before every checkpoint and at the end), so the loop never waits for it on the link.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import os
 import signal
 import sys
 import time
+from concurrent.futures import Future
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -105,12 +110,15 @@ def _autocast(device: torch.device):
 
 
 class _StopFlag:
-    """Ctrl-C sets a flag: the loop checkpoints at the next step boundary and exits.
+    """Ctrl-C sets a flag: once every process knows (through a log step's metrics sum,
+    read one log interval later), the loop checkpoints and exits.
     A second Ctrl-C interrupts at once (the last complete checkpoint stays valid)."""
 
     def __init__(self):
         self.requested = False  # this process saw Ctrl-C
-        self.agreed = False  # all processes know; set at a log step, so ranks stop together
+        # all processes know: set when a metrics sum lands, which every process does at
+        # the same step with the same sum, so ranks stop together
+        self.agreed = False
         self._old = None
 
     def __enter__(self):
@@ -131,6 +139,15 @@ class _StopFlag:
 
 
 @dataclass
+class _PendingRow:
+    """A log step's train row whose sum over the processes is still in flight."""
+
+    sums: Future  # of [Σ train loss, Σ Ctrl-C seen, Σ bytes sent], over every worker
+    row: dict  # the row, train_loss and bytes_sent_per_worker still None
+    after: list[dict] = field(default_factory=list)  # rows logged since, written after it
+
+
+@dataclass
 class Run:
     """Everything one training run holds, on this process."""
 
@@ -148,8 +165,9 @@ class Run:
     t_start: float = 0.0
     metrics: IO[str] | None = None  # metrics.jsonl, on rank 0
     bar: Any = None  # the progress bar, on rank 0
-    train_loss: float | None = None  # set at every log step, and the last step always logs
+    train_loss: float | None = None  # set when a log step's sum lands; the last step always logs
     stop: _StopFlag = field(default_factory=_StopFlag)
+    pending: _PendingRow | None = None  # the last log step's row, until its sum lands
 
     @property
     def tokens_per_step(self) -> int:
@@ -162,9 +180,14 @@ class Run:
         _log_main(self.group, msg)
 
     def write_row(self, row: dict) -> None:
-        if self.metrics is not None:
-            self.metrics.write(json.dumps(row) + "\n")
-            self.metrics.flush()
+        """Append ``row`` to metrics.jsonl (rank 0), after a pending log step's row."""
+        if self.metrics is None:
+            return
+        if self.pending is not None:
+            self.pending.after.append(row)
+            return
+        self.metrics.write(json.dumps(row) + "\n")
+        self.metrics.flush()
 
     def close(self) -> None:
         if self.bar is not None:
@@ -293,13 +316,14 @@ def _loop(run: Run) -> dict:
                                "eval_loss": eval_loss(run), "wall_seconds": run.wall()})
             if run.bar is not None:
                 run.bar.update(1)
-            if run.stop.agreed and not last:
-                save(run, done)
+            if last:
+                break
+            if run.stop.agreed or (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0):
+                save(run, done)  # lands the pending metrics first, which may agree a stop
+            if run.stop.agreed:
                 run.close()
                 run.log(f"stopped at step {done}; checkpoint saved. Resume with: farsync train --resume {run.run_dir}")
                 return {"stopped_at": done, "run_dir": run.run_dir}
-            if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and not last:
-                save(run, done)
     return finish(run)
 
 
@@ -335,24 +359,41 @@ def train_step(run: Run, step: int) -> None:
 
 
 def log_step(run: Run, done: int) -> None:
-    """A metrics row (losses and bytes summed over every worker); also where all
-    processes learn whether any of them saw Ctrl-C, so they stop at the same step."""
-    M, workers = run.cfg.algo.workers, run.workers
+    """A metrics row (losses and bytes summed over every worker, and whether any process
+    saw Ctrl-C): lands the previous log step's sum, a log interval old and so normally
+    done, then starts this step's. Its row is written when it lands."""
+    land_metrics(run)
+    workers = run.workers
     local = [sum(w.last_loss for w in workers), float(run.stop.requested), float(sum(w.algo.stats.total_bytes for w in workers))]
-    total = run.group.all_sum(local)
-    run.train_loss = total[0] / M
-    run.stop.agreed = total[1] > 0
     st = workers[0].algo.stats
     row = {
-        "kind": "train", "step": done, "tokens": done * run.tokens_per_step, "train_loss": run.train_loss,
+        "kind": "train", "step": done, "tokens": done * run.tokens_per_step, "train_loss": None,
         "lr": workers[0].scheduler.get_last_lr()[0], "wall_seconds": run.wall(),
-        "bytes_sent_per_worker": total[2] / M, "dp_bytes_per_worker": st.dp_equivalent_bytes,
+        "bytes_sent_per_worker": None, "dp_bytes_per_worker": st.dp_equivalent_bytes,
         "sync_events": st.sync_events,
     }
-    run.write_row(row)
+    run.pending = _PendingRow(run.group.all_sum_async(local), row)
+
+
+def land_metrics(run: Run) -> None:
+    """Wait for the pending log step's sum; write its row, then the rows logged behind it.
+    Every process lands the same sum at the same step, so a Ctrl-C it carries is agreed
+    at the same step everywhere."""
+    p, run.pending = run.pending, None
+    if p is None:
+        return
+    total = p.sums.result()
+    M = run.cfg.algo.workers
+    run.train_loss = total[0] / M
+    if total[1] > 0:
+        run.stop.agreed = True
+    p.row.update(train_loss=run.train_loss, bytes_sent_per_worker=total[2] / M)
+    for row in (p.row, *p.after):
+        run.write_row(row)
     if run.bar is not None:
-        run.bar.set_postfix(loss=f"{run.train_loss:.3f}", tok_s=f"{done * run.tokens_per_step / max(run.wall(), 1e-9):,.0f}",
-                            sent=format_bytes(row["bytes_sent_per_worker"]), refresh=False)
+        r = p.row
+        run.bar.set_postfix(loss=f"{run.train_loss:.3f}", tok_s=f"{r['tokens'] / max(r['wall_seconds'], 1e-9):,.0f}",
+                            sent=format_bytes(r["bytes_sent_per_worker"]), refresh=False)
 
 
 def eval_loss(run: Run) -> float:
@@ -360,7 +401,9 @@ def eval_loss(run: Run) -> float:
 
 
 def save(run: Run, step: int) -> None:
-    """Every local worker's checkpoint; rank 0 commits it once all files exist."""
+    """Every local worker's checkpoint; rank 0 commits it once all files exist. The
+    pending metrics land first: a resume from here finds every row up to ``step``."""
+    land_metrics(run)
     for w in run.workers:
         ckpt.save_worker(run.run_dir, step, w.rank, {
             "model": w.model.state_dict(), "optimizer": w.optimizer.state_dict(),
@@ -380,6 +423,7 @@ def finish(run: Run) -> dict:
         run.bar = None
     finish_in_lockstep([w.algo for w in run.workers])
     final_eval = eval_loss(run)
+    land_metrics(run)  # the last step's row and train loss (the last step always logs)
     run.write_row({"kind": "eval", "step": steps, "tokens": steps * run.tokens_per_step,
                    "eval_loss": final_eval, "wall_seconds": run.wall()})
     save(run, steps)
