@@ -52,20 +52,21 @@ def test_gap_table_schema_and_arithmetic(quick_run):
         assert GAP_KEYS <= set(r), GAP_KEYS - set(r)
         assert r["method"] in ("dp", "diloco", "streaming", "streaming-overlap")
         assert r["size"] == QUICK.size
-    # one DP row (M-invariant at a fixed global batch), DiLoCo at every M, Streaming at M = tune_workers
-    assert [r["workers"] for r in rows if r["method"] == "dp"] == [1]
+    # DP and DiLoCo at every M, Streaming at M = tune_workers
+    assert [r["workers"] for r in rows if r["method"] == "dp"] == sorted(QUICK.workers)
     assert sorted(r["workers"] for r in rows if r["method"] == "diloco" and not r["variant"]) == sorted(QUICK.workers)
     assert {r["workers"] for r in rows if r["method"].startswith("streaming")} == {QUICK.tune_workers}
     assert sorted(r["codec"] for r in rows if r["method"] == "streaming-overlap" and not r["variant"]) == \
         sorted(QUICK.streaming_codecs)
     # every run sees the same tokens, and the gap is per seed, then averaged
     assert len({r["tokens"] for r in rows}) == 1
-    dp = rows[0]
+    dp = {r["workers"]: r for r in rows if r["method"] == "dp"}
     for r in rows:
         losses = [runs[n]["final_eval_loss"] for n in r["runs"]]
-        dps = [runs[n]["final_eval_loss"] for n in dp["runs"][: len(r["seeds"])]]
+        for base, key in ((dp[r["workers"]], "gap_pct"), (dp[1], "gap_pct_vs_dp_m1")):  # same M; and M = 1
+            dps = [runs[n]["final_eval_loss"] for n in base["runs"][: len(r["seeds"])]]
+            assert r[key] == pytest.approx(sum(100 * (a / b - 1) for a, b in zip(losses, dps)) / len(losses))
         assert r["eval_loss"] == pytest.approx(sum(losses) / len(losses))
-        assert r["gap_pct"] == pytest.approx(sum(100 * (a / b - 1) for a, b in zip(losses, dps)) / len(losses))
         assert all(math.isfinite(x) for x in losses)
         run = runs[r["runs"][0]]
         assert run["curve"][-1]["eval_loss"] == run["final_eval_loss"]
@@ -74,7 +75,9 @@ def test_gap_table_schema_and_arithmetic(quick_run):
             assert r["bytes_ratio"] == pytest.approx(run["dp_equivalent_bytes_per_worker"] / run["bytes_sent_per_worker_max"])
         if r["method"] == "diloco":
             assert r["scaling_law_gap_pct"] == scaling_law_gap_pct(r["workers"], r["parameters"])
-    assert dp["gap_pct"] == 0.0
+    assert all(r["gap_pct"] == 0.0 for r in dp.values())
+    # DP at every M is the tuned DP, on that M's batches: the same lr, its own runs
+    assert len({r["hparams"]["lr"] for r in dp.values()}) == 1 and len({r["runs"][0] for r in dp.values()}) == len(dp)
 
 
 @pytest.mark.slow
@@ -86,7 +89,7 @@ def test_seeds_bytes_and_tuning(quick_run):
     head = by[("streaming-overlap", M, QUICK.headline_codec, None)]
     # headline rows carry every seed; the others seed 0 only
     for r in rows:
-        headline = (r["method"] in ("dp", "diloco") and not r["variant"]) or r is head
+        headline = (r["method"] in ("dp", "diloco") and not r["variant"]) or r is head  # DP: every M
         assert r["seeds"] == (list(QUICK.seeds) if headline else [0])
         assert len(r["runs"]) == len(r["seeds"])
     # same schedule, smaller payloads: fp4 < int8 < fp32; fragments lower the peak
@@ -98,7 +101,7 @@ def test_seeds_bytes_and_tuning(quick_run):
     assert len(t["dp"]["grid"]) == len(t["diloco"]["grid"])
     for s in [t["dp"], t["diloco"], *t["diloco_outer_lr_by_workers"].values()]:
         assert s["best"]["final_eval_loss"] == min(g["final_eval_loss"] for g in s["grid"])
-    assert by[("dp", 1, "fp32", None)]["hparams"] == t["dp"]["best"]["hparams"]
+    assert all(r["hparams"] == t["dp"]["best"]["hparams"] for r in rows if r["method"] == "dp")
     assert by[("diloco", M, "fp32", None)]["hparams"] == t["diloco"]["best"]["hparams"]
     # Streaming: DiLoCo's tuned values, at the H that meets the bytes target if the tuned one does not
     best = t["diloco"]["best"]["hparams"]

@@ -11,8 +11,11 @@ The regime, chosen so that a 2-core CPU can afford it without cutting rounds:
 
 * one model (``size``) trained on ``tokens_per_param`` tokens per parameter, every run the
   same tokens: a fixed **global batch** of ``global_batch`` sequences per step, split evenly
-  over the M workers (DP averages the M gradients, so DP is the same optimisation whatever
-  M: it is trained once, at M = 1, and is every M's baseline);
+  over the M workers. DP averages the M gradients, so in exact arithmetic it is the same
+  optimisation whatever M; but each worker draws from its own shard of the data, and at
+  this size the final loss depends on those batches by ±1 %, so every M has its own DP
+  run on exactly the batches the methods at that M see (its lr tuned once, at M = 1),
+  and the gap is taken against it (the gap to DP at M = 1 is reported beside it);
 * steps = tokens ÷ (global batch × sequence length), rounded to a multiple of
   ``step_multiple`` so that every H tried divides it: each run ends on a sync and gets
   ≥ 50 outer rounds at the largest H (checked);
@@ -321,6 +324,7 @@ class Plan:
     tune_dp: list[Job]
     tune_diloco: list[Job]
     by_workers: dict[int, list[Job]] = field(default_factory=dict)  # DiLoCo at each other M
+    dp_by_workers: dict[int, Job] = field(default_factory=dict)  # tuned DP at each M > 1
     streaming: list[Job] = field(default_factory=list)  # (DiLoCo at Streaming's H,) Streaming τ = 0
     mixing: list[Job] = field(default_factory=list)  # overlap + headline codec, each α
     overlap: list[Job] = field(default_factory=list)  # overlap, every codec, at the best α
@@ -329,7 +333,7 @@ class Plan:
 
 
 def tuning_jobs(spec: QualitySpec) -> Plan:
-    """Stage 1: DP over its lr at M = 1 (DP is M-invariant at a fixed global batch) and
+    """Stage 1: DP over its lr at M = 1 (one optimisation at any M, in exact arithmetic) and
     DiLoCo over its grid at M = tune_workers."""
     return Plan(
         tune_dp=[Job("dp", 1, Hparams(lr)) for lr in spec.dp_lrs],
@@ -342,6 +346,9 @@ def later_jobs(spec: QualitySpec, plan: Plan, best_dp: Hparams, best_diloco: Hpa
     for M, olrs in spec.outer_lrs_by_workers:
         if M in spec.workers and M != spec.tune_workers:
             plan.by_workers[M] = [Job("diloco", M, replace(best_diloco, outer_lr=o)) for o in olrs]
+    # DP at every M: the same optimisation as at M = 1 in exact arithmetic, but each worker
+    # draws from its own shard, so these see exactly the batches the methods at M see
+    plan.dp_by_workers = {M: Job("dp", M, best_dp) for M in spec.workers if M > 1}
     Mt = spec.tune_workers
     hs = replace(best_diloco, inner_steps=spec.streaming_inner_steps(best_diloco.inner_steps))
     plan.streaming = [Job("streaming", Mt, hs)]
@@ -534,19 +541,26 @@ def _sweep(jobs: list[Job], runs: dict[str, dict]) -> dict:
 def build_report(spec: QualitySpec, plan: Plan, runs: dict[str, dict], runtime_s: float, quick: bool,
                  command: str, jobs: int = 2) -> dict:
     """Everything quality.json holds, from the finished runs."""
-    dp = best_of(plan.tune_dp, runs)
+    dp = {1: best_of(plan.tune_dp, runs), **plan.dp_by_workers}
     diloco = {spec.tune_workers: best_of(plan.tune_diloco, runs)}
     for M, js in plan.by_workers.items():
         diloco[M] = best_of(js, runs)
     all_seeds = tuple(spec.seeds)
     head = best_of(plan.mixing, runs)
-    rows = [gap_row(spec, runs, dp, dp, all_seeds)]
-    rows += [gap_row(spec, runs, diloco[M], dp, all_seeds) for M in sorted(diloco)]
+
+    def row(job: Job, seeds: tuple[int, ...]) -> dict:
+        """Against DP at the job's own M (the same shards and batches), and at M = 1."""
+        r = gap_row(spec, runs, job, dp[job.workers], seeds)
+        r["gap_pct_vs_dp_m1"] = gap_row(spec, runs, job, dp[1], seeds)["gap_pct"]
+        return r
+
+    rows = [row(dp[M], all_seeds) for M in sorted(dp)]
+    rows += [row(diloco[M], all_seeds) for M in sorted(diloco)]
     for j in plan.streaming + plan.overlap:
-        rows.append(gap_row(spec, runs, j, dp, all_seeds if j == head else (0,)))
+        rows.append(row(j, all_seeds if j == head else (0,)))
         if j.method == "diloco":  # DiLoCo again at Streaming's H (see later_jobs)
             rows[-1]["variant"] = AT_STREAMING_H
-    rows += [gap_row(spec, runs, j, dp, (0,)) for j in plan.variants]
+    rows += [row(j, (0,)) for j in plan.variants]
     by = {(r["method"], r["workers"], r["codec"], r["variant"]): r for r in rows}
     d4 = by[("diloco", spec.tune_workers, "fp32", None)]
     h = by[("streaming-overlap", spec.tune_workers, spec.headline_codec, None)]
@@ -624,7 +638,8 @@ def run_benchmark(spec: QualitySpec, out_dir: str, work_dir: str, jobs: int = 2,
     # every configuration the plan can produce is checked before anything trains
     probe = later_jobs(spec, tuning_jobs(spec), plan.tune_dp[0].hp, plan.tune_diloco[0].hp)
     overlap_jobs(spec, probe, probe.mixing[0])
-    for j in [*plan.tune_dp, *plan.tune_diloco, *[j for js in probe.by_workers.values() for j in js],
+    for j in [*plan.tune_dp, *plan.tune_diloco, *probe.dp_by_workers.values(),
+              *[j for js in probe.by_workers.values() for j in js],
               *probe.streaming, *probe.mixing, *probe.overlap, *probe.variants]:
         build_config(None, j.overrides(spec))
 
@@ -638,8 +653,9 @@ def run_benchmark(spec: QualitySpec, out_dir: str, work_dir: str, jobs: int = 2,
     log(f"quality: tuned DP {best_dp.hp.label()}; DiLoCo (M = {spec.tune_workers}) {best_diloco.hp.label()}")
 
     later_jobs(spec, plan, best_dp.hp, best_diloco.hp)
-    rest = [j for js in plan.by_workers.values() for j in js] + plan.streaming + plan.mixing
-    log(f"quality: stages 2–3, DiLoCo at M = {', '.join(map(str, plan.by_workers))}, Streaming, overlap over α "
+    rest = [*plan.dp_by_workers.values()] + [j for js in plan.by_workers.values() for j in js] + \
+        plan.streaming + plan.mixing
+    log(f"quality: stages 2–3, DP and DiLoCo at M = {', '.join(map(str, plan.by_workers))}, Streaming, overlap over α "
         f"({len(rest)} runs)")
     run_jobs(rest, spec, work_dir, jobs, runs, log, reuse)
     head = best_of(plan.mixing, runs)
@@ -647,7 +663,8 @@ def run_benchmark(spec: QualitySpec, out_dir: str, work_dir: str, jobs: int = 2,
     log(f"quality: overlap α {head.mixing:g}; stage 4, the other codecs and the variants at it")
     run_jobs(plan.overlap + plan.variants, spec, work_dir, jobs, runs, log, reuse)
 
-    chosen = [best_dp, best_diloco] + [best_of(js, runs) for js in plan.by_workers.values()] + [head]
+    chosen = [best_dp, *plan.dp_by_workers.values(), best_diloco] + \
+        [best_of(js, runs) for js in plan.by_workers.values()] + [head]
     plan.seeds = seed_jobs(spec, chosen)
     log(f"quality: stage 5, seeds {', '.join(str(s) for s in spec.seeds if s)} of the headline rows "
         f"({len(plan.seeds)} runs)")
