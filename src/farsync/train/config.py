@@ -124,8 +124,10 @@ class TrainConfig:
     """Run name (default: mode-codec-timestamp)."""
     device: str = "auto"
     """auto (cuda if available), cpu or cuda."""
-    threads: int = 0
-    """torch intra-op threads; 0 = torch's default."""
+    threads: int = 1
+    """torch intra-op threads; 0 = torch's default. 1 by default: the small CPU models' matmuls
+    do not scale (the default run took 117 s on 1 thread and ran ~4× slower on 2 threads
+    while another process used the second core); set 0 for larger models."""
     exchange_delay_s: float = 0.0
     """Test hook: every exchange takes at least this long (emulates a slow link)."""
     progress: bool = True
