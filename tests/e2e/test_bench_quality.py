@@ -125,6 +125,8 @@ def test_the_full_spec_is_the_papers_regime():
     # Streaming + fp4 reaches 100× fewer bytes than DP at some H of the grid
     assert spec.streaming_bytes_ratio(max(p[-1] for p in spec.diloco_grid)) >= spec.streaming_min_bytes_ratio
     assert len(spec.dp_lrs) == len(spec.diloco_grid)
+    with pytest.raises(ValueError, match="eval_sequences"):
+        QualitySpec(eval_sequences=100).validate()  # not the same held-out set at every M
     with pytest.raises(ValueError, match="fewer than"):
         QualitySpec(diloco_grid=spec.diloco_grid[:-1] + ((4e-3, 0.7, 0.8, 60),)).validate()
 
