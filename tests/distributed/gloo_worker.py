@@ -61,12 +61,15 @@ def main():
         delay = cfg.pop("delay_s", 0.0)
         compute_s = cfg.pop("compute_s", 0.0)
         metrics = cfg.pop("metrics", False)
+        threads = len(os.listdir("/proc/self/task"))  # OS threads, gloo's included
         comm = TorchDistributedCommunicator(delay_s=delay)
         model, algo, sums, before_finish = train(comm, args.rank, args.steps, compute_s=compute_s,
                                                  metrics=metrics, **cfg)
         comm.close()
+        threads_left = len(os.listdir("/proc/self/task")) - threads
         torch.save([p.detach() for p in model.parameters()], os.path.join(args.out, f"params-{i}-{args.rank}.pt"))
-        results.append({**algo.stats.to_dict(), "metric_sums": sums, "before_finish": before_finish})
+        results.append({**algo.stats.to_dict(), "metric_sums": sums, "before_finish": before_finish,
+                        "threads_left": threads_left})
     with open(os.path.join(args.out, f"stats-{args.rank}.json"), "w") as f:
         json.dump(results, f)
     dist.destroy_process_group()

@@ -85,6 +85,9 @@ def test_gloo_processes_match_in_process_for_every_codec(world, tmp_path):
                 assert torch.equal(a, b.detach()), f"{cfg} rank {r}: gloo and in-process differ"
             assert stats[r][i]["bytes_sent"] == algos[r].stats.bytes_sent
             assert stats[r][i]["sync_events"] == algos[r].stats.sync_events
+            # close() joined the communicator's threads and its groups' gloo threads: none
+            # is left to run at interpreter exit (where gloo aborts the process)
+            assert stats[r][i]["threads_left"] == 0, f"{cfg} rank {r}: {stats[r][i]['threads_left']} threads left"
 
 
 def test_gloo_overlap_hides_slow_exchange(tmp_path):

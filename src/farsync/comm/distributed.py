@@ -13,6 +13,7 @@ next.
 from __future__ import annotations
 
 import time
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -35,6 +36,39 @@ class _FutureWork(Work):
         return self._future.done()
 
 
+class _Resources:
+    """The communicator's threads and process groups, held apart from it so that they
+    can be released at interpreter exit without keeping it alive.
+
+    Why release them at all: gloo's worker threads drop each finished collective's
+    handle, and with it the Python tensors it holds. A process that exits right after
+    its last collective can reach the interpreter's teardown before a worker thread has
+    done that; the thread then needs the GIL of a finalizing interpreter and the process
+    aborts ("terminate called without an active exception"; about 1 run in 20 of
+    examples/wrap_your_loop.py on a loaded 2-core box). Destroying the groups while the
+    interpreter is alive joins those threads first. ``torch.distributed.
+    destroy_process_group()`` alone does not: it unregisters the groups, but a group
+    lives, threads and all, while anything still refers to it.
+    """
+
+    def __init__(self, *, group, control, executor: ThreadPoolExecutor, metrics: ThreadPoolExecutor):
+        self.group, self.control, self.executor, self.metrics = group, control, executor, metrics
+
+    def release(self) -> None:
+        if self.executor is None:
+            return
+        self.metrics.shutdown(wait=True)
+        self.executor.shutdown(wait=True)
+        for pg in (self.group, self.control):
+            if dist.is_initialized():  # else destroy_process_group() already did
+                try:
+                    dist.destroy_process_group(pg)
+                except ValueError:  # already destroyed on its own
+                    pass
+        # the last references: each group's destructor joins its threads here
+        self.group = self.control = self.executor = self.metrics = None
+
+
 class TorchDistributedCommunicator(Communicator):
     """This process's endpoint; needs ``torch.distributed`` initialised (e.g. by torchrun).
 
@@ -51,15 +85,36 @@ class TorchDistributedCommunicator(Communicator):
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.delay_s = delay_s
-        # a group of its own: collectives of the exchange thread never interleave with
-        # collectives the main thread issues on the default group
-        self._group = dist.new_group(backend=dist.get_backend())
-        # and one for the main thread's metrics: connections no payload ever uses
-        self._control = dist.new_group(backend=dist.get_backend())
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="farsync-exchange")
-        # every metrics sum, blocking or not, runs here: one thread keeps them in call
-        # order on every rank, which is what matches them across ranks
-        self._metrics = ThreadPoolExecutor(max_workers=1, thread_name_prefix="farsync-metrics")
+        self._res = _Resources(
+            # a group of its own: collectives of the exchange thread never interleave
+            # with collectives the main thread issues on the default group
+            group=dist.new_group(backend=dist.get_backend()),
+            # and one for the main thread's metrics: connections no payload ever uses
+            control=dist.new_group(backend=dist.get_backend()),
+            executor=ThreadPoolExecutor(max_workers=1, thread_name_prefix="farsync-exchange"),
+            # every metrics sum, blocking or not, runs here: one thread keeps them in
+            # call order on every rank, which is what matches them across ranks
+            metrics=ThreadPoolExecutor(max_workers=1, thread_name_prefix="farsync-metrics"),
+        )
+        # released by close(), when this object is collected, or at interpreter exit,
+        # whichever comes first (see _Resources)
+        self._release = weakref.finalize(self, self._res.release)
+
+    @property
+    def _group(self):
+        return self._res.group
+
+    @property
+    def _control(self):
+        return self._res.control
+
+    @property
+    def _executor(self) -> ThreadPoolExecutor:
+        return self._res.executor
+
+    @property
+    def _metrics(self) -> ThreadPoolExecutor:
+        return self._res.metrics
 
     def all_reduce_mean(self, buf, codec, *, weight=1.0, generator=None, method="auto") -> Work:
         ex.validate_weight(weight)
@@ -157,5 +212,5 @@ class TorchDistributedCommunicator(Communicator):
         return [float(x) for x in total]
 
     def close(self) -> None:
-        self._metrics.shutdown(wait=True)
-        self._executor.shutdown(wait=True)
+        self._release()
+

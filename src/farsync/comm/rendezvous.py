@@ -41,6 +41,7 @@ class Group:
     distributed: bool
     comms: list[Communicator] = field(default_factory=list)  # one per local worker
     local_ranks: list[int] = field(default_factory=list)  # the workers' ranks
+    owns_process_group: bool = False  # join() created the default process group
 
     @property
     def is_main(self) -> bool:
@@ -82,8 +83,19 @@ class Group:
             dist.barrier()
 
     def close(self) -> None:
+        """Release the communicators, and the default process group if :func:`join`
+        created it (a process that exits with a gloo group alive can abort in its
+        teardown). Not a collective: it runs on error paths too, so call
+        :meth:`barrier` first where every worker gets here."""
         for c in self.comms:
             c.close()
+        self.comms = []
+        if self.owns_process_group:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            self.owns_process_group = False
 
 
 def join(workers: int, *, device_type: str = "cpu", delay_s: float = 0.0) -> Group:
@@ -106,7 +118,8 @@ def join(workers: int, *, device_type: str = "cpu", delay_s: float = 0.0) -> Gro
             f"algo.workers = {workers} but torchrun started {world} processes; "
             f"set --algo.workers={world} or --nproc-per-node/--nnodes to match"
         )
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     rank = dist.get_rank()
-    return Group(rank, workers, True, [TorchDistributedCommunicator(delay_s=delay_s)], [rank])
+    return Group(rank, workers, True, [TorchDistributedCommunicator(delay_s=delay_s)], [rank], owns)

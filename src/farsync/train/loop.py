@@ -428,6 +428,7 @@ def finish(run: Run) -> dict:
                    "eval_loss": final_eval, "wall_seconds": run.wall()})
     save(run, steps)
     summary = _summary(run, final_eval)
+    run.group.barrier()  # every worker is past the last collective before any tears down
     run.close()
     if run.group.is_main:
         with open(os.path.join(run.run_dir, "summary.json"), "w") as f:
