@@ -18,12 +18,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
 from farsync.algorithms import make_strategy  # noqa: E402
 from farsync.comm import TorchDistributedCommunicator  # noqa: E402
+from farsync.comm.faults import FaultyCommunicator, parse_fault  # noqa: E402
 from toy import batch, loss_fn, make_model  # noqa: E402
 
 THREADS = 1  # the in-process side of the test uses the same count: float sums depend on it
 
 
-def train(comm, rank, steps, compute_s=0.0, metrics=False, **kw):
+def tokens_of(rank: int, unequal: bool) -> int | None:
+    """Tokens a worker reports per step: None (each step counts 1), or 100·(rank + 1)."""
+    return 100 * (rank + 1) if unequal else None
+
+
+def train(comm, rank, steps, compute_s=0.0, metrics=False, unequal_tokens=False, **kw):
     """The toy model; with ``metrics``, a metrics sum started every step and read at the end."""
     model = make_model(0)
     algo = make_strategy(model, torch.optim.AdamW(model.parameters(), lr=1e-2), comm, **kw)
@@ -33,7 +39,7 @@ def train(comm, rank, steps, compute_s=0.0, metrics=False, **kw):
         loss_fn(model, x, y).backward()
         if compute_s:
             time.sleep(compute_s)  # stands in for a heavier forward/backward
-        algo.step()
+        algo.step(tokens_of(rank, unequal_tokens))
         algo.inner_optimizer.zero_grad()
         if metrics:
             sums.append(comm.all_sum_floats_async([float(rank + 1) * (s + 1), 0.1 * rank]))
@@ -61,15 +67,18 @@ def main():
         delay = cfg.pop("delay_s", 0.0)
         compute_s = cfg.pop("compute_s", 0.0)
         metrics = cfg.pop("metrics", False)
+        fault = cfg.pop("fault", None)
         threads = len(os.listdir("/proc/self/task"))  # OS threads, gloo's included
         comm = TorchDistributedCommunicator(delay_s=delay)
+        if fault and args.rank == 1:
+            comm = FaultyCommunicator(comm, *parse_fault(fault))
         model, algo, sums, before_finish = train(comm, args.rank, args.steps, compute_s=compute_s,
                                                  metrics=metrics, **cfg)
         comm.close()
         threads_left = len(os.listdir("/proc/self/task")) - threads
         torch.save([p.detach() for p in model.parameters()], os.path.join(args.out, f"params-{i}-{args.rank}.pt"))
         results.append({**algo.stats.to_dict(), "metric_sums": sums, "before_finish": before_finish,
-                        "threads_left": threads_left})
+                        "threads_left": threads_left, "exclusions": getattr(algo, "exclusions", [])})
     with open(os.path.join(args.out, f"stats-{args.rank}.json"), "w") as f:
         json.dump(results, f)
     dist.destroy_process_group()

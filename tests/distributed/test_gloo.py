@@ -15,6 +15,8 @@ import torch.distributed as dist
 from farsync.algorithms import finish_in_lockstep, make_strategy, step_in_lockstep
 from farsync.codecs import CODEC_NAMES
 from farsync.comm import InProcessGroup
+from farsync.comm.faults import FaultyCommunicator, parse_fault
+from gloo_worker import tokens_of
 from toy import batch, loss_fn, make_model
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
@@ -53,16 +55,20 @@ def in_process(world, steps, **kw):
         torch.set_num_threads(threads)
 
 
-def _in_process(world, steps, **kw):
+def _in_process(world, steps, unequal_tokens=False, fault=None, **kw):
     group = InProcessGroup(world)
+    comms = group.communicators()
+    if fault:
+        comms[1] = FaultyCommunicator(comms[1], *parse_fault(fault))
     models = [make_model(0) for _ in range(world)]
-    algos = [make_strategy(m, torch.optim.AdamW(m.parameters(), lr=1e-2), group.communicator(r), **kw)
+    algos = [make_strategy(m, torch.optim.AdamW(m.parameters(), lr=1e-2), comms[r], **kw)
              for r, m in enumerate(models)]
+    tokens = [tokens_of(r, unequal_tokens) for r in range(world)] if unequal_tokens else None
     for s in range(steps):
         for r, m in enumerate(models):
             x, y = batch(r, s)
             loss_fn(m, x, y).backward()
-        step_in_lockstep(algos)
+        step_in_lockstep(algos, tokens=tokens)
         for a in algos:
             a.inner_optimizer.zero_grad()
     finish_in_lockstep(algos)  # one worker's finish waits on exchanges the others launch
@@ -75,7 +81,13 @@ def test_gloo_processes_match_in_process_for_every_codec(world, tmp_path):
         dict(mode="streaming", inner_steps=4, fragments=2, sync_delay=1, codec=c,
              stochastic_rounding=c.startswith("fp4"), seed=3)
         for c in CODEC_NAMES
-    ] + [dict(mode="dp")]
+    ] + [dict(mode="dp")] + [
+        # unequal tokens (weights 100, 200, ...), K of M sampled per round, worker 1 sending
+        # garbage every round: the same picks, exclusions and bits in both backends
+        dict(mode="streaming", inner_steps=4, fragments=2, sync_delay=1, codec="fp4-e3m0", unequal_tokens=True,
+             participation=max(1, world - 1), participation_seed=5, fault="scale:1000"),
+        dict(mode="diloco", inner_steps=3, codec="int8", unequal_tokens=True, fault="nan"),
+    ]
     stats = launch(world, "equal", [dict(c) for c in configs], tmp_path)
     for i, cfg in enumerate(configs):
         models, algos = in_process(world, 10, **cfg)
@@ -85,6 +97,11 @@ def test_gloo_processes_match_in_process_for_every_codec(world, tmp_path):
                 assert torch.equal(a, b.detach()), f"{cfg} rank {r}: gloo and in-process differ"
             assert stats[r][i]["bytes_sent"] == algos[r].stats.bytes_sent
             assert stats[r][i]["sync_events"] == algos[r].stats.sync_events
+            for key in ("rounds_joined", "rounds_sat_out", "rounds_excluded", "tokens", "control_bytes"):
+                assert stats[r][i][key] == getattr(algos[r].stats, key), f"{cfg} rank {r}: {key}"
+            assert stats[r][i]["exclusions"] == getattr(algos[r], "exclusions", [])
+            if cfg.get("fault"):
+                assert stats[r][i]["exclusions"], f"{cfg}: the faulty worker was never left out"
             # close() joined the communicator's threads and its groups' gloo threads: none
             # is left to run at interpreter exit (where gloo aborts the process)
             assert stats[r][i]["threads_left"] == 0, f"{cfg} rank {r}: {stats[r][i]['threads_left']} threads left"

@@ -61,8 +61,8 @@ def fake_comm(monkeypatch, rank, world):
     monkeypatch.setattr(dmod, "dist", fake)
     comm = object.__new__(TorchDistributedCommunicator)
     comm.rank, comm.world_size, comm.delay_s = rank, world, 0.0
-    comm._group, comm._control = PAYLOAD, CONTROL
-    comm._metrics = ThreadPoolExecutor(max_workers=1)
+    comm._res = dmod._Resources(group=PAYLOAD, control=CONTROL, executor=ThreadPoolExecutor(max_workers=1),
+                                metrics=ThreadPoolExecutor(max_workers=1))
     return comm, fake
 
 
@@ -102,16 +102,21 @@ def test_an_async_sum_returns_at_once_and_sums_run_in_call_order(monkeypatch):
     comm._metrics.shutdown()
 
 
+@pytest.mark.parametrize("checked", [False, True])
 @pytest.mark.parametrize("method,world", [("all-gather", 2), ("reduce-scatter", 3)])
-def test_payload_phases_stay_on_the_payload_group_handshake_first_receives_first(monkeypatch, method, world):
+def test_payload_phases_stay_on_the_payload_group_handshake_first_receives_first(monkeypatch, method, world, checked):
     comm, fake = fake_comm(monkeypatch, 1, world)
     codec = get_codec("fp32")
     plan = ex.make_plan(96, world, codec, method)
-    comm._run(plan, codec, ex.pad(plan, torch.ones(96)), 1.0, None)
+    agg = ex.Aggregation(outlier_factor=None) if checked else ex.PLAIN  # the fake payloads differ wildly in norm
+    res = comm._run(plan, codec, ex.pad(plan, torch.ones(96)), 1.0, None, agg)
+    assert res.kept == tuple(range(world)) and not res.excluded
     others = [j for j in range(world) if j != 1]
     phase = [("recv", j, PAYLOAD) for j in others] + [("send", j, PAYLOAD) for j in others]
-    phases = 1 if method == "all-gather" else 2  # all-to-all of shards, then all-gather of reduced shards
+    # all-to-all of shards, (checked: the shard owners' statistics), all-gather of reduced shards
+    phases = 1 if method == "all-gather" else 3 if checked else 2
     assert fake.calls == [("all_gather", None, PAYLOAD)] + phase * phases
+    assert res.control_bytes == ex.control_bytes(plan, agg)
 
 
 def test_control_group_is_neither_the_payload_group_nor_the_default_group(tmp_path):

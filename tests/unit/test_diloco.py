@@ -260,20 +260,6 @@ def test_bad_arguments_name_the_argument(kw, match):
         make_strategy(model, torch.optim.SGD(model.parameters(), lr=0.1), group.communicator(0), **kw)
 
 
-def test_non_finite_pseudo_gradient_names_worker_and_fragment():
-    models, algos = make_workers(3, mode="streaming", inner_steps=4, fragments=2)
-    run(models, algos, 3)
-    with torch.no_grad():
-        models[1].inp.weight[0, 0] = math.nan  # fragment 0 holds the input layer
-    for r, (model, algo) in enumerate(zip(models, algos)):
-        loss_fn(model, *batch(r, 3)).backward()
-        algo.inner_step()  # step 4: fragment 0 is sent
-    # every worker raises the same error — none is left hanging in the exchange
-    for algo in algos:
-        with pytest.raises(FloatingPointError, match=r"worker\(s\) \[1\] in fragment 0"):
-            algo.complete()
-
-
 # ---- resume -------------------------------------------------------------------------------
 
 def test_resume_with_fragment_in_flight_is_exact():
@@ -301,7 +287,8 @@ def test_bytes_and_events_are_counted_exactly():
     sizes = [f.numel for f in algos[0].fragments]
     per = [2 * 3 * 4 * math.ceil(n / 4) for n in sizes]  # 2(M−1) shards of ⌈N/M⌉ fp32 values
     assert st.bytes_sent == 2 * per[0] + per[1]
-    assert st.peak_event_bytes == max(per) + 3 * 8
+    # control: the weight to 3 peers, and the shard's statistics of 4 senders (16 B each) to 3 peers
+    assert st.peak_event_bytes == max(per) + 3 * 8 + 3 * 4 * 16
     assert st.dp_equivalent_bytes == 8 * round(2 * 3 / 4 * 4 * sum(sizes))
 
 

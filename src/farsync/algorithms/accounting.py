@@ -24,6 +24,12 @@ class CommStats:
     peak_event_bytes: int = 0  # most bytes sent in one sync event
     blocked_seconds: float = 0.0  # time waiting for exchanges to finish (the strategy records it)
     compute_seconds: float = 0.0  # time in inner compute: forward, backward, inner step
+    tokens: int = 0  # tokens trained on (as the driver reports them; steps if it does not)
+    idle_steps: int = 0  # schedule steps this worker sat out (slower than the schedule)
+    rounds_joined: int = 0  # syncs whose result includes this worker's contribution
+    rounds_sat_out: int = 0  # syncs it took no part in (weight 0: not sampled, or nothing trained)
+    rounds_excluded: int = 0  # syncs where the receivers left its contribution out
+    rounds_skipped: int = 0  # syncs with too few contributions: θ_g left as it was
     # (the driver records it with add_compute: only it knows where one worker's compute
     # starts and ends when several simulated workers share a thread)
 

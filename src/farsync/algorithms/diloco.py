@@ -37,6 +37,7 @@ from farsync.algorithms.fragments import Fragment, build_fragments, flatten
 from farsync.algorithms.strategy import Strategy
 from farsync.codecs import get_codec
 from farsync.comm.base import CompletedWork, Communicator, ExchangeResult, Work
+from farsync.comm.exchange import Aggregation
 from farsync.schedule import SettingError, check_schedule, default_mixing, due_fragments, fragment_offsets
 
 OuterOptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
@@ -100,6 +101,19 @@ class DiLoCo(Strategy):
         total_steps: inner steps the run will take (see ``final_average``).
         workers: expected M; a communicator of another size is an error.
         seed: seeds this worker's stochastic-rounding generator (with its rank).
+        aggregation: how the receivers check and combine pseudo-gradients
+            (:class:`~farsync.comm.exchange.Aggregation`; default: weighted mean, a
+            non-finite pseudo-gradient or one whose norm is over 10 × the lower median
+            of the others' is left out of its round and recorded in ``exclusions``).
+        token_weighting: weight each worker's pseudo-gradient by the tokens it trained
+            on since that fragment's last sync (Photon, FedAvg); equal counts give the
+            plain mean, bit for bit. Off: every sender weighs 1.
+        participation: K, the workers sampled to contribute to each fragment's round
+            (None: all M). The sample is drawn from ``participation_seed``, the
+            fragment and the round, so every worker and backend draws the same; the
+            others sit the round out (no payload) and, like everyone, continue from θ_g.
+            Final syncs (end of training) take every worker.
+        participation_seed: seeds the participation sample.
     """
 
     def __init__(
@@ -128,6 +142,10 @@ class DiLoCo(Strategy):
         total_steps: int | None = None,
         workers: int | None = None,
         seed: int = 0,
+        aggregation: Aggregation | None = None,
+        token_weighting: bool = True,
+        participation: int | None = None,
+        participation_seed: int = 0,
     ):
         if mode == "dp":
             raise SettingError("mode", mode, "DiLoCo is diloco or streaming; use DataParallel (or make_strategy) for dp")
@@ -167,6 +185,19 @@ class DiLoCo(Strategy):
         self._pending: dict[int, tuple[Work, int, bool]] = {}  # fragment -> (work, step sent, final)
         self._final_launched = False
 
+        self.aggregation = aggregation if aggregation is not None else Aggregation()
+        self.token_weighting = bool(token_weighting)
+        if participation is not None and not 1 <= participation <= comm.world_size:
+            raise SettingError("participation", participation, f"must be in [1, {comm.world_size}] (the workers)")
+        self.participation = participation
+        self.participation_seed = participation_seed
+        self.steps_trained = 0  # inner optimizer steps (step_count also counts idle steps)
+        self._tokens = [0] * self.num_fragments  # per fragment: tokens trained on since its last send
+        #: contributions left out, as every worker saw them: worker, fragment, round, why
+        self.exclusions: list[dict] = []
+        #: rounds skipped for want of contributions: fragment, round, kept
+        self.skipped_rounds: list[dict] = []
+
     # ---- schedule -------------------------------------------------------------------
     def due_to_send(self, step: int) -> list[int]:
         """Fragments whose exchange starts after inner step ``step``."""
@@ -177,13 +208,41 @@ class DiLoCo(Strategy):
         return sorted(self._pending)
 
     # ---- phases ---------------------------------------------------------------------
-    def inner_step(self) -> None:
-        """Inner optimizer step, then start the exchanges of fragments due now."""
+    def inner_step(self, tokens: int | None = None) -> None:
+        """Inner optimizer step on ``tokens`` tokens (None: counts as 1), then start the
+        exchanges of fragments due now."""
         self.inner_optimizer.step()
+        self.steps_trained += 1
+        self.stats.inner_steps = self.steps_trained
+        n = 1 if tokens is None else int(tokens)
+        self.stats.tokens += n
+        self._tokens = [t + n for t in self._tokens]
+        self._advance()
+
+    def idle_step(self) -> None:
+        """A schedule step this worker did not train (it is slower than the schedule):
+        fragments due now are still sent, weighted by what was trained since."""
+        self.stats.idle_steps += 1
+        self._advance()
+
+    def _advance(self) -> None:
         self.step_count += 1
-        self.stats.inner_steps = self.step_count
         for f in self.due_to_send(self.step_count):
             self._launch_fragment(f)
+
+    def round_of(self, f: int, step: int) -> int:
+        """Which round of fragment ``f`` a send after schedule step ``step`` closes (1-based)."""
+        return (step - self.offsets[f]) // self.inner_steps
+
+    def participates(self, f: int, round: int, rank: int | None = None) -> bool:
+        """Whether worker ``rank`` (default: this one) is sampled into round ``round`` of
+        fragment ``f`` (see ``participation``)."""
+        K, M = self.participation, self.comm.world_size
+        if K is None or K >= M:
+            return True
+        g = torch.Generator().manual_seed(self.participation_seed * 1_000_003 + f * 10_007 + round)
+        chosen = torch.randperm(M, generator=g)[:K]
+        return bool((chosen == (self.comm.rank if rank is None else rank)).any())
 
     def complete(self) -> None:
         """Land every fragment sent τ steps ago (outer step + merge)."""
@@ -230,7 +289,12 @@ class DiLoCo(Strategy):
         delta = flatten(self.anchors[f]).sub_(flatten(frag.params))  # Δ_m = θ_g − θ_m
         if self.error_feedback:
             delta = self._with_error_feedback(f, delta)
-        work = self._start(delta, self.codec, round=("fragment", f, self.step_count), generator=self.generator)
+        weight = float(self._tokens[f]) if self.token_weighting else float(self._tokens[f] > 0)
+        if not final and not self.participates(f, self.round_of(f, self.step_count)):
+            weight = 0.0  # sits this round out: sends nothing, still lands θ_g
+        self._tokens[f] = 0
+        work = self._start(delta, self.codec, round=("fragment", f, self.step_count), generator=self.generator,
+                           weight=weight, aggregation=self.aggregation)
         final = final or (self.total_steps is not None and self.step_count >= self.total_steps)
         self._pending[f] = (work, self.step_count, final)
 
@@ -250,13 +314,13 @@ class DiLoCo(Strategy):
     def _complete_fragment(self, f: int) -> None:
         work, sent, final = self._pending.pop(f)
         res = self._wait(work)
-        if res.invalid_ranks:
-            raise FloatingPointError(
-                f"non-finite pseudo-gradient from worker(s) {res.invalid_ranks} in fragment {f} "
-                f"(sent after inner step {sent}); stopping before it poisons the global model"
-            )
         self.stats.record_event(res.bytes_sent, res.control_bytes)
+        self._record(f, sent, res)
         anchors, opt = self.anchors[f], self.outer_optimizers[f]
+        if res.skipped:  # too few contributions: θ_g stays; replicas return to it
+            for p, a in zip(self.fragments[f].params, anchors):
+                p.copy_(a)
+            return
         mean = res.mean.to(anchors[0].device)
         offset = 0
         for a in anchors:
@@ -278,6 +342,23 @@ class DiLoCo(Strategy):
             else:
                 p.mul_(alpha).add_(a.to(p.dtype), alpha=1.0 - alpha)
 
+    def _record(self, f: int, sent: int, res: ExchangeResult) -> None:
+        """Count this worker's part in the round; keep who was left out and why."""
+        me, rnd = self.comm.rank, self.round_of(f, sent)
+        excluded = dict(res.excluded)
+        if me in excluded:
+            self.stats.rounds_excluded += 1
+        elif res.weights[me] == 0:
+            self.stats.rounds_sat_out += 1
+        elif not res.skipped:
+            self.stats.rounds_joined += 1
+        for r, why in res.excluded:
+            self.exclusions.append({"worker": r, "fragment": f, "round": rnd, "step": sent, "why": why})
+        if res.skipped:
+            self.stats.rounds_skipped += 1
+            kept = list(res.kept) if res.kept is not None else []
+            self.skipped_rounds.append({"fragment": f, "round": rnd, "step": sent, "kept": kept})
+
     # ---- state ----------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Anchors, outer optimizer states, fragments in flight, step counter, RNG and
@@ -291,6 +372,7 @@ class DiLoCo(Strategy):
             pending.append({
                 "fragment": f, "sent_step": sent, "final": final, "mean": res.mean.clone(), "weights": list(res.weights),
                 "bytes_sent": res.bytes_sent, "control_bytes": res.control_bytes,
+                "kept": res.kept, "excluded": list(res.excluded), "skipped": res.skipped,
             })
         return {
             **super().state_dict(),
@@ -300,6 +382,10 @@ class DiLoCo(Strategy):
             "pending": pending,
             "generator": self.generator.get_state(),
             "residuals": [None if r is None else r.clone() for r in self.residuals],
+            "steps_trained": self.steps_trained,
+            "tokens_since_sync": list(self._tokens),
+            "exclusions": list(self.exclusions),
+            "skipped_rounds": list(self.skipped_rounds),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -313,7 +399,13 @@ class DiLoCo(Strategy):
         for o, s in zip(self.outer_optimizers, state["outer_optimizers"]):
             o.load_state_dict(s)
         for item in state["pending"]:
-            res = ExchangeResult(item["mean"], tuple(item["weights"]), item["bytes_sent"], item["control_bytes"])
+            res = ExchangeResult(item["mean"], tuple(item["weights"]), item["bytes_sent"], item["control_bytes"],
+                                 item.get("kept"), tuple(tuple(e) for e in item.get("excluded", ())),
+                                 item.get("skipped", False))
             self._pending[item["fragment"]] = (CompletedWork(res), item["sent_step"], item["final"])
         self.generator.set_state(state["generator"])
         self.residuals = [None if r is None else r.clone() for r in state.get("residuals", self.residuals)]
+        self.steps_trained = int(state.get("steps_trained", self.step_count))
+        self._tokens = list(state.get("tokens_since_sync", self._tokens))
+        self.exclusions = list(state.get("exclusions", []))
+        self.skipped_rounds = list(state.get("skipped_rounds", []))

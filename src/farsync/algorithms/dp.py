@@ -48,7 +48,7 @@ class DataParallel(Strategy):
         self.stats.record_event(res.bytes_sent, res.control_bytes)
         self._synced = True
 
-    def inner_step(self) -> None:
+    def inner_step(self, tokens: int | None = None) -> None:
         """The inner optimizer's step on the averaged gradients."""
         if not self._synced:
             self.sync_gradients()
@@ -56,6 +56,7 @@ class DataParallel(Strategy):
         self._synced = False
         self.step_count += 1
         self.stats.inner_steps = self.step_count
+        self.stats.tokens += 1 if tokens is None else int(tokens)
 
     @property
     def in_flight(self) -> list[int]:

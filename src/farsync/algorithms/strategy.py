@@ -37,6 +37,7 @@ from torch import nn
 
 from farsync.algorithms.accounting import CommStats
 from farsync.comm.base import Communicator, ExchangeRequest, ExchangeResult, Work
+from farsync.comm.exchange import PLAIN, Aggregation
 from farsync.schedule import EXCHANGES, MODES, SettingError, check_choice
 
 #: Version of :meth:`Strategy.state_dict`'s layout.
@@ -94,8 +95,14 @@ class Strategy(abc.ABC):
         """Phase 2: wait for phase 1's exchange and apply it (nothing by default)."""
 
     @abc.abstractmethod
-    def inner_step(self) -> None:
-        """Phase 3: the inner optimizer's step, then start the exchanges due after it."""
+    def inner_step(self, tokens: int | None = None) -> None:
+        """Phase 3: the inner optimizer's step on ``tokens`` tokens (None: count the step
+        as 1), then start the exchanges due after it."""
+
+    def idle_step(self) -> None:
+        """Phase 3 for a worker that trained nothing this step (slower than the
+        schedule): the schedule advances, exchanges due start, nothing is trained."""
+        raise NotImplementedError(f"{self.mode}: every worker trains every step (no idle steps)")
 
     def complete(self) -> None:
         """Phase 4: land the exchanges due now (nothing by default)."""
@@ -106,10 +113,10 @@ class Strategy(abc.ABC):
         self.launch()
         self.wait()
 
-    def step(self) -> None:
+    def step(self, tokens: int | None = None) -> None:
         """One full training step for this worker: phases 1–4."""
         self.sync_gradients()
-        self.inner_step()
+        self.inner_step(tokens)
         self.complete()
 
     def launch_final(self) -> None:
@@ -130,11 +137,15 @@ class Strategy(abc.ABC):
         return {n: p.detach() for n, p in self.model.named_parameters()}
 
     # ---- the seam ---------------------------------------------------------------------
-    def _start(self, buf: torch.Tensor, codec, *, round: tuple, generator: torch.Generator | None = None) -> Work:
-        """Start an exchange of ``buf``; a non-finite buffer is flagged (NaN weight) so
-        every worker skips the data phase and raises the same error."""
-        weight = 1.0 if bool(torch.isfinite(buf).all()) else float("nan")
-        return self.comm.exchange(ExchangeRequest(buf, codec, weight, generator, self.exchange, round=round))
+    def _start(self, buf: torch.Tensor, codec, *, round: tuple, generator: torch.Generator | None = None,
+               weight: float = 1.0, aggregation: Aggregation = PLAIN) -> Work:
+        """Start an exchange of ``buf`` with this worker's ``weight``. Where the receivers
+        do not check finiteness themselves (``aggregation``), a non-finite buffer is
+        flagged (NaN weight) so every worker learns of it in the same exchange."""
+        if not aggregation.check_finite and weight > 0 and not bool(torch.isfinite(buf).all()):
+            weight = float("nan")
+        return self.comm.exchange(ExchangeRequest(buf, codec, weight, generator, self.exchange, round=round,
+                                                  aggregation=aggregation))
 
     def _wait(self, work: Work) -> ExchangeResult:
         """Wait for ``work``, adding the time blocked to ``stats.blocked_seconds``."""
@@ -188,7 +199,8 @@ def finish_in_lockstep(strategies: list[Strategy]) -> None:
 
 
 def step_in_lockstep(
-    strategies: list[Strategy], before_inner_step: Callable[[Strategy], None] | None = None
+    strategies: list[Strategy], before_inner_step: Callable[[Strategy], None] | None = None,
+    tokens: list[int] | None = None, active: list[bool] | None = None,
 ) -> None:
     """Run one training step's phases for several simulated workers in one thread.
 
@@ -196,14 +208,22 @@ def step_in_lockstep(
     next, so every exchange has all M contributions before anyone waits on it — the
     in-process analogue of ranks meeting in a collective. ``before_inner_step`` runs
     per worker between the gradient mean and the inner step (gradient clipping).
+    ``tokens`` are what each worker trained on; a worker not ``active`` takes an idle
+    step instead (it trained nothing: a slower worker's step that the schedule skips).
     """
-    for s in strategies:
-        s.launch()
-    for s in strategies:
-        s.wait()
-        if before_inner_step is not None:
-            before_inner_step(s)
-    for s in strategies:
-        s.inner_step()
+    active = active or [True] * len(strategies)
+    for s, a in zip(strategies, active):
+        if a:
+            s.launch()
+    for s, a in zip(strategies, active):
+        if a:
+            s.wait()
+            if before_inner_step is not None:
+                before_inner_step(s)
+    for i, (s, a) in enumerate(zip(strategies, active)):
+        if a:
+            s.inner_step() if tokens is None else s.inner_step(tokens[i])
+        else:
+            s.idle_step()
     for s in strategies:
         s.complete()

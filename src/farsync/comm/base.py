@@ -19,16 +19,20 @@ from dataclasses import dataclass
 import torch
 
 from farsync.codecs import Codec
+from farsync.comm.exchange import PLAIN, Aggregation
 
 
 @dataclass(frozen=True)
 class ExchangeResult:
     """What one finished exchange gives back to every worker."""
 
-    mean: torch.Tensor  # (numel,) fp32: Σ_m w_m x_m / Σ_m w_m, identical on every worker
-    weights: tuple[float, ...]  # every worker's weight, by rank; NaN marks an invalid contribution
+    mean: torch.Tensor  # (numel,) fp32: the kept contributions combined; empty if skipped
+    weights: tuple[float, ...]  # every worker's weight, by rank; NaN marks a flagged contribution
     bytes_sent: int  # payload bytes this worker sent (control bytes excluded)
     control_bytes: int  # bytes this worker sent for the weights / validity exchange
+    kept: tuple[int, ...] | None = None  # ranks in the result (None: every rank)
+    excluded: tuple[tuple[int, str], ...] = ()  # (rank, why) of contributions left out
+    skipped: bool = False  # too few contributions kept: no result, θ_g stays
 
     @property
     def invalid_ranks(self) -> list[int]:
@@ -39,8 +43,10 @@ class ExchangeResult:
 class ExchangeRequest:
     """One worker's contribution to one exchange.
 
-    ``weight`` is w_m in Σ w_m x_m / Σ w_m (NaN marks the contribution invalid: the data
-    phase is then skipped on every worker and ``invalid_ranks`` names the culprits).
+    ``weight`` is w_m in Σ w_m x_m / Σ w_m: 0 keeps this worker out of the round (it
+    still receives the result), NaN flags its contribution as invalid. ``aggregation``
+    says how receivers check and combine contributions (:class:`~farsync.comm.exchange.
+    Aggregation`); every worker must pass the same.
     ``round`` identifies the sync this exchange belongs to (e.g. ``("fragment", 1, 40)``);
     a backend that sees two workers contribute different rounds to one exchange raises.
     ``members`` are the ranks taking part, None for all of them; today every exchange
@@ -54,6 +60,7 @@ class ExchangeRequest:
     method: str = "auto"  # farsync.schedule.EXCHANGES
     round: tuple | None = None
     members: tuple[int, ...] | None = None
+    aggregation: Aggregation = PLAIN
 
 
 class Work(abc.ABC):
@@ -102,7 +109,8 @@ class Communicator(abc.ABC):
         """Start the exchange ``request`` describes; return the handle to wait on."""
         self.check_members(request.members)
         return self.all_reduce_mean(request.buf, request.codec, weight=request.weight,
-                                    generator=request.generator, method=request.method)
+                                    generator=request.generator, method=request.method,
+                                    aggregation=request.aggregation)
 
     def check_members(self, members: tuple[int, ...] | None) -> None:
         """Every worker takes part in every exchange (membership that changes between
@@ -122,13 +130,14 @@ class Communicator(abc.ABC):
         weight: float = 1.0,
         generator: torch.Generator | None = None,
         method: str = "auto",
+        aggregation: Aggregation = PLAIN,
     ) -> Work:
         """Start the weighted mean of ``buf`` (1-D fp32) over all workers.
 
-        ``weight`` is this worker's weight w_m (NaN marks the contribution invalid: the
-        data exchange is then skipped on every worker and ``invalid_ranks`` names the
-        culprits). ``method`` is ``"reduce-scatter"``, ``"all-gather"`` or ``"auto"``;
-        see :mod:`farsync.comm.exchange`. ``buf`` may be reused by the caller as soon as
+        ``weight`` is this worker's weight w_m (0: not in this round; NaN: flagged
+        invalid). ``method`` is ``"reduce-scatter"``, ``"all-gather"`` or ``"auto"``;
+        ``aggregation`` how receivers check and combine contributions; see
+        :mod:`farsync.comm.exchange`. ``buf`` may be reused by the caller as soon as
         this returns.
         """
 

@@ -116,37 +116,66 @@ class TorchDistributedCommunicator(Communicator):
     def _metrics(self) -> ThreadPoolExecutor:
         return self._res.metrics
 
-    def all_reduce_mean(self, buf, codec, *, weight=1.0, generator=None, method="auto") -> Work:
+    def all_reduce_mean(self, buf, codec, *, weight=1.0, generator=None, method="auto", aggregation=ex.PLAIN) -> Work:
         ex.validate_weight(weight)
         plan = ex.make_plan(buf.numel(), self.world_size, codec, method)
         padded = ex.pad(plan, buf.detach())  # a private copy: the caller may reuse buf
-        future = self._executor.submit(self._run, plan, codec, padded, float(weight), generator)
+        future = self._executor.submit(self._run, plan, codec, padded, float(weight), generator, aggregation)
         return _FutureWork(future, plan.bytes_sent)
 
     def _run(self, plan: ex.ExchangePlan, codec: Codec, padded: torch.Tensor, weight: float,
-             generator: torch.Generator | None) -> ExchangeResult:
+             generator: torch.Generator | None, agg: ex.Aggregation) -> ExchangeResult:
         if self.delay_s:
             time.sleep(self.delay_s)
-        m, g = self.world_size, self._group
+        m = self.world_size
         if m == 1:
-            return ExchangeResult(padded[: plan.numel], (weight,), 0, 0)
+            mean, d = ex.solo(agg, padded[: plan.numel], weight)
+            return ExchangeResult(mean, (weight,), 0, 0, d.kept, d.excluded, d.skipped)
         w = torch.tensor([weight], dtype=torch.float64, device=padded.device)
         ws = [torch.empty_like(w) for _ in range(m)]
-        dist.all_gather(ws, w, group=g)
-        weights = tuple(float(x.item()) for x in ws)
-        if any(x != x for x in weights):
-            return ExchangeResult(torch.empty(0), weights, 0, plan.control_bytes)
-        wl = list(weights)
-        payloads = ex.encode_contribution(plan, codec, padded, generator)
+        dist.all_gather(ws, w, group=self._group)
+        weights = [float(x.item()) for x in ws]
+        senders = ex.senders(weights)
+        payloads = ex.encode_contribution(plan, codec, padded, generator) if weight > 0 else None
+
+        def empty(_src: int) -> torch.Tensor:  # one payload (a whole buffer's or a shard's)
+            return torch.empty(plan.payload_nbytes, dtype=torch.uint8, device=padded.device)
+
         if plan.method == "all-gather":
-            gathered = self._all_gather(payloads[0])
-            mean = ex.mean_of_full(plan, codec, gathered, wl)
+            got = self._from_senders(senders, lambda j: payloads[0], empty)
+            decoded = ex.decode_all(codec, got, plan.padded_numel)
+            stats = [ex.shard_stats(decoded, m)] if agg.needs_stats else None
+            d = ex.decide(agg, weights, stats)
+            mean = torch.empty(0) if d.skipped else ex.combine(agg, decoded, weights, d.kept)[: plan.numel]
         else:
-            shards = self._all_to_all(payloads)
-            mine = ex.reduce_shard(plan, codec, shards, wl, generator)
-            gathered = self._all_gather(mine)
-            mean = ex.assemble(plan, codec, gathered)
-        return ExchangeResult(mean, weights, plan.bytes_sent, plan.control_bytes)
+            got = self._from_senders(senders, lambda j: payloads[j], empty)
+            decoded = ex.decode_all(codec, got, plan.shard_numel)  # every sender's copy of shard `me`
+            stats = None
+            if agg.needs_stats:  # every shard owner's statistics, by shard
+                stats = self._all_gather(ex.shard_stats(decoded, m).to(padded.device))
+                stats = [s.cpu() for s in stats]
+            d = ex.decide(agg, weights, stats)
+            if d.skipped:
+                mean = torch.empty(0)
+            else:
+                mine = codec.encode(ex.combine(agg, decoded, weights, d.kept), generator=generator)
+                mean = ex.assemble(plan, codec, self._all_gather(mine))
+        return ExchangeResult(mean, tuple(weights), ex.bytes_sent(plan, weight > 0, d.skipped),
+                              ex.control_bytes(plan, agg), d.kept, d.excluded, d.skipped)
+
+    def _from_senders(self, senders: list[int], to_send, empty) -> dict[int, torch.Tensor]:
+        """Every sender's payload for this rank, by sender (this rank's own included when
+        it is one): ``to_send(j)`` is what this rank sends rank j, ``empty(r)`` a buffer
+        for what rank r sends."""
+        me, m = self.rank, self.world_size
+        sending = me in senders
+        recvs = [empty(j) if j in senders and j != me else None for j in range(m)]
+        sends = [to_send(j) if sending and j != me else None for j in range(m)]
+        self._exchange(sends, recvs)
+        got = {j: t for j, t in enumerate(recvs) if t is not None}
+        if sending:
+            got[me] = to_send(me)
+        return dict(sorted(got.items()))
 
     # The payload phases use point-to-point messages with every receive posted before any
     # send, not gloo's all_gather / all_to_all. gloo's TCP transport sends a payload once
@@ -170,13 +199,6 @@ class TorchDistributedCommunicator(Communicator):
         me, m = self.rank, self.world_size
         out = [mine if j == me else torch.empty_like(mine) for j in range(m)]
         self._exchange([None if j == me else mine for j in range(m)], [None if j == me else out[j] for j in range(m)])
-        return out
-
-    def _all_to_all(self, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
-        """``chunks[j]`` goes to rank j; returns what each rank sent to this one, by rank."""
-        me, m = self.rank, self.world_size
-        out = [chunks[me] if j == me else torch.empty_like(chunks[j]) for j in range(m)]
-        self._exchange([None if j == me else chunks[j] for j in range(m)], [None if j == me else out[j] for j in range(m)])
         return out
 
     # Metrics cross the same link as a payload in flight, and on a FIFO link every

@@ -21,9 +21,20 @@ Two ways to average an fp32 buffer of N values across M workers under a codec:
 once): all-gather for M = 2, reduce-scatter for M ≥ 3.
 
 Before the data, workers exchange their weights (one float64 each, an all-gather):
-this gives the weighted mean Σ w_m x_m / Σ w_m and lets a worker flag its contribution
-as invalid (NaN weight) so *every* worker skips the data phase and raises the same error,
-instead of one worker raising while the others hang in a collective.
+this gives the weighted mean Σ w_m x_m / Σ w_m (w_m: e.g. the tokens worker m trained on
+since its last sync). A worker of weight 0 takes no part in the round (partial
+participation): it sends no payload, and still receives the result. NaN flags a
+contribution its sender knows to be invalid; it sends nothing either.
+
+The receiving side decides what counts (:class:`Aggregation`): whoever decodes a
+contribution checks it — non-finite values, or a norm more than ``outlier_factor`` × the
+lower median of the senders' norms — and leaves it out; every worker reaches the same
+decision, because it sees the same decoded values (all-gather) or the same per-shard
+statistics (reduce-scatter: each shard's owner computes every sender's sum of squares
+and finiteness on its shard, and the owners exchange them, 2M float64 each, before
+reducing). A faulty worker need not know it is faulty. If fewer than
+``min_contributions`` remain, the round is *skipped*: no mean, and the caller leaves θ_g
+as it was.
 
 Buffers are zero-padded to a multiple of M × codec.alignment so shards and codec blocks
 line up; the padding travels and is counted.
@@ -41,6 +52,117 @@ from farsync.schedule import EXCHANGES
 
 #: bytes of one worker's weight in the control exchange
 WEIGHT_NBYTES = 8
+#: bytes of one (sum of squares, finite) pair of a shard's statistics
+STAT_NBYTES = 16
+#: how contributions are combined (see :class:`Aggregation`)
+AGGREGATIONS = ("mean", "trimmed-mean", "median")
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """How the receivers combine the contributions of one exchange.
+
+    ``rule``: ``mean`` (weighted by the senders' weights), or, coordinate by coordinate
+    and unweighted, ``trimmed-mean`` (drop the ⌊``trim``·K⌋ largest and smallest of the K
+    values kept, average the rest) or ``median`` (the mean of the two middle values for
+    even K). Both methods allow every rule: a shard's owner holds all senders' copies of
+    its shard.
+    ``check_finite``: leave out a contribution with a non-finite value (else its sender
+    must flag it with a NaN weight).
+    ``outlier_factor``: leave out a contribution whose L2 norm exceeds this many times the
+    lower median of the finite senders' norms (None: no norm rule). The lower median
+    keeps the rule meaningful for two senders: the larger is out if it is more than
+    ``outlier_factor`` × the smaller.
+    ``min_contributions``: a round with fewer contributions kept is skipped.
+    """
+
+    rule: str = "mean"
+    check_finite: bool = True
+    outlier_factor: float | None = 10.0
+    trim: float = 0.2
+    min_contributions: int = 1
+
+    def __post_init__(self):
+        if self.rule not in AGGREGATIONS:
+            raise ValueError(f"aggregation rule must be one of {', '.join(AGGREGATIONS)} (got {self.rule!r})")
+        if self.outlier_factor is not None and not self.outlier_factor > 1:
+            raise ValueError(f"outlier_factor must be > 1 or None (got {self.outlier_factor})")
+        if not 0 <= self.trim < 0.5:
+            raise ValueError(f"trim must be in [0, 0.5) (got {self.trim})")
+        if self.min_contributions < 1:
+            raise ValueError(f"min_contributions must be >= 1 (got {self.min_contributions})")
+
+    @property
+    def needs_stats(self) -> bool:
+        """Whether the receivers need every sender's norm and finiteness."""
+        return self.check_finite or self.outlier_factor is not None
+
+
+#: what data-parallel uses: every gradient counts; a worker flags its own non-finite one
+PLAIN = Aggregation(check_finite=False, outlier_factor=None)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Who counts in one exchange; identical on every worker."""
+
+    kept: tuple[int, ...]  # ranks whose contribution is in the result
+    excluded: tuple[tuple[int, str], ...]  # (rank, why) of senders left out
+    skipped: bool  # fewer than min_contributions kept: no result
+
+
+def senders(weights: list[float]) -> list[int]:
+    """Ranks that send a payload: positive weight (0: not in this round; NaN: flagged)."""
+    return [r for r, w in enumerate(weights) if w > 0]
+
+
+def shard_stats(decoded: dict[int, torch.Tensor], world_size: int) -> torch.Tensor:
+    """(M, 2) float64: each sender's sum of squares and finiteness (1/0) on one shard
+    (rows of non-senders: 0, 1)."""
+    out = torch.zeros(world_size, 2, dtype=torch.float64)
+    out[:, 1] = 1.0
+    for r, x in decoded.items():
+        finite = bool(torch.isfinite(x).all())
+        out[r, 1] = float(finite)
+        out[r, 0] = float(x.double().square().sum()) if finite else math.inf
+    return out
+
+
+def decide(agg: Aggregation, weights: list[float], stats: list[torch.Tensor] | None) -> Decision:
+    """Apply ``agg``'s rules to every sender, from the per-shard ``stats`` (by shard, as
+    :func:`shard_stats` makes them; None when ``agg`` needs none)."""
+    excluded = [(r, "flagged non-finite by its sender") for r, w in enumerate(weights) if w != w]
+    cands = senders(weights)
+    if stats is not None:
+        sumsq = {r: sum(float(s[r, 0]) for s in stats) for r in cands}  # shard order: same bits everywhere
+        finite = {r: all(bool(s[r, 1]) for s in stats) for r in cands}
+        if agg.check_finite:
+            excluded += [(r, "non-finite values") for r in cands if not finite[r]]
+            cands = [r for r in cands if finite[r]]
+        if agg.outlier_factor is not None and cands:
+            norms = {r: math.sqrt(sumsq[r]) for r in cands}
+            med = sorted(norms.values())[(len(cands) - 1) // 2]  # lower median
+            if med > 0:
+                limit = agg.outlier_factor * med
+                out = [r for r in cands if norms[r] > limit]
+                excluded += [(r, f"norm {norms[r]:.4g} > {agg.outlier_factor:g} x median {med:.4g}") for r in out]
+                cands = [r for r in cands if r not in out]
+    excluded.sort()
+    return Decision(tuple(cands), tuple(excluded), len(cands) < agg.min_contributions)
+
+
+def combine(agg: Aggregation, decoded: dict[int, torch.Tensor], weights: list[float],
+            kept: tuple[int, ...]) -> torch.Tensor:
+    """The kept contributions combined under ``agg.rule`` (fp32, in rank order)."""
+    if agg.rule == "mean":
+        return weighted_sum([decoded[r] for r in kept], [weights[r] for r in kept])
+    x = torch.stack([decoded[r].to(torch.float32) for r in kept]).sort(dim=0).values
+    k = len(kept)
+    if agg.rule == "median":
+        mid = x[(k - 1) // 2]
+        return mid.clone() if k % 2 else (mid + x[k // 2]) / 2
+    cut = int(agg.trim * k)
+    return x[cut: k - cut].mean(dim=0)
 
 
 @dataclass(frozen=True)
@@ -104,42 +226,31 @@ def encode_contribution(
     return [codec.encode(shards[j].contiguous(), generator=generator) for j in range(plan.world_size)]
 
 
-def weighted_sum(
-    codec: Codec, payloads: list[torch.Tensor], numel: int, weights: list[float]
-) -> torch.Tensor:
-    """Decode payloads (by source rank) and accumulate in FP32, in rank order.
+def decode_all(codec: Codec, payloads: dict[int, torch.Tensor], numel: int) -> dict[int, torch.Tensor]:
+    """Decode each sender's payload (by rank)."""
+    return {r: codec.decode(p, numel) for r, p in payloads.items()}
 
-    Equal weights give the plain mean (Σ x_m) / M, so that the uniform case is exactly
+
+def weighted_sum(xs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """Σ w_m x_m / Σ w_m, accumulated in FP32 in the order given.
+
+    Equal weights give the plain mean (Σ x_m) / K, so that the uniform case is exactly
     the arithmetic mean and does not depend on how weights were normalised.
     """
     total = sum(weights)
     uniform = all(w == weights[0] for w in weights)
     # copy: decode may return a view of the payload (fp32), which must stay intact
-    acc = codec.decode(payloads[0], numel).to(torch.float32, copy=True)
+    acc = xs[0].to(torch.float32, copy=True)
     if not uniform:
         acc = acc * (weights[0] / total)
-    for r in range(1, len(payloads)):
-        x = codec.decode(payloads[r], numel)
+    for x, w in zip(xs[1:], weights[1:]):
         if uniform:
             acc.add_(x)
         else:
-            acc.add_(x, alpha=weights[r] / total)
+            acc.add_(x, alpha=w / total)
     if uniform:
-        acc.div_(len(payloads))
+        acc.div_(len(xs))
     return acc
-
-
-def reduce_shard(
-    plan: ExchangePlan,
-    codec: Codec,
-    payloads: list[torch.Tensor],
-    weights: list[float],
-    generator: torch.Generator | None,
-) -> torch.Tensor:
-    """Reduce-scatter phase 2 on the shard's owner: decode M copies, mean in FP32,
-    re-encode for the all-gather."""
-    reduced = weighted_sum(codec, payloads, plan.shard_numel, weights)
-    return codec.encode(reduced, generator=generator)
 
 
 def assemble(plan: ExchangePlan, codec: Codec, reduced_payloads: list[torch.Tensor]) -> torch.Tensor:
@@ -148,13 +259,33 @@ def assemble(plan: ExchangePlan, codec: Codec, reduced_payloads: list[torch.Tens
     return torch.cat(parts)[: plan.numel]
 
 
-def mean_of_full(
-    plan: ExchangePlan, codec: Codec, payloads: list[torch.Tensor], weights: list[float]
-) -> torch.Tensor:
-    """All-gather: every worker decodes all M whole payloads and averages."""
-    return weighted_sum(codec, payloads, plan.padded_numel, weights)[: plan.numel]
+def bytes_sent(plan: ExchangePlan, sender: bool, skipped: bool) -> int:
+    """Payload bytes one worker really sends: its own payload only if it is a sender;
+    a reduced shard (reduce-scatter) only if the round is not skipped."""
+    if plan.method == "none":
+        return 0
+    if plan.method == "all-gather":
+        return plan.bytes_sent if sender else 0
+    one_phase = plan.bytes_sent // 2
+    return one_phase * sender + one_phase * (not skipped)
+
+
+def control_bytes(plan: ExchangePlan, agg: Aggregation) -> int:
+    """Control bytes one worker sends: its weight, and (reduce-scatter with statistics)
+    its shard's statistics of every sender."""
+    if plan.method != "reduce-scatter" or not agg.needs_stats:
+        return plan.control_bytes
+    return plan.control_bytes + (plan.world_size - 1) * plan.world_size * STAT_NBYTES
+
+
+def solo(agg: Aggregation, buf: torch.Tensor, weight: float) -> tuple[torch.Tensor, Decision]:
+    """M = 1: the worker's own buffer, under the same rules (it may be left out too)."""
+    x = buf.reshape(-1).to(torch.float32, copy=True)
+    stats = [shard_stats({0: x}, 1)] if agg.needs_stats and weight > 0 else None
+    d = decide(agg, [weight], stats)
+    return (torch.empty(0) if d.skipped else x), d
 
 
 def validate_weight(weight: float) -> None:
-    if not (weight != weight or weight > 0):  # NaN (invalid flag) or positive
-        raise ValueError(f"exchange weight must be > 0 (got {weight})")
+    if not (weight != weight or weight >= 0):  # NaN (flagged invalid), 0 (not in this round) or positive
+        raise ValueError(f"exchange weight must be >= 0 (got {weight})")

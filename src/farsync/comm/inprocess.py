@@ -23,16 +23,19 @@ from farsync.comm.base import CompletedWork, Communicator, ExchangeRequest, Exch
 
 
 class _Op:
-    def __init__(self, op_id: int, plan: ex.ExchangePlan, codec: Codec, world_size: int, round: tuple | None):
+    def __init__(self, op_id: int, plan: ex.ExchangePlan, codec: Codec, agg: ex.Aggregation, world_size: int,
+                 round: tuple | None):
         self.op_id = op_id
         self.plan = plan
         self.codec = codec
+        self.agg = agg
         self.round = round
         self.payloads: list[list[torch.Tensor] | None] = [None] * world_size
         self.weights: list[float | None] = [None] * world_size
         self.generators: list[torch.Generator | None] = [None] * world_size
         self.arrived = 0
         self.mean: torch.Tensor | None = None
+        self.decision: ex.Decision | None = None
         self.ready_at = math.inf
 
 
@@ -56,13 +59,14 @@ class InProcessGroup:
     def communicators(self) -> list["InProcessCommunicator"]:
         return list(self._comms)
 
-    def _contribute(self, rank, buf, codec, weight, generator, method, round=None) -> "_InProcessWork":
+    def _contribute(self, rank, buf, codec, weight, generator, method, round=None,
+                    agg: ex.Aggregation = ex.PLAIN) -> "_InProcessWork":
         op_id = self._next_op[rank]
         self._next_op[rank] += 1
         plan = ex.make_plan(buf.numel(), self.world_size, codec, method)
         op = self._ops.get(op_id)
         if op is None:
-            op = self._ops[op_id] = _Op(op_id, plan, codec, self.world_size, round)
+            op = self._ops[op_id] = _Op(op_id, plan, codec, agg, self.world_size, round)
         elif op.plan != plan or op.codec.name != codec.name:
             raise RuntimeError(
                 f"mismatched exchange #{op_id}: rank {rank} sent {plan.numel} values under "
@@ -70,7 +74,9 @@ class InProcessGroup:
             )
         elif op.round != round:
             raise RuntimeError(f"mismatched exchange #{op_id}: rank {rank} is in round {round}, others in {op.round}")
-        if weight == weight:  # valid contribution (NaN flags an invalid one)
+        elif op.agg != agg:
+            raise RuntimeError(f"mismatched exchange #{op_id}: rank {rank} aggregates by {agg}, others by {op.agg}")
+        if weight > 0:  # a sender (0: not in this round; NaN: flagged invalid)
             op.payloads[rank] = ex.encode_contribution(plan, codec, ex.pad(plan, buf), generator)
         op.weights[rank] = float(weight)
         op.generators[rank] = generator
@@ -81,20 +87,27 @@ class InProcessGroup:
         return _InProcessWork(op, rank)
 
     def _finish(self, op: _Op) -> None:
+        """What every rank of the torch.distributed backend computes, computed once."""
         weights = [float(w) for w in op.weights]  # type: ignore[arg-type]
-        if all(w == w for w in weights):
-            plan, codec = op.plan, op.codec
-            if plan.method == "all-gather":
-                full = [p[0] for p in op.payloads]  # type: ignore[index]
-                op.mean = ex.mean_of_full(plan, codec, full, weights)
-            else:
-                # shard j is reduced by its owner, rank j, with rank j's generator
-                reduced = [
-                    ex.reduce_shard(plan, codec, [p[j] for p in op.payloads], weights, op.generators[j])  # type: ignore[index]
-                    for j in range(self.world_size)
-                ]
+        plan, codec, agg, m = op.plan, op.codec, op.agg, self.world_size
+        senders = ex.senders(weights)
+        if plan.method == "all-gather":
+            decoded = ex.decode_all(codec, {r: op.payloads[r][0] for r in senders}, plan.padded_numel)  # type: ignore[index]
+            stats = [ex.shard_stats(decoded, m)] if agg.needs_stats else None
+            op.decision = ex.decide(agg, weights, stats)
+            if not op.decision.skipped:
+                op.mean = ex.combine(agg, decoded, weights, op.decision.kept)[: plan.numel]
+        else:
+            # shard j is checked and reduced by its owner, rank j, with rank j's generator
+            decoded = [ex.decode_all(codec, {r: op.payloads[r][j] for r in senders}, plan.shard_numel)  # type: ignore[index]
+                       for j in range(m)]
+            stats = [ex.shard_stats(d, m) for d in decoded] if agg.needs_stats else None
+            op.decision = ex.decide(agg, weights, stats)
+            if not op.decision.skipped:
+                reduced = [codec.encode(ex.combine(agg, decoded[j], weights, op.decision.kept), generator=op.generators[j])
+                           for j in range(m)]
                 op.mean = ex.assemble(plan, codec, reduced)
-        op.payloads = [None] * self.world_size  # free the encoded copies
+        op.payloads = [None] * m  # free the encoded copies
         op.ready_at = time.perf_counter() + self.delay_s
 
 
@@ -124,7 +137,9 @@ class _InProcessWork(Work):
             time.sleep(remaining)
         weights = tuple(float(w) for w in op.weights)  # type: ignore[arg-type]
         mean = op.mean.clone() if op.mean is not None else torch.empty(0)
-        self._result = ExchangeResult(mean, weights, self.bytes_sent, op.plan.control_bytes)
+        d = op.decision
+        sent = ex.bytes_sent(op.plan, weights[self._rank] > 0, d.skipped)
+        self._result = ExchangeResult(mean, weights, sent, ex.control_bytes(op.plan, op.agg), d.kept, d.excluded, d.skipped)
         return self._result
 
 
@@ -141,11 +156,10 @@ class InProcessCommunicator(Communicator):
         buf, codec, weight, method = request.buf, request.codec, request.weight, request.method
         ex.validate_weight(weight)
         if self.world_size == 1:
-            plan = ex.make_plan(buf.numel(), 1, codec, method)
-            mean = buf.detach().reshape(-1).to(torch.float32, copy=True)
-            return CompletedWork(ExchangeResult(mean, (float(weight),), plan.bytes_sent, 0))
+            mean, d = ex.solo(request.aggregation, buf.detach(), weight)
+            return CompletedWork(ExchangeResult(mean, (float(weight),), 0, 0, d.kept, d.excluded, d.skipped))
         return self._group._contribute(self.rank, buf.detach().reshape(-1), codec, weight, request.generator,
-                                       method, request.round)
+                                       method, request.round, request.aggregation)
 
-    def all_reduce_mean(self, buf, codec, *, weight=1.0, generator=None, method="auto") -> Work:
-        return self.exchange(ExchangeRequest(buf, codec, weight, generator, method))
+    def all_reduce_mean(self, buf, codec, *, weight=1.0, generator=None, method="auto", aggregation=ex.PLAIN) -> Work:
+        return self.exchange(ExchangeRequest(buf, codec, weight, generator, method, aggregation=aggregation))
