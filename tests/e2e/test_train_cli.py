@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -155,6 +156,13 @@ def test_a_failed_checkpoint_write_leaves_the_last_good_one(tmp_path, monkeypatc
     (["--optim.lr=-1"], "error: optim.lr must be > 0 (got -1.0)"),
     (["--model.size=huge"], "error: model.size must be one of"),
     (["steps=3"], "error: recipe: no such file: 'steps=3'"),
+    (["--algo.worker_speeds=1,0.5"], "error: algo.worker_speeds needs 4 positive numbers, one per worker (got '1,0.5')"),
+    (["--algo.worker_speeds=1,a,1,1"], "error: algo.worker_speeds must be comma-separated numbers"),
+    (["--algo.schedule=deadline"], "error: algo.schedule must be one of lockstep, steps (got 'deadline')"),
+    (["--algo.participation=5"], "error: algo.participation must be in [0, 4]"),
+    (["--algo.aggregation=mode"], "error: algo.aggregation rule must be one of mean, trimmed-mean, median"),
+    (["--train.fault=zero"], "error: train.fault must be nan or scale:FACTOR (got 'zero')"),
+    (["--algo.mode=dp", "--algo.worker_speeds=1,1,1,0.5"], "error: algo.worker_speeds / algo.schedule=steps need rounds"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
     r = cli("train", f"--train.run_dir={tmp_path}", "--train.progress=false", *args)
@@ -192,9 +200,32 @@ def test_recipes_in_the_repository_are_valid():
 
 
 @pytest.mark.distributed
-def test_torchrun_two_processes_equal_in_process_two_workers(tmp_path):
+def test_unequal_workers_with_a_faulty_one_train_and_report_per_worker(tmp_path):
+    s = train(_run(tmp_path, "hetero", steps=40, **{"algo.worker_speeds": "1,0.5,1,0.25", "algo.schedule": "steps",
+                                                     "train.fault": "scale:1000", "train.faulty_worker": 2}))
+    w = s["per_worker"]
+    assert [x["inner_steps"] for x in w] == [40, 20, 40, 10] and [x["idle_steps"] for x in w] == [0, 20, 0, 30]
+    assert s["tokens"] == sum(x["tokens"] for x in w) == 110 * 4 * 64  # batch 4 x seq 64 (FAST)
+    assert w[2]["rounds_excluded"] == s["sync_events"] and w[2]["rounds_joined"] == 0
+    # the others join every sync they trained for (the slowest trained nothing before one final sync)
+    assert all(x["rounds_joined"] + x["rounds_sat_out"] == s["sync_events"] and not x["rounds_excluded"]
+               for i, x in enumerate(w) if i != 2)
+    assert w[0]["rounds_joined"] == s["sync_events"]
+    assert {e["worker"] for e in s["exclusions"]} == {2}
+    rows = [json.loads(x) for x in (tmp_path / "hetero" / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in rows if r["kind"] == "excluded"] == [{"kind": "excluded", **e} for e in s["exclusions"]]
+    assert math.isfinite(s["final_eval_loss"]) and s["simulated_wall_seconds"] > 0
+    assert (tmp_path / "hetero" / "workers.png").exists()
+
+
+@pytest.mark.parametrize("extra", [
+    [],
+    # unequal speeds (worker 1 sleeps under torchrun), worker 1's pseudo-gradients scaled by 1000
+    ["--algo.worker_speeds=1,0.5", "--algo.schedule=steps", "--train.fault=scale:1000"],
+])
+def test_torchrun_two_processes_equal_in_process_two_workers(tmp_path, extra):
     common = fast(tmp_path, "--algo.workers=2", "--train.steps=12", "--algo.mode=streaming",
-                  "--algo.fragments=2", "--algo.sync_delay=1", "--algo.codec=fp4-e3m0")
+                  "--algo.fragments=2", "--algo.sync_delay=1", "--algo.codec=fp4-e3m0", *extra)
     r = cli("train", *common, "--train.name=inproc")
     assert r.returncode == 0, r.stderr
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
@@ -205,5 +236,8 @@ def test_torchrun_two_processes_equal_in_process_two_workers(tmp_path):
     b = json.loads((tmp_path / "torchrun" / "summary.json").read_text())
     assert b["backend"] == "torch.distributed" and a["backend"] == "in-process"
     for key in ("final_eval_loss", "final_train_loss", "tokens", "bytes_sent_per_worker", "peak_bytes_per_sync",
-                "sync_events", "dp_equivalent_bytes_per_worker", "parameters"):
+                "sync_events", "dp_equivalent_bytes_per_worker", "parameters", "exclusions"):
         assert a[key] == b[key], key
+    for x, y in zip(a["per_worker"], b["per_worker"]):
+        assert {k: v for k, v in x.items() if not k.endswith("seconds")} == {k: v for k, v in y.items() if not k.endswith("seconds")}
+    assert bool(a["exclusions"]) == bool(extra)

@@ -26,6 +26,10 @@ class ConfigError(ValueError):
     """A recipe or override is wrong; the message names the key and value."""
 
 
+#: algo.schedule: how workers of unequal speed share a round
+SCHEDULES = ("lockstep", "steps")
+
+
 @dataclass
 class ModelConfig:
     size: str = "micro"
@@ -77,6 +81,47 @@ class AlgoConfig:
     final_average: bool = True
     """End of training: sync every fragment's last inner steps and land the final syncs as
     the workers' plain mean (no outer-momentum extrapolation in the model kept)."""
+    token_weighting: bool = True
+    """Weight each worker's pseudo-gradient by the tokens it trained on since its last sync
+    (equal workers: the plain mean, bit for bit)."""
+    participation: int = 0
+    """K: workers sampled (seeded by train.seed) to contribute to each round; 0 = all M."""
+    aggregation: str = "mean"
+    """How receivers combine pseudo-gradients: mean (weighted), trimmed-mean or median
+    (coordinate-wise, unweighted)."""
+    outlier_factor: float = 10.0
+    """Leave out a pseudo-gradient whose norm exceeds this many times the lower median of
+    the round's (0 = no norm rule; non-finite ones are always left out)."""
+    trim: float = 0.2
+    """trimmed-mean: fraction of values cut at each end of every coordinate."""
+    min_contributions: int = 1
+    """A round with fewer pseudo-gradients kept is skipped (θ_g stays as it was)."""
+    worker_speeds: str = ""
+    """Relative speeds of the M workers, comma-separated (e.g. 1,1,0.5,0.25); empty = equal.
+    In-process they are simulated; under torchrun a slower worker sleeps after each step."""
+    schedule: str = "lockstep"
+    """With unequal speeds: lockstep (every worker takes every step; the fast wait for
+    the slowest) or steps (a worker trains speed/fastest of the steps and sits the rest
+    out; its pseudo-gradient weighs the tokens it trained on)."""
+
+    def speeds(self) -> list[float]:
+        """worker_speeds as numbers, one per worker (all 1.0 when empty)."""
+        if not self.worker_speeds.strip():
+            return [1.0] * self.workers
+        try:
+            speeds = [float(x) for x in self.worker_speeds.split(",")]
+        except ValueError:
+            raise ConfigError(f"algo.worker_speeds must be comma-separated numbers (got {self.worker_speeds!r})") from None
+        if len(speeds) != self.workers or not all(v > 0 for v in speeds):
+            raise ConfigError(f"algo.worker_speeds needs {self.workers} positive numbers, one per worker "
+                              f"(got {self.worker_speeds!r})")
+        return speeds
+
+    def make_aggregation(self):
+        from farsync.comm.exchange import Aggregation
+
+        return Aggregation(rule=self.aggregation, outlier_factor=self.outlier_factor or None, trim=self.trim,
+                           min_contributions=self.min_contributions)
 
     @property
     def wire_codec(self) -> str:
@@ -130,6 +175,11 @@ class TrainConfig:
     while another process used the second core); set 0 for larger models."""
     exchange_delay_s: float = 0.0
     """Test hook: every exchange takes at least this long (emulates a slow link)."""
+    fault: str = ""
+    """Fault injection: train.faulty_worker's pseudo-gradients go out corrupted every
+    round, unknown to it: nan, or scale:FACTOR (e.g. scale:1000). Empty = none."""
+    faulty_worker: int = 1
+    """Which worker train.fault corrupts."""
     progress: bool = True
     """Show a progress bar (rank 0 only)."""
 
@@ -174,6 +224,27 @@ class Config:
             raise ConfigError(f"optim.min_lr_ratio must be in [0, 1] (got {self.optim.min_lr_ratio})")
         if a.error_feedback and a.stochastic_rounding:
             raise ConfigError("algo.error_feedback needs round-to-nearest: set algo.stochastic_rounding=false")
+        _choice("algo.schedule", a.schedule, SCHEDULES)
+        speeds = a.speeds()
+        if a.mode == "dp" and (len(set(speeds)) > 1 or a.schedule != "lockstep"):
+            raise ConfigError("algo.worker_speeds / algo.schedule=steps need rounds: use mode diloco or streaming")
+        if not 0 <= a.participation <= a.workers:
+            raise ConfigError(f"algo.participation must be in [0, {a.workers}] (0 = all workers; got {a.participation})")
+        if a.outlier_factor and a.outlier_factor <= 1:
+            raise ConfigError(f"algo.outlier_factor must be > 1, or 0 for no norm rule (got {a.outlier_factor})")
+        try:
+            a.make_aggregation()
+        except ValueError as e:
+            raise ConfigError(f"algo.{e}") from None
+        if self.train.fault:
+            from farsync.comm.faults import parse_fault
+
+            try:
+                parse_fault(self.train.fault)
+            except ValueError as e:
+                raise ConfigError(f"train.{e}") from None
+            if not 0 <= self.train.faulty_worker < a.workers:
+                raise ConfigError(f"train.faulty_worker must be a worker in [0, {a.workers - 1}] (got {self.train.faulty_worker})")
 
     def inner_weight_decay(self) -> float:
         """The inner optimizer's weight decay: optim.weight_decay, compensated for the
@@ -193,6 +264,8 @@ class Config:
             sync_delay=a.sync_delay, mixing=a.mixing, codec=a.codec, codec_block_size=a.codec_block_size,
             stochastic_rounding=a.stochastic_rounding, error_feedback=a.error_feedback, outer_lr=a.outer_lr,
             outer_momentum=a.outer_momentum, final_average=a.final_average, total_steps=self.train.steps,
+            aggregation=a.make_aggregation(), token_weighting=a.token_weighting,
+            participation=a.participation or None, participation_seed=self.train.seed,
         )
 
 

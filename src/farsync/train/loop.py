@@ -35,6 +35,7 @@ import torch
 from farsync.algorithms import Strategy, finish_in_lockstep, make_strategy, step_in_lockstep
 from farsync.comm import rendezvous
 from farsync.comm.base import Communicator
+from farsync.comm.faults import FaultyCommunicator, parse_fault
 from farsync.data import Corpus
 from farsync.models import Llama, model_config
 from farsync.train import checkpoint as ckpt
@@ -169,9 +170,26 @@ class Run:
     stop: _StopFlag = field(default_factory=_StopFlag)
     pending: _PendingRow | None = None  # the last log step's row, until its sum lands
 
+    sim_seconds: float = 0.0  # in-process with unequal speeds: the wall clock real workers would take
+    logged_exclusions: int = 0  # exclusions / skipped rounds already written to metrics.jsonl
+    logged_skips: int = 0
+
     @property
     def tokens_per_step(self) -> int:
         return self.cfg.algo.workers * self.cfg.train.batch_size * self.cfg.model.seq_len
+
+    def tokens_at(self, steps: int) -> int:
+        """Tokens all workers have trained on after ``steps`` schedule steps."""
+        per = self.cfg.train.batch_size * self.cfg.model.seq_len
+        return per * sum(trained_steps(v, steps) for v in self.rel_speeds)
+
+    @property
+    def rel_speeds(self) -> list[float]:
+        """Each worker's speed relative to the fastest, for the schedule: all 1 in lockstep."""
+        if self.cfg.algo.schedule == "lockstep":
+            return [1.0] * self.cfg.algo.workers
+        speeds = self.cfg.algo.speeds()
+        return [v / max(speeds) for v in speeds]
 
     def wall(self) -> float:
         return time.perf_counter() - self.t_start
@@ -250,7 +268,11 @@ def build(cfg: Config, group: rendezvous.Group, device: torch.device, run_dir: s
         with open(os.path.join(run_dir, "config.toml"), "w") as f:
             f.write(to_toml(cfg))
     corpus = Corpus.build(cfg.data, log=lambda m: _log_main(group, m))
-    workers = [build_worker(cfg, r, c, corpus.vocab_size, device) for r, c in zip(group.local_ranks, group.comms)]
+    comms = list(group.comms)
+    if cfg.train.fault and cfg.train.faulty_worker in group.local_ranks:  # fault injection (test/benchmark)
+        i = group.local_ranks.index(cfg.train.faulty_worker)
+        comms[i] = FaultyCommunicator(comms[i], *parse_fault(cfg.train.fault))
+    workers = [build_worker(cfg, r, c, corpus.vocab_size, device) for r, c in zip(group.local_ranks, comms)]
     run = Run(cfg, group, device, run_dir, corpus, workers,
               eval_model=build_model(cfg, corpus.vocab_size, device),
               eval_set=corpus.eval_batches(cfg.train.batch_size, cfg.model.seq_len, cfg.train.eval_batches),
@@ -292,6 +314,9 @@ def restore(run: Run) -> None:
             rows = [r for r in f if json.loads(r)["step"] <= step]
         with open(path, "w") as f:
             f.writelines(rows)
+    algo = run.workers[0].algo  # exclusions before the resume are in metrics.jsonl already
+    run.logged_exclusions = len(getattr(algo, "exclusions", []))
+    run.logged_skips = len(getattr(algo, "skipped_rounds", []))
     run.log(f"resumed {run.run_dir} at step {step}")
 
 
@@ -312,7 +337,7 @@ def _loop(run: Run) -> dict:
             if done % cfg.train.log_every == 0 or last:
                 log_step(run, done)
             if done % cfg.train.eval_every == 0 and not last:
-                run.write_row({"kind": "eval", "step": done, "tokens": done * run.tokens_per_step,
+                run.write_row({"kind": "eval", "step": done, "tokens": run.tokens_at(done),
                                "eval_loss": eval_loss(run), "wall_seconds": run.wall()})
             if run.bar is not None:
                 run.bar.update(1)
@@ -327,21 +352,59 @@ def _loop(run: Run) -> dict:
     return finish(run)
 
 
+def trained_steps(rel_speed: float, steps: int) -> int:
+    """Steps a worker of ``rel_speed`` (≤ 1, relative to the fastest) trains among the
+    first ``steps`` schedule steps: ⌈steps·v⌉, spread evenly, the first one included
+    (the learning-rate schedule follows schedule steps, for every worker alike)."""
+    return math.ceil(steps * rel_speed - 1e-9)
+
+
+def trains_at(rel_speed: float, step: int) -> bool:
+    """Whether a worker of ``rel_speed`` trains at schedule step ``step`` (0-based)."""
+    return trained_steps(rel_speed, step + 1) > trained_steps(rel_speed, step)
+
+
 def train_step(run: Run, step: int) -> None:
     """Forward/backward of every local worker, then the strategy's phases in lock step.
 
     Compute time is measured here and added to each worker's stats: its own forward and
     backward, plus an even share of the phases' time minus the time they were blocked
-    (which the strategies record themselves)."""
+    (which the strategies record themselves).
+
+    Unequal speeds (algo.worker_speeds): with schedule ``steps`` a slower worker trains
+    only some steps (:func:`trains_at`) and sits the others out; its data continues
+    where it left off. Under torchrun a worker of relative speed v < 1 sleeps
+    (1/v − 1) × its compute after each step it trains (a documented slowdown); in one
+    process nothing sleeps and ``run.sim_seconds`` adds what the step would take on
+    real workers: the mean compute of the workers training, ÷ the slowest speed in
+    lockstep."""
     cfg, M = run.cfg, run.cfg.algo.workers
+    speeds = cfg.algo.speeds()
+    rel = run.rel_speeds
+    active, tokens, spent = [], [], []
     for w in run.workers:
+        on = trains_at(rel[w.rank], step)
+        active.append(on)
+        tokens.append(cfg.train.batch_size * cfg.model.seq_len if on else 0)
+        if not on:
+            continue
         t0 = time.perf_counter()
-        x, y = run.corpus.worker_batch(w.rank, M, step, cfg.train.batch_size, cfg.model.seq_len, cfg.train.seed)
+        index = getattr(w.algo, "steps_trained", step)  # a slower worker's data continues where it stopped
+        x, y = run.corpus.worker_batch(w.rank, M, index, cfg.train.batch_size, cfg.model.seq_len, cfg.train.seed)
         with _autocast(run.device):
             _, loss = w.model(x.to(run.device), y.to(run.device))
         loss.backward()
         w.last_loss = loss.item()
-        w.algo.stats.add_compute(time.perf_counter() - t0)
+        dt = time.perf_counter() - t0
+        spent.append(dt)
+        slowdown = max(speeds) / speeds[w.rank] - 1.0
+        if run.group.distributed and slowdown > 0:
+            time.sleep(dt * slowdown)
+            dt *= 1.0 + slowdown
+        w.algo.stats.add_compute(dt)
+    if not run.group.distributed and len(set(speeds)) > 1 and spent:
+        per = sum(spent) / len(spent)
+        run.sim_seconds += per * (max(speeds) / min(speeds) if cfg.algo.schedule == "lockstep" else 1.0)
 
     def clip(algo: Strategy) -> None:
         if cfg.optim.grad_clip > 0:
@@ -349,13 +412,30 @@ def train_step(run: Run, step: int) -> None:
 
     blocked_before = sum(w.algo.stats.blocked_seconds for w in run.workers)
     t0 = time.perf_counter()
-    step_in_lockstep([w.algo for w in run.workers], before_inner_step=clip)
+    step_in_lockstep([w.algo for w in run.workers], before_inner_step=clip, tokens=tokens, active=active)
+    log_exclusions(run)
     blocked = sum(w.algo.stats.blocked_seconds for w in run.workers) - blocked_before
     share = max(0.0, time.perf_counter() - t0 - blocked) / len(run.workers)
     for w in run.workers:
         w.algo.stats.add_compute(share)  # inner steps and in-process exchange arithmetic
         w.scheduler.step()
         w.optimizer.zero_grad(set_to_none=True)
+
+
+def log_exclusions(run: Run) -> None:
+    """New exclusions and skipped rounds (every worker sees the same): a metrics row each
+    and a line on stderr."""
+    algo = run.workers[0].algo
+    excl, skips = getattr(algo, "exclusions", []), getattr(algo, "skipped_rounds", [])
+    for e in excl[run.logged_exclusions:]:
+        run.write_row({"kind": "excluded", **e})
+        run.log(f"left out worker {e['worker']}'s pseudo-gradient, fragment {e['fragment']} round {e['round']} "
+                f"(step {e['step']}): {e['why']}")
+    for k in skips[run.logged_skips:]:
+        run.write_row({"kind": "skipped", **k})
+        run.log(f"skipped round {k['round']} of fragment {k['fragment']} (step {k['step']}): only workers "
+                f"{k['kept']} left, fewer than algo.min_contributions; θ_g unchanged")
+    run.logged_exclusions, run.logged_skips = len(excl), len(skips)
 
 
 def log_step(run: Run, done: int) -> None:
@@ -367,7 +447,7 @@ def log_step(run: Run, done: int) -> None:
     local = [sum(w.last_loss for w in workers), float(run.stop.requested), float(sum(w.algo.stats.total_bytes for w in workers))]
     st = workers[0].algo.stats
     row = {
-        "kind": "train", "step": done, "tokens": done * run.tokens_per_step, "train_loss": None,
+        "kind": "train", "step": done, "tokens": run.tokens_at(done), "train_loss": None,
         "lr": workers[0].scheduler.get_last_lr()[0], "wall_seconds": run.wall(),
         "bytes_sent_per_worker": None, "dp_bytes_per_worker": st.dp_equivalent_bytes,
         "sync_events": st.sync_events,
@@ -422,9 +502,10 @@ def finish(run: Run) -> dict:
         run.bar.close()
         run.bar = None
     finish_in_lockstep([w.algo for w in run.workers])
+    log_exclusions(run)
     final_eval = eval_loss(run)
     land_metrics(run)  # the last step's row and train loss (the last step always logs)
-    run.write_row({"kind": "eval", "step": steps, "tokens": steps * run.tokens_per_step,
+    run.write_row({"kind": "eval", "step": steps, "tokens": run.tokens_at(steps),
                    "eval_loss": final_eval, "wall_seconds": run.wall()})
     save(run, steps)
     summary = _summary(run, final_eval)
@@ -448,7 +529,7 @@ def _summary(run: Run, final_eval: float) -> dict:
     dp = per_worker[0]["dp_equivalent_bytes"]
     compute = sum(s["compute_seconds"] for s in per_worker)
     blocked = sum(s["blocked_seconds"] for s in per_worker)
-    tokens = cfg.train.steps * run.tokens_per_step
+    tokens = run.tokens_at(cfg.train.steps)
     return {
         "run_dir": run.run_dir,
         "mode": cfg.algo.mode,
@@ -472,4 +553,15 @@ def _summary(run: Run, final_eval: float) -> dict:
         "compute_seconds": compute,
         "blocked_seconds": blocked,
         "compute_utilization": compute / (compute + blocked) if compute + blocked > 0 else 1.0,
+        "worker_speeds": cfg.algo.speeds(),
+        "schedule": cfg.algo.schedule,
+        # in-process with unequal speeds: the wall clock real workers of those speeds would take
+        "simulated_wall_seconds": run.sim_seconds if run.sim_seconds else None,
+        "per_worker": [
+            {k: s[k] for k in ("tokens", "inner_steps", "idle_steps", "rounds_joined", "rounds_sat_out",
+                               "rounds_excluded", "rounds_skipped", "total_bytes", "compute_seconds", "blocked_seconds")}
+            for s in per_worker
+        ],
+        "exclusions": getattr(run.workers[0].algo, "exclusions", []),
+        "skipped_rounds": getattr(run.workers[0].algo, "skipped_rounds", []),
     }

@@ -16,7 +16,10 @@ def read_metrics(run_dir: str) -> tuple[list[dict], list[dict]]:
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         for line in f:
             row = json.loads(line)
-            (train if row["kind"] == "train" else evals).append(row)
+            if row["kind"] == "train":
+                train.append(row)
+            elif row["kind"] == "eval":
+                evals.append(row)
     return train, evals
 
 
@@ -54,4 +57,36 @@ def plot_run(run_dir: str) -> list[str]:
     paths.append(os.path.join(run_dir, "bytes.png"))
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
+
+    summary_path = os.path.join(run_dir, "summary.json")
+    if os.path.exists(summary_path):
+        with open(summary_path) as f:
+            summary = json.load(f)
+        if summary.get("per_worker") and summary.get("mode") != "dp":
+            paths.append(plot_workers(summary["per_worker"], os.path.join(run_dir, "workers.png")))
     return paths
+
+
+def plot_workers(workers: list[dict], path: str) -> str:
+    """Per worker: tokens trained on, and its syncs joined / sat out / left out."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
+    ids = list(range(len(workers)))
+    a.bar(ids, [w["tokens"] for w in workers], color="tab:blue")
+    a.set_xlabel("worker")
+    a.set_ylabel("tokens trained on")
+    bottom = [0] * len(workers)
+    for key, label, color in [("rounds_joined", "joined", "tab:green"), ("rounds_sat_out", "sat out", "tab:gray"),
+                              ("rounds_excluded", "left out", "tab:red"), ("rounds_skipped", "skipped", "tab:orange")]:
+        vals = [w[key] for w in workers]
+        b.bar(ids, vals, bottom=bottom, label=label, color=color)
+        bottom = [x + y for x, y in zip(bottom, vals)]
+    b.set_xlabel("worker")
+    b.set_ylabel("syncs")
+    b.legend(fontsize=8)
+    for ax in (a, b):
+        ax.set_xticks(ids)
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
