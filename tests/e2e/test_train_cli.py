@@ -158,11 +158,12 @@ def test_a_failed_checkpoint_write_leaves_the_last_good_one(tmp_path, monkeypatc
     (["steps=3"], "error: recipe: no such file: 'steps=3'"),
     (["--algo.worker_speeds=1,0.5"], "error: algo.worker_speeds needs 4 positive numbers, one per worker (got '1,0.5')"),
     (["--algo.worker_speeds=1,a,1,1"], "error: algo.worker_speeds must be comma-separated numbers"),
-    (["--algo.schedule=deadline"], "error: algo.schedule must be one of lockstep, steps (got 'deadline')"),
+    (["--algo.schedule=deadline"], "error: algo.schedule must be one of lockstep, steps, time-budget (got 'deadline')"),
     (["--algo.participation=5"], "error: algo.participation must be in [0, 4]"),
     (["--algo.aggregation=mode"], "error: algo.aggregation rule must be one of mean, trimmed-mean, median"),
     (["--train.fault=zero"], "error: train.fault must be nan or scale:FACTOR (got 'zero')"),
-    (["--algo.mode=dp", "--algo.worker_speeds=1,1,1,0.5"], "error: algo.worker_speeds / algo.schedule=steps need rounds"),
+    (["--algo.round_seconds=-1"], "error: algo.round_seconds must be >= 0 (got -1.0)"),
+    (["--algo.mode=dp", "--algo.worker_speeds=1,1,1,0.5"], "error: algo.worker_speeds / algo.schedule need rounds"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
     r = cli("train", f"--train.run_dir={tmp_path}", "--train.progress=false", *args)
@@ -216,6 +217,39 @@ def test_unequal_workers_with_a_faulty_one_train_and_report_per_worker(tmp_path)
     assert [r for r in rows if r["kind"] == "excluded"] == [{"kind": "excluded", **e} for e in s["exclusions"]]
     assert math.isfinite(s["final_eval_loss"]) and s["simulated_wall_seconds"] > 0
     assert (tmp_path / "hetero" / "workers.png").exists()
+
+
+def test_time_budget_in_process_trains_each_worker_its_share_by_the_deadlines(tmp_path):
+    speeds = {"algo.worker_speeds": "1,0.5,1,0.25"}
+    a = train(_run(tmp_path, "budget", steps=40, **speeds, **{"algo.schedule": "time-budget"}))
+    b = train(_run(tmp_path, "steps", steps=40, **speeds, **{"algo.schedule": "steps"}))
+    # a simulated worker of speed v finishes a step every 1/v steps of the fastest: the
+    # same share as schedule steps, placed at the end of each window instead of the start
+    for x, y in zip(a["per_worker"], b["per_worker"]):
+        assert (x["inner_steps"], x["idle_steps"], x["tokens"]) == (y["inner_steps"], y["idle_steps"], y["tokens"])
+    assert a["final_eval_loss"] != b["final_eval_loss"]
+    assert a["sync_events"] == b["sync_events"]
+
+
+def test_time_budget_under_torchrun_lets_a_slow_worker_sit_out_late_steps(tmp_path):
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    args = fast(tmp_path, "--algo.workers=2", "--train.steps=24", "--algo.mode=streaming", "--algo.fragments=2",
+                "--algo.sync_delay=1", "--algo.worker_speeds=1,0.01", "--algo.schedule=time-budget",
+                "--algo.round_seconds=1", "--train.name=budget")  # worker 1: ~1 s a step, windows of 0.25 s
+    r = subprocess.run([torchrun, "--standalone", "--nproc-per-node=2", "-m", "farsync", "train", *args],
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((tmp_path / "budget" / "summary.json").read_text())
+    fast_w, slow_w = s["per_worker"]
+    # the round structure, not the timing: every worker goes through every schedule step,
+    # trains or sits it out, and takes part in (or sits out) every sync
+    for w in (fast_w, slow_w):
+        assert w["inner_steps"] + w["idle_steps"] == 24 and w["inner_steps"] >= 1
+        assert w["rounds_joined"] + w["rounds_sat_out"] == s["sync_events"]
+    assert slow_w["inner_steps"] < fast_w["inner_steps"]
+    assert s["tokens"] == (fast_w["inner_steps"] + slow_w["inner_steps"]) * 4 * 64
+    r = cli("train", *args[:-1], "--algo.round_seconds=0", "--train.name=nobudget")
+    assert r.returncode == 0  # in one process the clock is simulated: no budget needed
 
 
 @pytest.mark.parametrize("extra", [

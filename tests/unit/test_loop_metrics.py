@@ -51,7 +51,8 @@ def fake_worker(rank):
         rank=rank, last_loss=float("nan"),
         model=SimpleNamespace(state_dict=state), optimizer=SimpleNamespace(state_dict=state),
         scheduler=SimpleNamespace(state_dict=state, get_last_lr=lambda: [0.5]),
-        algo=SimpleNamespace(state_dict=state, stats=SimpleNamespace(total_bytes=0, dp_equivalent_bytes=0, sync_events=0)),
+        algo=SimpleNamespace(state_dict=state, stats=SimpleNamespace(total_bytes=0, dp_equivalent_bytes=0, sync_events=0,
+                                                                      tokens=0)),
     )
 
 
@@ -73,15 +74,16 @@ def test_log_step_starts_the_sum_and_writes_the_row_when_it_lands(tmp_path):
     group = HeldGroup()
     run = make_run(tmp_path, group=group)
     run.metrics = open(loop._metrics_path(run), "a")
+    per = run.tokens_per_step // 2  # one worker's tokens a step
     for w, loss in zip(run.workers, (1.0, 3.0)):
-        w.last_loss, w.algo.stats.total_bytes = loss, 100
+        w.last_loss, w.algo.stats.total_bytes, w.algo.stats.tokens = loss, 100, 2 * per
     loop.log_step(run, 2)  # fails inside if it waits for the sum
     assert rows(run) == [] and len(group.started) == 1
-    assert group.started[0][0] == [4.0, 0.0, 200.0]  # this process's share: losses, Ctrl-C, bytes
+    assert group.started[0][0] == [4.0, 0.0, 200.0, 4.0 * per]  # this process's share: losses, Ctrl-C, bytes, tokens
 
     run.write_row({"kind": "eval", "step": 2, "eval_loss": 9.0})  # logged after the train row of step 2
     assert rows(run) == []
-    group.started[0][1].set_result([10.0, 0.0, 600.0])  # the other processes' shares added
+    group.started[0][1].set_result([10.0, 0.0, 600.0, 4.0 * per])  # the other processes' shares added
     loop.log_step(run, 4)  # lands step 2, starts step 4 (not waited for)
     got = rows(run, wall=True)
     assert [(r["kind"], r["step"]) for r in got] == [("train", 2), ("eval", 2)]
@@ -89,7 +91,7 @@ def test_log_step_starts_the_sum_and_writes_the_row_when_it_lands(tmp_path):
     assert got[0]["train_loss"] == 5.0 and got[0]["bytes_sent_per_worker"] == 300.0 and run.train_loss == 5.0
     assert got[0]["tokens"] == 2 * run.tokens_per_step and got[0]["lr"] == 0.5
 
-    group.started[1][1].set_result([2.0, 0.0, 0.0])
+    group.started[1][1].set_result([2.0, 0.0, 0.0, 0.0])
     loop.land_metrics(run)  # a drain: before a checkpoint, at a stop, at the end
     assert [(r["kind"], r["step"]) for r in rows(run)] == [("train", 2), ("eval", 2), ("train", 4)]
     assert run.train_loss == 1.0 and run.pending is None
@@ -104,13 +106,13 @@ def test_ctrl_c_is_agreed_from_the_landed_sum_not_before(tmp_path):
     run.stop.requested = True  # this process saw Ctrl-C
     loop.log_step(run, 2)
     assert group.started[0][0][1] == 1.0 and not run.stop.agreed
-    group.started[0][1].set_result([0.0, 1.0, 0.0])
+    group.started[0][1].set_result([0.0, 1.0, 0.0, 0.0])
     loop.log_step(run, 4)
     assert run.stop.agreed
 
     other = make_run(tmp_path, group=HeldGroup())  # another process, which saw nothing
     loop.log_step(other, 2)
-    other.group.started[0][1].set_result([0.0, 1.0, 0.0])  # the same sum lands there
+    other.group.started[0][1].set_result([0.0, 1.0, 0.0, 0.0])  # the same sum lands there
     loop.log_step(other, 4)
     assert other.stop.agreed
 
@@ -121,6 +123,7 @@ def fake_train_step(ctrl_c_at=None):
             w.last_loss = 1.0 / (step + 1) + 0.25 * w.rank
             w.algo.stats.total_bytes += 10 * (w.rank + 1)
             w.algo.stats.sync_events += 1
+            w.algo.stats.tokens += run.tokens_per_step // len(run.workers)
         if step + 1 == ctrl_c_at:
             run.stop.requested = True
 

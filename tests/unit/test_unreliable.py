@@ -164,6 +164,27 @@ def test_idle_steps_send_what_was_trained_weighted_by_it():
     assert sent == [4.0, 4.0] and w1 == [2.0, 2.0]
     assert algos[1].stats.inner_steps == 4 and algos[1].stats.idle_steps == 4
     assert algos[0].stats.inner_steps == 8
+    # one process per worker: step() and idle() instead of the lock-step driver
+    solo = workers(1, mode="diloco", inner_steps=4)[1][0]
+    for _ in range(3):
+        solo.idle()
+    loss_fn(solo.model, *batch(0, 0)).backward()
+    solo.step(tokens=128)
+    assert solo.stats.idle_steps == 3 and solo.stats.tokens == 128 and solo.stats.rounds_joined == 1
+
+
+@pytest.mark.parametrize("method", ["all-gather", "reduce-scatter"])
+def test_the_norm_rule_is_per_unit_of_weight(method):
+    """Two workers trained 20 steps, two trained 1: their pseudo-gradients differ ~20× in
+    norm and none is an outlier; one 1000× too large for its weight is."""
+    g = torch.Generator().manual_seed(2)
+    step = [torch.randn(256, generator=g) * 0.01 for _ in range(4)]
+    bufs = [step[0] * 20, step[1] * 20, step[2], step[3]]
+    res = exchange_all(4, bufs, [20.0, 20.0, 1.0, 1.0], method=method, agg=ex.Aggregation())
+    assert res[0].kept == (0, 1, 2, 3) and not res[0].excluded
+    bufs[2] = step[2] * 1000
+    res = exchange_all(4, bufs, [20.0, 20.0, 1.0, 1.0], method=method, agg=ex.Aggregation())
+    assert res[0].kept == (0, 1, 3) and [r for r, _ in res[0].excluded] == [2]
 
 
 @pytest.mark.parametrize("rule", ["median", "trimmed-mean"])

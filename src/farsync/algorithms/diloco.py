@@ -103,8 +103,9 @@ class DiLoCo(Strategy):
         seed: seeds this worker's stochastic-rounding generator (with its rank).
         aggregation: how the receivers check and combine pseudo-gradients
             (:class:`~farsync.comm.exchange.Aggregation`; default: weighted mean, a
-            non-finite pseudo-gradient or one whose norm is over 10 × the lower median
-            of the others' is left out of its round and recorded in ``exclusions``).
+            non-finite pseudo-gradient or one whose norm per unit of weight is over 10 ×
+            the lower median of the others' is left out of its round and recorded in
+            ``exclusions``).
         token_weighting: weight each worker's pseudo-gradient by the tokens it trained
             on since that fragment's last sync (Photon, FedAvg); equal counts give the
             plain mean, bit for bit. Off: every sender weighs 1.

@@ -119,6 +119,12 @@ class Strategy(abc.ABC):
         self.inner_step(tokens)
         self.complete()
 
+    def idle(self) -> None:
+        """A schedule step this worker sits out (no forward, backward or optimizer
+        step): :meth:`idle_step`, then phase 4."""
+        self.idle_step()
+        self.complete()
+
     def launch_final(self) -> None:
         """End of training, phase 1: start the exchanges that bring θ_g up to date (none
         by default). :meth:`finish` calls it if the driver has not."""

@@ -27,8 +27,8 @@ participation): it sends no payload, and still receives the result. NaN flags a
 contribution its sender knows to be invalid; it sends nothing either.
 
 The receiving side decides what counts (:class:`Aggregation`): whoever decodes a
-contribution checks it — non-finite values, or a norm more than ``outlier_factor`` × the
-lower median of the senders' norms — and leaves it out; every worker reaches the same
+contribution checks it — non-finite values, or a norm per unit of weight more than
+``outlier_factor`` × the lower median of the senders' — and leaves it out; every worker reaches the same
 decision, because it sees the same decoded values (all-gather) or the same per-shard
 statistics (reduce-scatter: each shard's owner computes every sender's sum of squares
 and finiteness on its shard, and the owners exchange them, 2M float64 each, before
@@ -69,10 +69,12 @@ class Aggregation:
     its shard.
     ``check_finite``: leave out a contribution with a non-finite value (else its sender
     must flag it with a NaN weight).
-    ``outlier_factor``: leave out a contribution whose L2 norm exceeds this many times the
-    lower median of the finite senders' norms (None: no norm rule). The lower median
-    keeps the rule meaningful for two senders: the larger is out if it is more than
-    ``outlier_factor`` × the smaller.
+    ``outlier_factor``: leave out a contribution whose L2 norm per unit of weight (per
+    token, with token weights) exceeds this many times the lower median of the finite
+    senders' (None: no norm rule). Per unit of weight, so that a worker that trained
+    more steps, and so moved further, is not taken for an outlier; with equal weights
+    it is the plain norm. The lower median keeps the rule meaningful for two senders:
+    the larger is out if it is more than ``outlier_factor`` × the smaller.
     ``min_contributions``: a round with fewer contributions kept is skipped.
     """
 
@@ -140,12 +142,15 @@ def decide(agg: Aggregation, weights: list[float], stats: list[torch.Tensor] | N
             excluded += [(r, "non-finite values") for r in cands if not finite[r]]
             cands = [r for r in cands if finite[r]]
         if agg.outlier_factor is not None and cands:
-            norms = {r: math.sqrt(sumsq[r]) for r in cands}
+            # per unit of weight: a worker that trained 20 steps sends a larger Δ than one
+            # that trained 2, and neither is an outlier for that (equal weights: plain norms)
+            norms = {r: math.sqrt(sumsq[r]) / weights[r] for r in cands}
             med = sorted(norms.values())[(len(cands) - 1) // 2]  # lower median
             if med > 0:
                 limit = agg.outlier_factor * med
                 out = [r for r in cands if norms[r] > limit]
-                excluded += [(r, f"norm {norms[r]:.4g} > {agg.outlier_factor:g} x median {med:.4g}") for r in out]
+                excluded += [(r, f"norm per unit weight {norms[r]:.4g} > {agg.outlier_factor:g} x median {med:.4g}")
+                             for r in out]
                 cands = [r for r in cands if r not in out]
     excluded.sort()
     return Decision(tuple(cands), tuple(excluded), len(cands) < agg.min_contributions)

@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 
 
 #: algo.schedule: how workers of unequal speed share a round
-SCHEDULES = ("lockstep", "steps")
+SCHEDULES = ("lockstep", "steps", "time-budget")
 
 
 @dataclass
@@ -90,8 +90,8 @@ class AlgoConfig:
     """How receivers combine pseudo-gradients: mean (weighted), trimmed-mean or median
     (coordinate-wise, unweighted)."""
     outlier_factor: float = 10.0
-    """Leave out a pseudo-gradient whose norm exceeds this many times the lower median of
-    the round's (0 = no norm rule; non-finite ones are always left out)."""
+    """Leave out a pseudo-gradient whose norm per token exceeds this many times the lower
+    median of the round's (0 = no norm rule; non-finite ones are always left out)."""
     trim: float = 0.2
     """trimmed-mean: fraction of values cut at each end of every coordinate."""
     min_contributions: int = 1
@@ -100,9 +100,15 @@ class AlgoConfig:
     """Relative speeds of the M workers, comma-separated (e.g. 1,1,0.5,0.25); empty = equal.
     In-process they are simulated; under torchrun a slower worker sleeps after each step."""
     schedule: str = "lockstep"
-    """With unequal speeds: lockstep (every worker takes every step; the fast wait for
-    the slowest) or steps (a worker trains speed/fastest of the steps and sits the rest
-    out; its pseudo-gradient weighs the tokens it trained on)."""
+    """How workers of unequal speed share a round: lockstep (every worker takes every
+    step; the fast wait for the slowest), steps (a worker trains speed/fastest of the
+    steps and sits the rest out; its pseudo-gradient weighs the tokens it trained on) or
+    time-budget (a worker trains a step only if it can finish it by that step's deadline,
+    algo.round_seconds/H apart; it sits out the steps it is late for)."""
+    round_seconds: float = 0.0
+    """time-budget: the wall-clock length of a round of H steps under torchrun (required
+    there). In one process the clock is simulated: a round lasts the fastest worker's H
+    steps and a worker of speed v takes 1/v as long per step."""
 
     def speeds(self) -> list[float]:
         """worker_speeds as numbers, one per worker (all 1.0 when empty)."""
@@ -227,7 +233,9 @@ class Config:
         _choice("algo.schedule", a.schedule, SCHEDULES)
         speeds = a.speeds()
         if a.mode == "dp" and (len(set(speeds)) > 1 or a.schedule != "lockstep"):
-            raise ConfigError("algo.worker_speeds / algo.schedule=steps need rounds: use mode diloco or streaming")
+            raise ConfigError("algo.worker_speeds / algo.schedule need rounds: use mode diloco or streaming")
+        if a.round_seconds < 0:
+            raise ConfigError(f"algo.round_seconds must be >= 0 (got {a.round_seconds})")
         if not 0 <= a.participation <= a.workers:
             raise ConfigError(f"algo.participation must be in [0, {a.workers}] (0 = all workers; got {a.participation})")
         if a.outlier_factor and a.outlier_factor <= 1:

@@ -171,6 +171,11 @@ class Run:
     pending: _PendingRow | None = None  # the last log step's row, until its sum lands
 
     sim_seconds: float = 0.0  # in-process with unequal speeds: the wall clock real workers would take
+    # time-budget: in-process, when each local worker's last step ends (in steps of the
+    # fastest); under torchrun, how long its last step took (its estimate of the next)
+    # and budget_t0, the wall-clock time at which step 0's window opened
+    budget_clock: list[float] = field(default_factory=list)
+    budget_t0: float = 0.0
     logged_exclusions: int = 0  # exclusions / skipped rounds already written to metrics.jsonl
     logged_skips: int = 0
 
@@ -179,7 +184,9 @@ class Run:
         return self.cfg.algo.workers * self.cfg.train.batch_size * self.cfg.model.seq_len
 
     def tokens_at(self, steps: int) -> int:
-        """Tokens all workers have trained on after ``steps`` schedule steps."""
+        """Tokens all workers have trained on after ``steps`` schedule steps, as the
+        schedule plans it (exact but for time-budget under torchrun, where real clocks
+        decide; train rows and the summary count what was really trained)."""
         per = self.cfg.train.batch_size * self.cfg.model.seq_len
         return per * sum(trained_steps(v, steps) for v in self.rel_speeds)
 
@@ -190,6 +197,25 @@ class Run:
             return [1.0] * self.cfg.algo.workers
         speeds = self.cfg.algo.speeds()
         return [v / max(speeds) for v in speeds]
+
+    def trains(self, rank: int, step: int) -> bool:
+        """Whether worker ``rank`` trains at schedule step ``step`` (else it sits it out)."""
+        a = self.cfg.algo
+        if a.schedule == "lockstep":
+            return True
+        if a.schedule == "steps":
+            return trains_at(self.rel_speeds[rank], step)
+        i = self.group.local_ranks.index(rank)
+        if self.group.distributed:  # the real clock: would a step started now end by the deadline?
+            deadline = self.budget_t0 + (step + 1) * a.round_seconds / a.inner_steps
+            return time.perf_counter() + self.budget_clock[i] <= deadline
+        # simulated: a worker of speed v works without pause, 1/v of the fastest's step a
+        # step, and trains at the step by whose end its next step is done
+        end = self.budget_clock[i] + 1.0 / self.rel_speeds[rank]
+        if end > step + 1 + 1e-9:
+            return False
+        self.budget_clock[i] = end
+        return True
 
     def wall(self) -> float:
         return time.perf_counter() - self.t_start
@@ -239,6 +265,9 @@ def train(cfg: Config, *, run_dir: str | None = None, resume: bool = False) -> d
         torch.set_num_threads(cfg.train.threads)
     try:
         device = _device(cfg)
+        if cfg.algo.schedule == "time-budget" and not cfg.algo.round_seconds and rendezvous.launched_by_torchrun():
+            raise ConfigError("algo.schedule=time-budget under torchrun needs algo.round_seconds > 0 "
+                              "(the wall-clock length of a round of H steps)")
         try:
             group = rendezvous.join(cfg.algo.workers, device_type=device.type, delay_s=cfg.train.exchange_delay_s)
         except ValueError as e:
@@ -329,6 +358,10 @@ def _loop(run: Run) -> dict:
 
             run.bar = tqdm(total=cfg.train.steps, initial=run.start, unit="step", dynamic_ncols=True, file=sys.stderr)
     run.t_start = time.perf_counter() - run.prior_wall
+    a = cfg.algo
+    if a.schedule == "time-budget":
+        run.budget_clock = [0.0 if run.group.distributed else float(run.start)] * len(run.workers)
+        run.budget_t0 = time.perf_counter() - run.start * a.round_seconds / a.inner_steps
     with run.stop:
         for step in range(run.start, cfg.train.steps):
             train_step(run, step)
@@ -371,19 +404,18 @@ def train_step(run: Run, step: int) -> None:
     backward, plus an even share of the phases' time minus the time they were blocked
     (which the strategies record themselves).
 
-    Unequal speeds (algo.worker_speeds): with schedule ``steps`` a slower worker trains
-    only some steps (:func:`trains_at`) and sits the others out; its data continues
-    where it left off. Under torchrun a worker of relative speed v < 1 sleeps
+    Unequal speeds (algo.worker_speeds): with schedule ``steps`` or ``time-budget`` a
+    slower worker trains only some steps (:meth:`Run.trains`) and sits the others out;
+    its data continues where it left off. Under torchrun a worker of relative speed v < 1 sleeps
     (1/v − 1) × its compute after each step it trains (a documented slowdown); in one
     process nothing sleeps and ``run.sim_seconds`` adds what the step would take on
     real workers: the mean compute of the workers training, ÷ the slowest speed in
     lockstep."""
     cfg, M = run.cfg, run.cfg.algo.workers
     speeds = cfg.algo.speeds()
-    rel = run.rel_speeds
     active, tokens, spent = [], [], []
     for w in run.workers:
-        on = trains_at(rel[w.rank], step)
+        on = run.trains(w.rank, step)
         active.append(on)
         tokens.append(cfg.train.batch_size * cfg.model.seq_len if on else 0)
         if not on:
@@ -402,9 +434,16 @@ def train_step(run: Run, step: int) -> None:
             time.sleep(dt * slowdown)
             dt *= 1.0 + slowdown
         w.algo.stats.add_compute(dt)
+        if run.budget_clock and run.group.distributed:
+            run.budget_clock[run.workers.index(w)] = dt
     if not run.group.distributed and len(set(speeds)) > 1 and spent:
         per = sum(spent) / len(spent)
         run.sim_seconds += per * (max(speeds) / min(speeds) if cfg.algo.schedule == "lockstep" else 1.0)
+    if run.group.distributed and cfg.algo.schedule == "time-budget":
+        # a worker ahead of the deadlines waits for them: a round lasts round_seconds
+        ahead = run.budget_t0 + (step + 1) * cfg.algo.round_seconds / cfg.algo.inner_steps - time.perf_counter()
+        if ahead > 0:
+            time.sleep(ahead)
 
     def clip(algo: Strategy) -> None:
         if cfg.optim.grad_clip > 0:
@@ -444,7 +483,8 @@ def log_step(run: Run, done: int) -> None:
     done, then starts this step's. Its row is written when it lands."""
     land_metrics(run)
     workers = run.workers
-    local = [sum(w.last_loss for w in workers), float(run.stop.requested), float(sum(w.algo.stats.total_bytes for w in workers))]
+    local = [sum(w.last_loss for w in workers), float(run.stop.requested), float(sum(w.algo.stats.total_bytes for w in workers)),
+             float(sum(w.algo.stats.tokens for w in workers))]
     st = workers[0].algo.stats
     row = {
         "kind": "train", "step": done, "tokens": run.tokens_at(done), "train_loss": None,
@@ -467,7 +507,7 @@ def land_metrics(run: Run) -> None:
     run.train_loss = total[0] / M
     if total[1] > 0:
         run.stop.agreed = True
-    p.row.update(train_loss=run.train_loss, bytes_sent_per_worker=total[2] / M)
+    p.row.update(train_loss=run.train_loss, bytes_sent_per_worker=total[2] / M, tokens=int(total[3]))
     for row in (p.row, *p.after):
         run.write_row(row)
     if run.bar is not None:
@@ -529,7 +569,7 @@ def _summary(run: Run, final_eval: float) -> dict:
     dp = per_worker[0]["dp_equivalent_bytes"]
     compute = sum(s["compute_seconds"] for s in per_worker)
     blocked = sum(s["blocked_seconds"] for s in per_worker)
-    tokens = run.tokens_at(cfg.train.steps)
+    tokens = sum(s["tokens"] for s in per_worker)
     return {
         "run_dir": run.run_dir,
         "mode": cfg.algo.mode,
