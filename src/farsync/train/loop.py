@@ -25,6 +25,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from concurrent.futures import Future
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -455,9 +456,12 @@ def train_step(run: Run, step: int) -> None:
     log_exclusions(run)
     blocked = sum(w.algo.stats.blocked_seconds for w in run.workers) - blocked_before
     share = max(0.0, time.perf_counter() - t0 - blocked) / len(run.workers)
-    for w in run.workers:
+    for w, on in zip(run.workers, active):
         w.algo.stats.add_compute(share)  # inner steps and in-process exchange arithmetic
-        w.scheduler.step()
+        with warnings.catch_warnings():
+            if not on:  # the learning rate follows schedule steps, also those a worker sits out
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            w.scheduler.step()
         w.optimizer.zero_grad(set_to_none=True)
 
 
