@@ -215,20 +215,29 @@ def test_unequal_workers_with_a_faulty_one_train_and_report_per_worker(tmp_path)
     assert {e["worker"] for e in s["exclusions"]} == {2}
     rows = [json.loads(x) for x in (tmp_path / "hetero" / "metrics.jsonl").read_text().splitlines()]
     assert [r for r in rows if r["kind"] == "excluded"] == [{"kind": "excluded", **e} for e in s["exclusions"]]
+    syncs = [r for r in rows if r["kind"] == "sync"]  # per round: who contributed
+    assert len(syncs) == s["sync_events"]
+    assert all(r["excluded"] == [2] and 2 not in r["kept"] and 0 in r["kept"] for r in syncs)
     assert math.isfinite(s["final_eval_loss"]) and s["simulated_wall_seconds"] > 0
     assert (tmp_path / "hetero" / "workers.png").exists()
 
 
 def test_time_budget_in_process_trains_each_worker_its_share_by_the_deadlines(tmp_path):
-    speeds = {"algo.worker_speeds": "1,0.5,1,0.25"}
-    a = train(_run(tmp_path, "budget", steps=40, **speeds, **{"algo.schedule": "time-budget"}))
-    b = train(_run(tmp_path, "steps", steps=40, **speeds, **{"algo.schedule": "steps"}))
-    # a simulated worker of speed v finishes a step every 1/v steps of the fastest: the
-    # same share as schedule steps, placed at the end of each window instead of the start
+    common = {"algo.worker_speeds": "1,0.5,1,0.25", "algo.inner_steps": 8}  # P = 2: a sync every 4 steps
+    a = train(_run(tmp_path, "budget", steps=40, **common, **{"algo.schedule": "time-budget"}))
+    b = train(_run(tmp_path, "steps", steps=40, **common, **{"algo.schedule": "steps"}))
+    # a simulated worker of speed v takes 1/v steps of the fastest a step and trains while
+    # a step still ends by the next sync: 8, then 4 steps a window for the fastest; for
+    # v = 0.5, 4 then 2; for v = 0.25, 2 then 1 — the share of schedule steps, trained at
+    # the start of each window instead of spread over it
+    assert [x["inner_steps"] for x in a["per_worker"]] == [40, 20, 40, 10]
     for x, y in zip(a["per_worker"], b["per_worker"]):
         assert (x["inner_steps"], x["idle_steps"], x["tokens"]) == (y["inner_steps"], y["idle_steps"], y["tokens"])
     assert a["final_eval_loss"] != b["final_eval_loss"]
     assert a["sync_events"] == b["sync_events"]
+    short = train(_run(tmp_path, "short", steps=40, **{"algo.worker_speeds": "1,0.5,1,0.2", "algo.inner_steps": 8,
+                                                      "algo.schedule": "time-budget"}))
+    assert [x["inner_steps"] for x in short["per_worker"]] == [40, 20, 40, 1]  # 5 > 4: fits only the first window
 
 
 def test_time_budget_under_torchrun_lets_a_slow_worker_sit_out_late_steps(tmp_path):

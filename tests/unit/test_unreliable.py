@@ -132,7 +132,7 @@ def test_too_few_contributions_skip_the_round_and_keep_theta_g():
 def test_partial_participation_samples_the_same_workers_everywhere_and_skips_their_payload():
     models, algos = workers(4, mode="streaming", inner_steps=4, fragments=2, participation=2, participation_seed=7)
     train(models, algos, 16)  # fragment 0: rounds 1-4 at 4, 8, 12, 16; fragment 1: rounds 1-3
-    picks = {(f, r): [w for w in range(4) if algos[0].participates(f, r, w)] for f in (0, 1) for r in (1, 2, 3)}
+    picks = {(f, r): [w for w in range(4) if algos[0].participates(f, r, w)] for f in (0, 1) for r in (1, 2, 3, 4)}
     assert all(len(p) == 2 for p in picks.values())
     assert len({tuple(p) for p in picks.values()}) > 1  # the sample changes between rounds
     for a in algos:  # every worker draws the same sample for every worker
@@ -143,6 +143,11 @@ def test_partial_participation_samples_the_same_workers_everywhere_and_skips_the
     assert [j + s for j, s in zip(joined, sat_out)] == [algos[0].stats.sync_events] * 4
     # a worker sitting a round out sends no payload (it still receives the mean)
     assert len({a.stats.bytes_sent for a in algos}) > 1
+    syncs = algos[0].drain_syncs()  # who contributed to each round, as every worker saw it
+    assert len(syncs) == algos[0].stats.sync_events and algos[0].drain_syncs() == []
+    for sync in syncs:
+        assert sync["kept"] == picks[(sync["fragment"], sync["round"])]
+        assert sorted(sync["kept"] + sync["sat_out"]) == [0, 1, 2, 3]
 
 
 def test_idle_steps_send_what_was_trained_weighted_by_it():

@@ -198,6 +198,7 @@ class DiLoCo(Strategy):
         self.exclusions: list[dict] = []
         #: rounds skipped for want of contributions: fragment, round, kept
         self.skipped_rounds: list[dict] = []
+        self._landed: list[dict] = []  # syncs landed since the last drain_syncs()
 
     # ---- schedule -------------------------------------------------------------------
     def due_to_send(self, step: int) -> list[int]:
@@ -343,10 +344,21 @@ class DiLoCo(Strategy):
             else:
                 p.mul_(alpha).add_(a.to(p.dtype), alpha=1.0 - alpha)
 
+    def drain_syncs(self) -> list[dict]:
+        """The syncs landed since the last call, in order, as every worker saw them:
+        fragment, round, step, who contributed (``kept``), who sat out, who was left out,
+        whether it was skipped."""
+        out, self._landed = self._landed, []
+        return out
+
     def _record(self, f: int, sent: int, res: ExchangeResult) -> None:
         """Count this worker's part in the round; keep who was left out and why."""
         me, rnd = self.comm.rank, self.round_of(f, sent)
         excluded = dict(res.excluded)
+        kept = list(res.kept) if res.kept is not None else list(range(self.comm.world_size))
+        self._landed.append({"fragment": f, "round": rnd, "step": sent, "kept": kept,
+                             "sat_out": [r for r, w in enumerate(res.weights) if w == 0],
+                             "excluded": sorted(excluded), "skipped": res.skipped})
         if me in excluded:
             self.stats.rounds_excluded += 1
         elif res.weights[me] == 0:
@@ -357,7 +369,6 @@ class DiLoCo(Strategy):
             self.exclusions.append({"worker": r, "fragment": f, "round": rnd, "step": sent, "why": why})
         if res.skipped:
             self.stats.rounds_skipped += 1
-            kept = list(res.kept) if res.kept is not None else []
             self.skipped_rounds.append({"fragment": f, "round": rnd, "step": sent, "kept": kept})
 
     # ---- state ----------------------------------------------------------------------

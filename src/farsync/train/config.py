@@ -103,8 +103,9 @@ class AlgoConfig:
     """How workers of unequal speed share a round: lockstep (every worker takes every
     step; the fast wait for the slowest), steps (a worker trains speed/fastest of the
     steps and sits the rest out; its pseudo-gradient weighs the tokens it trained on) or
-    time-budget (a worker trains a step only if it can finish it by that step's deadline,
-    algo.round_seconds/H apart; it sits out the steps it is late for)."""
+    time-budget (a worker trains a step only if it can finish it before the next sync's
+    deadline, step t's being (t + 1)·algo.round_seconds/H after the start, and sits out
+    the rest of the window; a worker whose step is longer than a window never trains)."""
     round_seconds: float = 0.0
     """time-budget: the wall-clock length of a round of H steps under torchrun (required
     there). In one process the clock is simulated: a round lasts the fastest worker's H

@@ -173,10 +173,13 @@ class Run:
 
     sim_seconds: float = 0.0  # in-process with unequal speeds: the wall clock real workers would take
     # time-budget: in-process, when each local worker's last step ends (in steps of the
-    # fastest); under torchrun, how long its last step took (its estimate of the next)
-    # and budget_t0, the wall-clock time at which step 0's window opened
+    # fastest); under torchrun, its estimate of its next step's time (the last one's,
+    # halved after each sync window in which it trained nothing, so that a stale
+    # estimate cannot keep it out for good) and budget_t0, the wall-clock time at which
+    # step 0's window opened
     budget_clock: list[float] = field(default_factory=list)
     budget_t0: float = 0.0
+    budget_trained: list[int] = field(default_factory=list)  # steps trained by the last sync
     logged_exclusions: int = 0  # exclusions / skipped rounds already written to metrics.jsonl
     logged_skips: int = 0
 
@@ -206,17 +209,25 @@ class Run:
             return True
         if a.schedule == "steps":
             return trains_at(self.rel_speeds[rank], step)
-        i = self.group.local_ranks.index(rank)
-        if self.group.distributed:  # the real clock: would a step started now end by the deadline?
-            deadline = self.budget_t0 + (step + 1) * a.round_seconds / a.inner_steps
-            return time.perf_counter() + self.budget_clock[i] <= deadline
-        # simulated: a worker of speed v works without pause, 1/v of the fastest's step a
-        # step, and trains at the step by whose end its next step is done
+        # time-budget: train if a step started now ends by the deadline of the next sync
+        # (the end of schedule step t is due at t0 + (t + 1)·round_seconds/H); a worker
+        # that is free works on without pause and waits only at syncs it is early for
+        i, sync = self.group.local_ranks.index(rank), self.next_sync(step)
+        if self.group.distributed:  # real clocks; the estimate is the worker's last step
+            return time.perf_counter() + self.budget_clock[i] <= self.budget_t0 + (sync + 1) * a.round_seconds / a.inner_steps
+        # simulated: clocks in steps of the fastest worker; a step of speed v takes 1/v
         end = self.budget_clock[i] + 1.0 / self.rel_speeds[rank]
-        if end > step + 1 + 1e-9:
+        if end > sync + 1 + 1e-9:
             return False
         self.budget_clock[i] = end
         return True
+
+    def next_sync(self, step: int) -> int:
+        """The first schedule step ≥ ``step`` (0-based) after which a fragment is sent."""
+        algo, t = self.workers[0].algo, step
+        while not algo.due_to_send(t + 1):
+            t += 1
+        return t
 
     def wall(self) -> float:
         return time.perf_counter() - self.t_start
@@ -362,6 +373,7 @@ def _loop(run: Run) -> dict:
     a = cfg.algo
     if a.schedule == "time-budget":
         run.budget_clock = [0.0 if run.group.distributed else float(run.start)] * len(run.workers)
+        run.budget_trained = [w.algo.stats.inner_steps for w in run.workers]
         run.budget_t0 = time.perf_counter() - run.start * a.round_seconds / a.inner_steps
     with run.stop:
         for step in range(run.start, cfg.train.steps):
@@ -440,11 +452,18 @@ def train_step(run: Run, step: int) -> None:
     if not run.group.distributed and len(set(speeds)) > 1 and spent:
         per = sum(spent) / len(spent)
         run.sim_seconds += per * (max(speeds) / min(speeds) if cfg.algo.schedule == "lockstep" else 1.0)
-    if run.group.distributed and cfg.algo.schedule == "time-budget":
-        # a worker ahead of the deadlines waits for them: a round lasts round_seconds
-        ahead = run.budget_t0 + (step + 1) * cfg.algo.round_seconds / cfg.algo.inner_steps - time.perf_counter()
-        if ahead > 0:
-            time.sleep(ahead)
+    if cfg.algo.schedule == "time-budget" and run.next_sync(step) == step:  # a sync is due after this step
+        if run.group.distributed:
+            # a worker early for the sync waits for its deadline: a round lasts round_seconds
+            ahead = run.budget_t0 + (step + 1) * cfg.algo.round_seconds / cfg.algo.inner_steps - time.perf_counter()
+            if ahead > 0:
+                time.sleep(ahead)
+            for i, w in enumerate(run.workers):
+                if w.algo.stats.inner_steps == run.budget_trained[i]:
+                    run.budget_clock[i] /= 2  # nothing trained this window
+                run.budget_trained[i] = w.algo.stats.inner_steps
+        else:
+            run.budget_clock = [max(c, step + 1.0) for c in run.budget_clock]
 
     def clip(algo: Strategy) -> None:
         if cfg.optim.grad_clip > 0:
@@ -466,9 +485,15 @@ def train_step(run: Run, step: int) -> None:
 
 
 def log_exclusions(run: Run) -> None:
-    """New exclusions and skipped rounds (every worker sees the same): a metrics row each
-    and a line on stderr."""
+    """Every sync landed (who contributed, sat out, was left out), and new exclusions and
+    skipped rounds (every worker sees the same): a metrics row each; a line on stderr
+    for an exclusion or a skipped round."""
     algo = run.workers[0].algo
+    for w in run.workers[1:]:
+        if hasattr(w.algo, "drain_syncs"):
+            w.algo.drain_syncs()  # the same syncs as worker 0's
+    for sync in algo.drain_syncs() if hasattr(algo, "drain_syncs") else []:
+        run.write_row({"kind": "sync", **sync})
     excl, skips = getattr(algo, "exclusions", []), getattr(algo, "skipped_rounds", [])
     for e in excl[run.logged_exclusions:]:
         run.write_row({"kind": "excluded", **e})
