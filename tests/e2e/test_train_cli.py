@@ -118,9 +118,11 @@ def test_metrics_rows_equal_a_loop_that_waits_for_each_sum(tmp_path, monkeypatch
     rows = lambda n: [{k: v for k, v in json.loads(x).items() if k != "wall_seconds"}
                       for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
     assert rows("deferred") == rows("waits")
-    assert [(r["kind"], r["step"]) for r in rows("deferred")] == [
+    assert [(r["kind"], r["step"]) for r in rows("deferred") if r["kind"] != "sync"] == [
         ("train", 3), ("train", 6), ("eval", 6), ("train", 9), ("train", 12), ("eval", 12), ("train", 15),
         ("train", 16), ("eval", 16)]
+    syncs = [r for r in rows("deferred") if r["kind"] == "sync"]  # one per sync, in order
+    assert len(syncs) == deferred["sync_events"] and [r["step"] for r in syncs] == sorted(r["step"] for r in syncs)
     for key in ("final_train_loss", "final_eval_loss", "bytes_sent_per_worker"):
         assert deferred[key] == waits[key], key
 

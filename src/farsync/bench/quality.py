@@ -415,7 +415,7 @@ def _record(name: str, cfg, summary: dict, run_dir: str) -> dict:
             row = json.loads(line)
             if row["kind"] == "train":
                 bytes_at[row["step"]] = row["bytes_sent_per_worker"] * M
-            else:
+            elif row["kind"] == "eval":
                 evals.append(row)
     curve = []
     for row in evals:

@@ -1,4 +1,5 @@
-"""Plots of a run directory: loss.png and bytes.png, drawn from metrics.jsonl."""
+"""Plots of a run directory: loss.png and bytes.png, drawn from metrics.jsonl, and
+workers.png from summary.json."""
 
 from __future__ import annotations
 
