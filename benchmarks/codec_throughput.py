@@ -6,7 +6,7 @@ values, in GB/s of fp32 input (4 bytes x numel / seconds; median of ``--repeats`
 runs after one warm-up run), the payload size in bits per value (scales included) and the
 relative RMS error ||decode(encode(x)) - x|| / ||x|| on standard-normal x.
 
-    python benchmarks/codec_throughput.py [--numel 16777216] [--repeats 7] [--out benchmarks/results]
+    python benchmarks/codec_throughput.py [--numel 16777216] [--repeats 7] [--threads 1] [--out benchmarks/results]
     python benchmarks/codec_throughput.py --replot   # redraw the PNG from the JSON
 
 Writes ``<out>/codecs.json`` and ``<out>/codecs.png``. The figures are only meaningful on
@@ -55,6 +55,10 @@ def bench_codec(name: str, stochastic: bool, x: torch.Tensor, repeats: int) -> d
     t_enc = _median_seconds(lambda: codec.encode(x, gen), repeats)
     t_dec = _median_seconds(lambda: codec.decode(payload, n), repeats)
     t_rt = _median_seconds(lambda: codec.decode(codec.encode(x, gen), n), repeats)
+    # decoding into a buffer the caller reuses: no page faults of a fresh output
+    out = torch.empty(n)
+    t_dec_reuse = _median_seconds(lambda: codec.decode(payload, n, out=out), repeats)
+    t_rt_reuse = _median_seconds(lambda: codec.decode(codec.encode(x, gen), n, out=out), repeats)
     gb = 4 * n / 1e9  # fp32 input bytes, in GB
     return {
         "codec": name,
@@ -65,6 +69,8 @@ def bench_codec(name: str, stochastic: bool, x: torch.Tensor, repeats: int) -> d
         "encode_gbps": gb / t_enc,
         "decode_gbps": gb / t_dec,
         "roundtrip_gbps": gb / t_rt,
+        "decode_reuse_gbps": gb / t_dec_reuse,
+        "roundtrip_reuse_gbps": gb / t_rt_reuse,
         "encode_ms": 1e3 * t_enc,
         "decode_ms": 1e3 * t_dec,
         "roundtrip_ms": 1e3 * t_rt,
@@ -76,11 +82,12 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     labels = [r["codec"] + (" +SR" if r["stochastic_rounding"] else "") for r in results]
     xs = range(len(results))
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
-    width = 0.27
+    width = 0.2
     for k, (key, label) in enumerate(
-        [("encode_gbps", "encode"), ("decode_gbps", "decode"), ("roundtrip_gbps", "encode+decode")]
+        [("encode_gbps", "encode"), ("decode_gbps", "decode"), ("roundtrip_gbps", "encode+decode"),
+         ("roundtrip_reuse_gbps", "encode+decode into a reused buffer")]
     ):
-        ax1.bar([i + (k - 1) * width for i in xs], [r[key] for r in results], width, label=label)
+        ax1.bar([i + (k - 1.5) * width for i in xs], [r.get(key, float("nan")) for r in results], width, label=label)
     ax1.set_ylabel("GB/s of fp32 input")
     ax1.set_title(title)
     ax1.legend()
@@ -116,7 +123,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7, help="timed runs per measurement (median)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output folder")
     ap.add_argument("--replot", action="store_true", help="only redraw codecs.png from <out>/codecs.json")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.replot:
         report = json.loads((args.out / "codecs.json").read_text())
         plot(report["results"], args.out / "codecs.png", _title(report["numel"], report["machine"]))
@@ -139,7 +149,8 @@ def main() -> None:
             print(
                 f"{name:9s} {'SR ' if stochastic else 'RTN'} {r['bits_per_value']:6.3f} bit/value  "
                 f"enc {r['encode_gbps']:6.2f}  dec {r['decode_gbps']:6.2f}  "
-                f"rt {r['roundtrip_gbps']:6.2f} GB/s  rel RMS {r['rel_rms_error']:.3e}",
+                f"rt {r['roundtrip_gbps']:6.2f}  rt reused {r['roundtrip_reuse_gbps']:6.2f} GB/s  "
+                f"rel RMS {r['rel_rms_error']:.3e}",
                 flush=True,
             )
 
@@ -156,7 +167,7 @@ def main() -> None:
     report = {
         "benchmark": "codec_throughput",
         "command": "python benchmarks/codec_throughput.py "
-        f"--numel {args.numel} --repeats {args.repeats} --out {args.out}",
+        f"--numel {args.numel} --repeats {args.repeats} --threads {args.threads} --out {args.out}",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "numel": x.numel(),
         "repeats": args.repeats,

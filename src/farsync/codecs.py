@@ -74,6 +74,7 @@ payload, so callers may reuse their buffers while a payload is in flight.
 from __future__ import annotations
 
 import abc
+import functools
 import operator
 
 import torch
@@ -97,6 +98,30 @@ def _bytes_as(payload: torch.Tensor, dtype: torch.dtype, *, copy: bool = False) 
     if copy or payload.storage_offset() % itemsize:
         payload = payload.clone()
     return payload.view(dtype)
+
+
+# On CPU the blockwise codecs work through the buffer in chunks of about this many values
+# per torch thread, so that every temporary stays in the L2 caches and is reused from chunk
+# to chunk (allocating, and page-faulting in, buffer-sized temporaries costs more than the
+# arithmetic). On other devices one chunk covers the whole buffer.
+_CPU_CHUNK_VALUES = 1 << 16
+_INT32_MAX = 0x7FFFFFFF
+
+
+@functools.lru_cache(maxsize=None)
+def _const(value: int, dtype: torch.dtype) -> torch.Tensor:
+    """A 0-dim CPU tensor of ``dtype``: as the scalar operand of an integer op it skips the
+    per-call conversion of a Python int (measurable at thousands of ops per buffer); CPU
+    0-dim tensors are accepted as scalars by CUDA ops too."""
+    return torch.tensor(value, dtype=dtype)
+
+
+def _chunks(device: torch.device, nblocks: int, block_size: int) -> list[tuple[int, int]]:
+    """-> [(first block, end block)] covering ``range(nblocks)``."""
+    if device.type != "cpu":
+        return [(0, nblocks)] if nblocks else []
+    step = max(1, _CPU_CHUNK_VALUES * torch.get_num_threads() // block_size)
+    return [(b, min(b + step, nblocks)) for b in range(0, nblocks, step)]
 
 
 class Codec(abc.ABC):
@@ -134,9 +159,17 @@ class Codec(abc.ABC):
         self._check_numel(x.numel())
         return self._encode(x.contiguous(), generator)
 
-    def decode(self, payload: torch.Tensor, numel: int) -> torch.Tensor:
-        """Decode a payload made by ``encode`` of ``numel`` values -> new 1-D float32 tensor."""
+    def decode(self, payload: torch.Tensor, numel: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode a payload made by ``encode`` of ``numel`` values -> 1-D float32 tensor:
+        a new one, or ``out`` (contiguous fp32, ``numel`` values, on the payload's device)
+        written in place and returned. A reused ``out`` skips what a fresh CPU output
+        costs first: the page faults of memory never touched (on the dev box about as
+        long as decoding fp4 into it)."""
         numel = self._check_numel(numel)
+        if out is not None and (out.dtype != torch.float32 or out.dim() != 1 or out.numel() != numel
+                                or not out.is_contiguous() or out.device != payload.device):
+            raise ValueError(f"{self.name}: decode out= must be a contiguous 1-D float32 tensor of {numel} values "
+                             f"on {payload.device}, got dtype={out.dtype} shape={tuple(out.shape)} on {out.device}")
         if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or payload.dim() != 1:
             got = f"dtype={payload.dtype} shape={tuple(payload.shape)}" if isinstance(payload, torch.Tensor) else type(payload).__name__
             raise ValueError(f"{self.name}: decode expects a 1-D uint8 payload, got {got}")
@@ -146,7 +179,10 @@ class Codec(abc.ABC):
                 f"{self.name}: payload has {payload.numel()} bytes but numel={numel} "
                 f"needs encoded_nbytes={expected}"
             )
-        return self._decode(payload.contiguous(), numel)
+        if out is None:
+            out = torch.empty(numel, dtype=torch.float32, device=payload.device)
+        self._decode(payload.contiguous(), numel, out)
+        return out
 
     @abc.abstractmethod
     def encoded_nbytes(self, numel: int) -> int:
@@ -156,7 +192,8 @@ class Codec(abc.ABC):
     def _encode(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor: ...
 
     @abc.abstractmethod
-    def _decode(self, payload: torch.Tensor, numel: int) -> torch.Tensor: ...
+    def _decode(self, payload: torch.Tensor, numel: int, out: torch.Tensor) -> None:
+        """Write the ``numel`` decoded values into ``out``."""
 
     def _check_numel(self, numel: int) -> int:
         try:
@@ -194,8 +231,8 @@ class _FP32Codec(Codec):
         # Copy so the payload does not alias x (the caller may overwrite x mid-flight).
         return x.view(torch.uint8).clone()
 
-    def _decode(self, payload, numel):
-        return _bytes_as(payload, torch.float32, copy=True)  # never alias the payload
+    def _decode(self, payload, numel, out):
+        out.copy_(_bytes_as(payload, torch.float32))  # a copy: never alias the payload
 
 
 class _BF16Codec(Codec):
@@ -221,8 +258,8 @@ class _BF16Codec(Codec):
         y.masked_fill_(torch.isnan(x), float("nan"))
         return y.view(torch.uint8)
 
-    def _decode(self, payload, numel):
-        return _bytes_as(payload, torch.bfloat16).to(torch.float32)
+    def _decode(self, payload, numel, out):
+        out.copy_(_bytes_as(payload, torch.bfloat16))
 
 
 class _BlockCodec(Codec):
@@ -285,21 +322,31 @@ class _Int8Codec(_BlockCodec):
         xb = x.view(-1, self.block_size)
         scale = self._block_scales(xb)
         payload, code_bytes = self._new_payload(x.numel(), scale)
-        q = xb / scale[:, None]  # in [-127, 127] up to fp32 rounding
+        codes = code_bytes.view(torch.int8).view(xb.shape)
         if self.stochastic_rounding:
+            q = xb / scale[:, None]  # in [-127, 127] up to fp32 rounding
             # floor(q + u), u ~ U[0, 1): rounds up with probability frac(q) -> unbiased.
             q.add_(torch.rand(q.shape, device=q.device, generator=generator)).floor_()
             q.clamp_(-self.qmax, self.qmax)  # q = -127 - 1ulp could floor to -128
-        else:
-            q.round_()  # half to even; |q| <= 127 + ulps rounds to <= 127, no clamp needed
-        # copy_ converts float -> int8 straight into the payload (no extra temporary).
-        code_bytes.view(torch.int8).view(xb.shape).copy_(q)
+            codes.copy_(q)
+            return payload
+        q = None
+        for b0, b1 in _chunks(x.device, xb.shape[0], self.block_size):
+            xc = xb[b0:b1]
+            if q is None or q.shape != xc.shape:
+                q = torch.empty_like(xc)
+            torch.div(xc, scale[b0:b1, None], out=q)
+            # half to even; |q| <= 127 + ulps rounds to <= 127, no clamp needed.
+            # copy_ converts float -> int8 straight into the payload.
+            codes[b0:b1].copy_(q.round_())
         return payload
 
-    def _decode(self, payload, numel):
+    def _decode(self, payload, numel, out):
         scale, code_bytes = self._split(payload, numel)
-        out = code_bytes.view(torch.int8).to(torch.float32).view(-1, self.block_size)
-        return out.mul_(scale[:, None]).view(-1)
+        codes = code_bytes.view(torch.int8).view(-1, self.block_size)
+        out = out.view(codes.shape)
+        for b0, b1 in _chunks(payload.device, codes.shape[0], self.block_size):
+            out[b0:b1].copy_(codes[b0:b1]).mul_(scale[b0:b1, None])
 
 
 class _FP4Codec(_BlockCodec):
@@ -315,12 +362,18 @@ class _FP4Codec(_BlockCodec):
         self._t = t.float()  # (8,) magnitudes
         self._gaps = (t[1:] - t[:-1]).float()  # (7,) distance to the next magnitude
         self._mids = ((t[1:] + t[:-1]) / 2).float()  # (7,) round-to-nearest thresholds
-        # Decoding table: byte -> (value of low nibble, value of high nibble). One gather
-        # per byte decodes two values.
+        # Decoding table: byte -> (value of low nibble, value of high nibble), the two fp32
+        # bit patterns stored as one int64, so that one gather from a 1-D table per byte
+        # decodes two values (a 1-D gather of 8-byte items is several times faster on CPU
+        # than gathering (256, 2) rows).
         signed = torch.cat([t, -t]).float()  # code -> value; codes 8..15 are negative
         byte = torch.arange(256)
-        self._pair_lut_cpu = torch.stack([signed[byte & 15], signed[byte >> 4]], dim=1)
+        pairs = torch.stack([signed[byte & 15], signed[byte >> 4]], dim=1)  # (256, 2) fp32
+        self._pair_lut_cpu = pairs.view(torch.int64).view(-1)  # (256,) bit-pattern pairs
         self._pair_lut: dict[torch.device, torch.Tensor] = {}
+        # Round-to-nearest compares |x| with the midpoints as int32 bit patterns; ">=" for
+        # odd j (ties to the even code j + 1) is "> bits - 1".
+        self._odd = torch.tensor([j % 2 for j in range(len(self.table) - 1)], dtype=torch.int32)
 
     def _code_nbytes(self, numel: int) -> int:
         return numel // 2
@@ -332,36 +385,29 @@ class _FP4Codec(_BlockCodec):
         return lut
 
     def _encode(self, x, generator):
+        if not self.stochastic_rounding:
+            return self._encode_nearest(x)
         xb = x.view(-1, self.block_size)
         scale = self._block_scales(xb)
         payload, code_bytes = self._new_payload(x.numel(), scale)
         mag = xb.abs()
         codes = torch.zeros(xb.shape, dtype=torch.uint8, device=x.device)
         hit = torch.empty(xb.shape, dtype=torch.bool, device=x.device)
-        # The magnitude code is the number of thresholds |x| lies above: 7 compare passes
-        # (a Python loop over the table, not over elements). On CPU this is several times
-        # faster than torch.bucketize on normalized values, and the thresholds make the
-        # tie rule explicit.
-        if self.stochastic_rounding:
-            # Threshold j is drawn uniformly in [t_j, t_{j+1}) * s, with one uniform u per
-            # element shared by all j. Thresholds below the lower neighbour t_lo are always
-            # passed, those above t_hi never, and the one in between is passed with
-            # probability (|x| - t_lo) / (t_hi - t_lo): exactly unbiased rounding.
-            u = torch.rand(xb.shape, device=x.device, generator=generator)
-            thr = torch.empty_like(u)
-            base = self._t[:-1].to(x.device)[:, None] * scale  # (7, nblocks)
-            step = self._gaps.to(x.device)[:, None] * scale
-            for j in range(len(self.table) - 1):
-                torch.addcmul(base[j, :, None], u, step[j, :, None], out=thr)
-                torch.gt(mag, thr, out=hit)
-                codes.add_(hit.view(torch.uint8))
-        else:
-            mids = self._mids.to(x.device)[:, None, None] * scale[:, None]  # (7, nblocks, 1)
-            for j in range(len(self.table) - 1):
-                # Tie at the midpoint between codes j and j+1 goes to the even code:
-                # stay at j (strict >) when j is even, move to j+1 (>=) when j is odd.
-                (torch.ge if j % 2 else torch.gt)(mag, mids[j], out=hit)
-                codes.add_(hit.view(torch.uint8))
+        # Stochastic rounding (the unchanged whole-buffer implementation: its payloads are
+        # bit-identical to earlier releases for a given generator; the time goes mostly to
+        # torch.rand): threshold j is drawn uniformly in [t_j, t_{j+1}) * s, with one
+        # uniform u per element shared by all j. Thresholds below the lower neighbour t_lo
+        # are always passed, those above t_hi never, and the one in between is passed with
+        # probability (|x| - t_lo) / (t_hi - t_lo): exactly unbiased rounding. The code is
+        # the number of thresholds passed (7 compare passes, a loop over the table).
+        u = torch.rand(xb.shape, device=x.device, generator=generator)
+        thr = torch.empty_like(u)
+        base = self._t[:-1].to(x.device)[:, None] * scale  # (7, nblocks)
+        step = self._gaps.to(x.device)[:, None] * scale
+        for j in range(len(self.table) - 1):
+            torch.addcmul(base[j, :, None], u, step[j, :, None], out=thr)
+            torch.gt(mag, thr, out=hit)
+            codes.add_(hit.view(torch.uint8))
         # Sign bit (bit 3). -0.0 encodes as +0; a negative value rounded to 0 decodes as -0.0.
         torch.lt(xb, 0, out=hit)
         codes.add_(hit.view(torch.uint8).bitwise_left_shift_(3))
@@ -370,12 +416,82 @@ class _FP4Codec(_BlockCodec):
         torch.bitwise_or(flat[0::2], flat[1::2].bitwise_left_shift(4), out=code_bytes)
         return payload
 
-    def _decode(self, payload, numel):
+    def _encode_nearest(self, x: torch.Tensor) -> torch.Tensor:
+        """Round-to-nearest encode in integer arithmetic on fp32 bit patterns.
+
+        The magnitude code is the number of midpoints ``mid_j * s`` (fp32 products) that
+        |x| lies above, ``>=`` for odd j so that exact ties go to the even code. For
+        non-negative floats the order of the values is the order of their int32 bit
+        patterns, so ``|x| > T`` is ``(bits(T) - bits(|x|)) >> 31 == -1`` (no overflow:
+        both are in [0, 2^31)). Same comparisons as a float compare, hence the same codes,
+        without bool temporaries (slow on CPU). Works per L2-sized chunk on CPU.
+        """
+        bs = self.block_size
+        xb = x.view(-1, bs)
+        scale = self._block_scales(xb)
+        payload, code_bytes = self._new_payload(x.numel(), scale)
+        dev = x.device
+        mids = self._mids.to(dev)[:, None]
+        odd = self._odd.to(dev)[:, None]
+        nonfinite = ~torch.isfinite(scale)
+        c_max, c_inf1 = _const(_INT32_MAX, torch.int32), _const(0x7F800001, torch.int32)
+        c8, c28, c31 = (_const(v, torch.int32) for v in (8, 28, 31))
+        c28_64 = _const(28, torch.int64)
+        xi = xb.view(torch.int32)
+        codes_out = code_bytes.view(-1, bs // 2)
+        bufs = None
+        for b0, b1 in _chunks(dev, xb.shape[0], bs):
+            shape = (b1 - b0, bs)
+            if bufs is None or bufs[0].shape != shape:
+                bufs = (
+                    torch.empty(shape, dtype=torch.int32, device=dev),  # bits of |x|
+                    torch.empty(shape, dtype=torch.int32, device=dev),  # -magnitude code
+                    torch.empty(shape, dtype=torch.int32, device=dev),  # scratch
+                    torch.empty(shape, dtype=torch.int32, device=dev),  # sign bit
+                    torch.empty((shape[0], bs // 2), dtype=torch.int64, device=dev),
+                    torch.empty((len(self.table) - 1, shape[0]), dtype=torch.float32, device=dev),
+                    torch.empty((len(self.table) - 1, *shape), dtype=torch.int32, device=dev),
+                )
+            mag, acc, tmp, sgn, packed, thr, cmp = bufs
+            # (7, blocks) int32 thresholds: bits(mid_j * s), the same fp32 products as a
+            # float compare uses; ">=" as "> bits - 1" for odd j; non-finite blocks (NaN
+            # scale: every float compare is False) get INT32_MAX, never exceeded.
+            t = torch.mul(mids, scale[b0:b1], out=thr).view(torch.int32).sub_(odd)
+            t.masked_fill_(nonfinite[b0:b1], _INT32_MAX)
+            t = t[:, :, None]
+            xc = xi[b0:b1]
+            torch.bitwise_and(xc, c_max, out=mag)
+            # Sign bit (bit 3) iff x < 0 as a float compare, i.e. sign bit set and
+            # 0 < bits(|x|) <= bits(inf) (not -0.0, not NaN): the top bit of
+            # x & (|x| - (inf + 1)) & -|x|. A negative value rounded to 0 keeps its sign
+            # bit (decodes as -0.0).
+            torch.sub(mag, c_inf1, out=sgn).bitwise_and_(xc)
+            sgn.bitwise_and_(torch.neg(mag, out=tmp)).bitwise_right_shift_(c28).bitwise_and_(c8)
+            # all 7 compares in one broadcast op, then one sum: -(magnitude code)
+            torch.sub(t, mag, out=cmp).bitwise_right_shift_(c31)  # -[|x| > T_j]
+            torch.sum(cmp, dim=0, dtype=torch.int32, out=acc)
+            codes = torch.sub(sgn, acc, out=acc).view(-1).view(torch.int64)  # sign | magnitude
+            # Pack two codes per byte, even index in the low nibble: viewed as int64, a pair
+            # of int32 codes is c0 | c1 << 32 (little-endian); v | v >> 28 has c0 | c1 << 4
+            # in its low byte, which the int64 -> uint8 conversion keeps.
+            torch.bitwise_right_shift(codes, c28_64, out=packed.view(-1)).bitwise_or_(codes)
+            codes_out[b0:b1].copy_(packed)
+        return payload
+
+    def _decode(self, payload, numel, out):
         scale, code_bytes = self._split(payload, numel)
         lut = self._lut(payload.device)
-        out = torch.index_select(lut, 0, code_bytes.to(torch.int32))  # (numel/2, 2)
-        out = out.view(-1, self.block_size).mul_(scale[:, None])
-        return out.view(-1)
+        bs = self.block_size
+        codes = code_bytes.view(-1, bs // 2)
+        out = out.view(codes.shape[0], bs)
+        idx = None
+        for b0, b1 in _chunks(payload.device, codes.shape[0], bs):
+            if idx is None or idx.numel() != (b1 - b0) * (bs // 2):
+                idx = torch.empty((b1 - b0) * (bs // 2), dtype=torch.int32, device=payload.device)
+            idx.copy_(codes[b0:b1].view(-1))
+            # One gather per byte writes two fp32 values (as one int64 bit pattern).
+            torch.index_select(lut, 0, idx, out=out[b0:b1].view(torch.int64).view(-1))
+            out[b0:b1].mul_(scale[b0:b1, None])
 
 
 class _FP4E3M0Codec(_FP4Codec):

@@ -408,3 +408,147 @@ def test_cuda_matches_cpu(name):
     sr = get_codec(name, stochastic_rounding=True)
     g = torch.Generator(device="cuda").manual_seed(0)
     assert sr.encode(x.cuda(), g).numel() == sr.encoded_nbytes(x.numel())
+
+
+# ------------------------------------------- bit-identity with the reference encoder
+#
+# The straightforward encoders/decoders the codecs shipped with before the fast paths
+# (7 threshold-compare passes for fp4, one whole-buffer pass per op), kept here as the
+# oracle: payloads of the fast round-to-nearest encoders must match them bit for bit.
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def _oracle_scales(xb: torch.Tensor, qmax: float) -> torch.Tensor:
+    absmax = torch.maximum(xb.amax(dim=1), xb.amin(dim=1).neg_())
+    scale = (absmax / qmax).clamp_min_(_TINY)
+    return torch.where(torch.isfinite(absmax), scale, torch.full_like(scale, float("nan")))
+
+
+def _oracle_encode(x: torch.Tensor, name: str, block: int) -> torch.Tensor:
+    xb = x.view(-1, block)
+    if name == "int8":
+        scale = _oracle_scales(xb, 127.0)
+        codes = (xb / scale[:, None]).round_().to(torch.int8).view(torch.uint8).view(-1)
+    else:
+        table = FP4_TABLES[name]
+        t = torch.tensor(table, dtype=torch.float64)
+        mids = ((t[1:] + t[:-1]) / 2).float().to(x.device)
+        scale = _oracle_scales(xb, table[-1])
+        mag = xb.abs()
+        codes = torch.zeros(xb.shape, dtype=torch.uint8, device=x.device)
+        for j in range(7):
+            m = mids[j] * scale[:, None]
+            codes += (mag >= m if j % 2 else mag > m).to(torch.uint8)
+        codes += (xb < 0).to(torch.uint8) << 3
+        flat = codes.view(-1)
+        codes = flat[0::2] | (flat[1::2] << 4)
+    return torch.cat([scale.view(torch.uint8), codes])
+
+
+def _oracle_decode(p: torch.Tensor, name: str, block: int, numel: int) -> torch.Tensor:
+    nb = numel // block
+    scale = p[: 4 * nb].clone().view(torch.float32)
+    if name == "int8":
+        q = p[4 * nb :].view(torch.int8).float()
+    else:
+        t = torch.tensor(FP4_TABLES[name], device=p.device)
+        signed = torch.cat([t, -t])
+        b = p[4 * nb :].long()
+        q = torch.stack([signed[b & 15], signed[b >> 4]], dim=1).view(-1)
+    return (q.view(-1, block) * scale[:, None]).view(-1)
+
+
+def _nasty(name: str, block: int, nblocks: int, seed: int) -> torch.Tensor:
+    """Blocks of Gaussians over ~80 decades of scale, exact ties at every midpoint, zeros,
+    -0.0, subnormals, fp32-max-sized values, and one block each with NaN, -NaN, +Inf, -Inf."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(nblocks, block, generator=g)
+    x *= torch.logspace(-40, 38, nblocks)[torch.randperm(nblocks, generator=g)][:, None].float()
+    if name != "int8":
+        # exact ties: block absmax = qmax * s, other entries = midpoints * s (s = 2^k)
+        t = torch.tensor(FP4_TABLES[name], dtype=torch.float64)
+        mids = ((t[1:] + t[:-1]) / 2).float()
+        for b in range(0, nblocks, 7):
+            s = 2.0 ** float(torch.randint(-120, 100, (), generator=g))
+            sign = torch.where(torch.rand(block, generator=g) < 0.5, -1.0, 1.0)
+            idx = torch.randint(0, 7, (block,), generator=g)
+            x[b] = mids[idx] * s * sign
+            x[b, 0] = t[-1].item() * s
+    else:
+        for b in range(0, nblocks, 7):  # x / s lands on k + 0.5 exactly
+            s = 2.0 ** float(torch.randint(-100, 100, (), generator=g))
+            k = torch.randint(-127, 127, (block,), generator=g).float() + 0.5
+            x[b] = (k * s).float()  # absmax = 126.5 s or so
+    specials = [  # (block, position, value)
+        (1, 0, 0.0), (1, 1, -0.0), (1, 2, 1e-45), (4, 1, -0.0), (5, 2, 3.0e38),
+        (6, 0, -3.4e38), (6, 1, 3.4e38), (8, 3, float("nan")), (9, 4, -float("nan")),
+        (10, 5, float("inf")), (11, 6, -float("inf")), (12, 7, float("nan")),
+        (12, 8, -float("inf")), (12, 9, -0.0), (13, 0, -0.0),
+    ]
+    x[2] = torch.randn(block, generator=g) * 1e-42  # subnormal block
+    x[3] = 0.0
+    x[13] = 0.0
+    for b, i, v in specials:
+        x[b, i % block] = v
+    return x.view(-1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", BLOCKWISE)
+@pytest.mark.parametrize("block", [None, 8, 2])
+@pytest.mark.parametrize("nblocks", [40, 40_000])
+def test_payload_bit_identical_to_reference(device, name, block, nblocks):
+    c = get_codec(name, block_size=block)
+    block = c.block_size
+    x = _nasty(name, block, nblocks, seed=nblocks + block).to(device)
+    p = c.encode(x)
+    ref = _oracle_encode(x, name, block)
+    assert p.device == x.device
+    assert torch.equal(p, ref)
+    y = c.decode(p, x.numel())
+    yr = _oracle_decode(ref, name, block, x.numel())
+    assert torch.equal(y.view(torch.int32), yr.view(torch.int32))  # bit-identical, NaNs too
+
+
+@pytest.mark.parametrize("name", BLOCKWISE)
+@pytest.mark.parametrize("chunk", [1, 100, 1 << 40])
+def test_payload_independent_of_cpu_chunking(name, chunk, monkeypatch):
+    """CPU chunk sizes (with a ragged last chunk, or one chunk as on CUDA) give the
+    reference payload and decode."""
+    import farsync.codecs as codecs_module
+
+    monkeypatch.setattr(codecs_module, "_CPU_CHUNK_VALUES", chunk)
+    c = get_codec(name, block_size=8)
+    x = _nasty(name, 8, 333, seed=7)
+    p = c.encode(x)
+    assert torch.equal(p, _oracle_encode(x, name, 8))
+    y = c.decode(p, x.numel())
+    assert torch.equal(y.view(torch.int32), _oracle_decode(p, name, 8, x.numel()).view(torch.int32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", BLOCKWISE)
+def test_large_buffer_bit_identical_to_reference(device, name):
+    """Large enough (16 MiB of fp32) for the huge-page advice on CPU outputs."""
+    x = torch.randn(1 << 22, generator=torch.Generator().manual_seed(3)).to(device)
+    c = get_codec(name)
+    p = c.encode(x)
+    assert torch.equal(p, _oracle_encode(x, name, c.block_size))
+    y = c.decode(p, x.numel())
+    assert torch.equal(y, _oracle_decode(p, name, c.block_size, x.numel()))
+
+
+@pytest.mark.parametrize("name", CODEC_NAMES)
+def test_decode_into_a_callers_buffer_equals_a_fresh_decode(name):
+    codec = get_codec(name)
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(5))
+    payload = codec.encode(x)
+    out = torch.full((4096,), float("nan"))
+    got = codec.decode(payload, 4096, out=out)
+    assert got is out and torch.equal(out, codec.decode(payload, 4096))
+    with pytest.raises(ValueError, match="decode out= must be a contiguous 1-D float32 tensor of 4096 values"):
+        codec.decode(payload, 4096, out=torch.empty(4096, dtype=torch.float64))
+    with pytest.raises(ValueError, match="out= must be"):
+        codec.decode(payload, 4096, out=torch.empty(8192)[::2])
