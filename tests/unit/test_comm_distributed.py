@@ -61,6 +61,7 @@ def fake_comm(monkeypatch, rank, world):
     monkeypatch.setattr(dmod, "dist", fake)
     comm = object.__new__(TorchDistributedCommunicator)
     comm.rank, comm.world_size, comm.delay_s = rank, world, 0.0
+    comm._buffers = ex.DecodeBuffers()
     comm._res = dmod._Resources(group=PAYLOAD, control=CONTROL, executor=ThreadPoolExecutor(max_workers=1),
                                 metrics=ThreadPoolExecutor(max_workers=1))
     return comm, fake

@@ -218,3 +218,22 @@ def test_bad_aggregation_settings_are_named():
     with pytest.raises(ValueError, match="fault must be nan or scale"):
         parse_fault("zero")
     assert parse_fault("scale:1e3") == ("scale", 1000.0) and math.isnan(parse_fault("nan")[1])
+
+
+@pytest.mark.parametrize("rule", ["mean", "median"])
+@pytest.mark.parametrize("method", ["all-gather", "reduce-scatter"])
+def test_reused_decode_buffers_never_leak_into_a_result(method, rule):
+    """Exchanges decode into buffers reused from one exchange to the next: a result
+    held from an earlier exchange must not change when a later one reuses them."""
+    group = InProcessGroup(3)
+    agg = ex.Aggregation(rule=rule)
+
+    def one(fill):
+        works = [c.exchange(ExchangeRequest(torch.full((96,), fill + r), get_codec("int8"), 1.0, None, method,
+                                            aggregation=agg)) for r, c in enumerate(group.communicators())]
+        return [w.wait().mean for w in works]
+
+    first = one(1.0)
+    kept = [m.clone() for m in first]
+    one(50.0)
+    assert all(torch.equal(a, b) for a, b in zip(first, kept))

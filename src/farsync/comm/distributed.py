@@ -96,6 +96,7 @@ class TorchDistributedCommunicator(Communicator):
             # call order on every rank, which is what matches them across ranks
             metrics=ThreadPoolExecutor(max_workers=1, thread_name_prefix="farsync-metrics"),
         )
+        self._buffers = ex.DecodeBuffers()  # used by the exchange thread only
         # released by close(), when this object is collected, or at interpreter exit,
         # whichever comes first (see _Resources)
         self._release = weakref.finalize(self, self._res.release)
@@ -143,13 +144,13 @@ class TorchDistributedCommunicator(Communicator):
 
         if plan.method == "all-gather":
             got = self._from_senders(senders, lambda j: payloads[0], empty)
-            decoded = ex.decode_all(codec, got, plan.padded_numel)
+            decoded = ex.decode_all(codec, got, plan.padded_numel, self._buffers)
             stats = [ex.shard_stats(decoded, m)] if agg.needs_stats else None
             d = ex.decide(agg, weights, stats)
             mean = torch.empty(0) if d.skipped else ex.combine(agg, decoded, weights, d.kept)[: plan.numel]
         else:
             got = self._from_senders(senders, lambda j: payloads[j], empty)
-            decoded = ex.decode_all(codec, got, plan.shard_numel)  # every sender's copy of shard `me`
+            decoded = ex.decode_all(codec, got, plan.shard_numel, self._buffers)  # every sender's copy of shard `me`
             stats = None
             if agg.needs_stats:  # every shard owner's statistics, by shard
                 stats = self._all_gather(ex.shard_stats(decoded, m).to(padded.device))

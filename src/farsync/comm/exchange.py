@@ -231,9 +231,30 @@ def encode_contribution(
     return [codec.encode(shards[j].contiguous(), generator=generator) for j in range(plan.world_size)]
 
 
-def decode_all(codec: Codec, payloads: dict[int, torch.Tensor], numel: int) -> dict[int, torch.Tensor]:
-    """Decode each sender's payload (by rank)."""
-    return {r: codec.decode(p, numel) for r, p in payloads.items()}
+class DecodeBuffers:
+    """Decode outputs reused from one exchange to the next (one per sender and size):
+    on CPU a fresh output's page faults cost about as much as decoding fp4 into it.
+    What :func:`combine` returns never aliases them. One per exchange thread."""
+
+    def __init__(self):
+        self._bufs: dict[tuple, torch.Tensor] = {}
+
+    def get(self, slot: int, numel: int, device: torch.device) -> torch.Tensor:
+        key = (slot, numel, str(device))
+        if key not in self._bufs:
+            if len(self._bufs) > 64:  # sizes change (fragments differ): keep it bounded
+                self._bufs.clear()
+            self._bufs[key] = torch.empty(numel, dtype=torch.float32, device=device)
+        return self._bufs[key]
+
+
+def decode_all(codec: Codec, payloads: dict[int, torch.Tensor], numel: int,
+               buffers: DecodeBuffers | None = None, first_slot: int = 0) -> dict[int, torch.Tensor]:
+    """Decode each sender's payload (by rank), into ``buffers`` (slots ``first_slot`` +
+    rank) when given."""
+    if buffers is None:
+        return {r: codec.decode(p, numel) for r, p in payloads.items()}
+    return {r: codec.decode(p, numel, out=buffers.get(first_slot + r, numel, p.device)) for r, p in payloads.items()}
 
 
 def weighted_sum(xs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:

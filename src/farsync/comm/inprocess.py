@@ -52,6 +52,7 @@ class InProcessGroup:
         self._ops: dict[int, _Op] = {}
         self._next_op = [0] * world_size
         self._comms = [InProcessCommunicator(self, r) for r in range(world_size)]
+        self._buffers = ex.DecodeBuffers()  # exchanges finish one at a time, in this thread
 
     def communicator(self, rank: int) -> "InProcessCommunicator":
         return self._comms[rank]
@@ -92,14 +93,16 @@ class InProcessGroup:
         plan, codec, agg, m = op.plan, op.codec, op.agg, self.world_size
         senders = ex.senders(weights)
         if plan.method == "all-gather":
-            decoded = ex.decode_all(codec, {r: op.payloads[r][0] for r in senders}, plan.padded_numel)  # type: ignore[index]
+            decoded = ex.decode_all(codec, {r: op.payloads[r][0] for r in senders}, plan.padded_numel,  # type: ignore[index]
+                                    self._buffers)
             stats = [ex.shard_stats(decoded, m)] if agg.needs_stats else None
             op.decision = ex.decide(agg, weights, stats)
             if not op.decision.skipped:
                 op.mean = ex.combine(agg, decoded, weights, op.decision.kept)[: plan.numel]
         else:
             # shard j is checked and reduced by its owner, rank j, with rank j's generator
-            decoded = [ex.decode_all(codec, {r: op.payloads[r][j] for r in senders}, plan.shard_numel)  # type: ignore[index]
+            decoded = [ex.decode_all(codec, {r: op.payloads[r][j] for r in senders}, plan.shard_numel,  # type: ignore[index]
+                                     self._buffers, first_slot=j * m)
                        for j in range(m)]
             stats = [ex.shard_stats(d, m) for d in decoded] if agg.needs_stats else None
             op.decision = ex.decide(agg, weights, stats)
