@@ -237,3 +237,14 @@ def test_reused_decode_buffers_never_leak_into_a_result(method, rule):
     kept = [m.clone() for m in first]
     one(50.0)
     assert all(torch.equal(a, b) for a, b in zip(first, kept))
+
+
+@pytest.mark.parametrize("rule", ["mean", "median", "trimmed-mean"])
+@pytest.mark.parametrize("kept", [(0,), (0, 1), (0, 1, 2)])
+def test_combine_never_aliases_the_decoded_inputs(rule, kept):
+    decoded = {r: torch.full((8,), float(r + 1)) for r in range(3)}
+    out = ex.combine(ex.Aggregation(rule=rule), decoded, [1.0, 1.0, 1.0], kept)
+    before = out.clone()
+    for x in decoded.values():
+        x.fill_(99.0)  # the next exchange decodes into the same buffers
+    assert torch.equal(out, before)
