@@ -221,6 +221,9 @@ def test_unequal_workers_with_a_faulty_one_train_and_report_per_worker(tmp_path)
     assert len(syncs) == s["sync_events"]
     assert all(r["excluded"] == [2] and 2 not in r["kept"] and 0 in r["kept"] for r in syncs)
     assert math.isfinite(s["final_eval_loss"]) and s["simulated_wall_seconds"] > 0
+    # data-parallel would have taken all 40 steps: the baseline is not the slow workers'
+    assert s["dp_equivalent_bytes_per_worker"] == 40 * round(2 * 3 / 4 * 4 * s["parameters"])
+    assert [r for r in rows if r["kind"] == "train"][-1]["dp_bytes_per_worker"] == s["dp_equivalent_bytes_per_worker"]
     assert (tmp_path / "hetero" / "workers.png").exists()
 
 

@@ -51,7 +51,7 @@ def fake_worker(rank):
         rank=rank, last_loss=float("nan"),
         model=SimpleNamespace(state_dict=state), optimizer=SimpleNamespace(state_dict=state),
         scheduler=SimpleNamespace(state_dict=state, get_last_lr=lambda: [0.5]),
-        algo=SimpleNamespace(state_dict=state, stats=SimpleNamespace(total_bytes=0, dp_equivalent_bytes=0, sync_events=0,
+        algo=SimpleNamespace(state_dict=state, stats=SimpleNamespace(total_bytes=0, dp_equivalent_bytes=0, sync_events=0, num_parameters=0,
                                                                       tokens=0)),
     )
 

@@ -34,6 +34,7 @@ from typing import IO, Any
 import torch
 
 from farsync.algorithms import Strategy, finish_in_lockstep, make_strategy, step_in_lockstep
+from farsync.algorithms.accounting import dp_bytes_per_step
 from farsync.comm import rendezvous
 from farsync.comm.base import Communicator
 from farsync.comm.faults import FaultyCommunicator, parse_fault
@@ -518,7 +519,7 @@ def log_step(run: Run, done: int) -> None:
     row = {
         "kind": "train", "step": done, "tokens": run.tokens_at(done), "train_loss": None,
         "lr": workers[0].scheduler.get_last_lr()[0], "wall_seconds": run.wall(),
-        "bytes_sent_per_worker": None, "dp_bytes_per_worker": st.dp_equivalent_bytes,
+        "bytes_sent_per_worker": None, "dp_bytes_per_worker": done * dp_bytes_per_step(run.cfg.algo.workers, st.num_parameters),
         "sync_events": st.sync_events,
     }
     run.pending = _PendingRow(run.group.all_sum_async(local), row)
@@ -595,7 +596,7 @@ def _summary(run: Run, final_eval: float) -> dict:
     if run.group.distributed:
         per_worker = run.group.gather(per_worker[0])
     sent = [s["total_bytes"] for s in per_worker]
-    dp = per_worker[0]["dp_equivalent_bytes"]
+    dp = max(s["dp_equivalent_bytes"] for s in per_worker)  # the workers that trained every step
     compute = sum(s["compute_seconds"] for s in per_worker)
     blocked = sum(s["blocked_seconds"] for s in per_worker)
     tokens = sum(s["tokens"] for s in per_worker)
