@@ -44,7 +44,7 @@ class _Resources:
     handle, and with it the Python tensors it holds. A process that exits right after
     its last collective can reach the interpreter's teardown before a worker thread has
     done that; the thread then needs the GIL of a finalizing interpreter and the process
-    aborts ("terminate called without an active exception"; about 1 run in 20 of
+    aborts ("terminate called without an active exception"; about 1 run in 15 of
     examples/wrap_your_loop.py on a loaded 2-core box). Destroying the groups while the
     interpreter is alive joins those threads first. ``torch.distributed.
     destroy_process_group()`` alone does not: it unregisters the groups, but a group
