@@ -423,8 +423,8 @@ def train_step(run: Run, step: int) -> None:
     its data continues where it left off. Under torchrun a worker of relative speed v < 1 sleeps
     (1/v − 1) × its compute after each step it trains (a documented slowdown); in one
     process nothing sleeps and ``run.sim_seconds`` adds what the step would take on
-    real workers: the mean compute of the workers training, ÷ the slowest speed in
-    lockstep."""
+    real workers: the mean compute of the workers training, × fastest/slowest speed in
+    lockstep (everyone waits for the slowest), × 1 otherwise."""
     cfg, M = run.cfg, run.cfg.algo.workers
     speeds = cfg.algo.speeds()
     active, tokens, spent = [], [], []
