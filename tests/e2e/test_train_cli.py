@@ -40,6 +40,7 @@ def fast(tmp_path, *extra):
 
 
 CACHE = os.path.join(os.path.dirname(__file__), "..", "..", ".cache", "farsync")
+NO_TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "no_text_field.jsonl")
 
 
 @pytest.mark.parametrize("mode,extra", [
@@ -165,6 +166,9 @@ def test_a_failed_checkpoint_write_leaves_the_last_good_one(tmp_path, monkeypatc
     (["--algo.aggregation=mode"], "error: algo.aggregation rule must be one of mean, trimmed-mean, median"),
     (["--train.fault=zero"], "error: train.fault must be nan or scale:FACTOR (got 'zero')"),
     (["--algo.round_seconds=-1"], "error: algo.round_seconds must be >= 0 (got -1.0)"),
+    ([f"--data.source={NO_TEXT}"],
+     f"error: data.source: {NO_TEXT!r} line 2 has no field 'text' (data.text_field; it has: body)"),
+    (["--data.text_field="], "error: data.text_field must be a non-empty field name (got '')"),
     (["--algo.mode=dp", "--algo.worker_speeds=1,1,1,0.5"], "error: algo.worker_speeds / algo.schedule need rounds"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):

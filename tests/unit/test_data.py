@@ -283,3 +283,62 @@ def test_eval_batches_deterministic_and_spread(corpus, folder, tmp_path):
     assert pos and pos[0] > val.numel() // 2
     with pytest.raises(ValueError, match="validation split has"):
         corpus.eval_batches(4, corpus.val_tokens.numel(), 1)
+
+
+# ---- records: JSONL and Parquet ----------------------------------------------------------
+
+def _jsonl(path, texts, extra_lines=()):
+    import json
+
+    with open(path, "w") as f:
+        for t in texts:
+            f.write(json.dumps({"id": 1, "text": t}) + "\n")
+        for line in extra_lines:
+            f.write(line + "\n")
+    return str(path)
+
+
+def test_jsonl_records_are_documents_read_as_a_stream(tmp_path):
+    texts = [f"def f{i}():\n    return {i} * {i}\n" * 20 for i in range(30)]
+    src = _jsonl(tmp_path / "d.jsonl", texts, extra_lines=["this line is not JSON"])
+    cap = sum(len(t) for t in texts[:12])
+    docs, what = load_documents(src, cap)  # the bad last line is never read
+    assert [d.text for d in docs] == texts[:12] and docs[3].name == "d.jsonl#3"
+    assert what == f"file {src}"
+    with pytest.raises(ValueError, match=r"line 31 is not JSON"):
+        load_documents(src, 0)
+    corpus = Corpus.build(DataConfig(source=_jsonl(tmp_path / "ok.jsonl", texts), vocab_size=300,
+                                     val_fraction=0.1, cache_dir=str(tmp_path / "c")), log=lambda m: None)
+    assert corpus.train_tokens.numel() > 0 and corpus.val_tokens.numel() > 0
+
+
+@pytest.mark.parametrize("lines,message", [
+    (['{"body": "x"}'], r"line 1 has no field 'text' \(data.text_field; it has: body\)"),
+    (['{"text": 3}'], r"line 1: field 'text' is int, not text"),
+    ([], r"contains no text \(no records, or every 'text' is empty\)"),
+    (['{"text": ""}', ""], r"contains no text"),
+])
+def test_jsonl_errors_name_the_line_and_field(tmp_path, lines, message):
+    src = tmp_path / "bad.jsonl"
+    src.write_text("\n".join(lines))
+    with pytest.raises(ValueError, match=message):
+        load_documents(str(src), 0)
+
+
+def test_parquet_column_streamed_and_missing_column_named(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    texts = [f"row {i}: " + "abc " * (i + 1) for i in range(3000)]
+    path = str(tmp_path / "d.parquet")
+    pq.write_table(pa.table({"content": texts, "n": list(range(3000))}), path, row_group_size=500)
+    docs, _ = load_documents(path, 0, text_field="content")
+    assert [d.text for d in docs] == texts and docs[-1].name == "d.parquet#2999"
+    cap = sum(len(t) for t in texts[:100])
+    assert [d.text for d in load_documents(path, cap, text_field="content")[0]] == texts[:100]
+    with pytest.raises(ValueError, match=r"has no column 'text' \(data.text_field; it has: content, n\)"):
+        load_documents(path, 0)
+    bad = tmp_path / "not.parquet"
+    bad.write_text("hello")
+    with pytest.raises(ValueError, match="is not a Parquet file"):
+        load_documents(str(bad), 0)

@@ -27,8 +27,13 @@ class DataConfig:
     source: str = "stdlib"
     """"stdlib": the running interpreter's standard-library .py sources (no test suites,
     no site-packages), in sorted path order; or a text file; or a folder of text files
-    (*.txt, *.md, *.py, ...); or pre-tokenized ids: a .bin file of uint16 tokens or a
-    .npy file holding a 1-D integer array."""
+    (*.txt, *.md, *.py, ...); or records: a .jsonl file (one JSON object per line) or a
+    .parquet file, one document per record, its text in data.text_field, read as a
+    stream up to data.max_bytes (Parquet needs pip install 'farsync[parquet]'); or
+    pre-tokenized ids: a .bin file of uint16 tokens or a .npy file holding a 1-D integer
+    array."""
+    text_field: str = "text"
+    """Records (.jsonl, .parquet): the field / column holding each document's text."""
     tokenizer: str = "bpe"
     """"bpe": train a byte-level BPE on the training split (cached by content hash); or a
     path to a Hugging Face tokenizer.json. Ignored for pre-tokenized sources."""
@@ -59,6 +64,9 @@ class DataConfig:
             raise ValueError(f"data.source must be 'stdlib' or a path (got {self.source!r})")
         if self.source != "stdlib" and not os.path.exists(self.source):
             raise ValueError(f"data.source: no such file or directory: {self.source!r}")
+
+        if not isinstance(self.text_field, str) or not self.text_field:
+            raise ValueError(f"data.text_field must be a non-empty field name (got {self.text_field!r})")
 
         if not isinstance(self.tokenizer, str) or not self.tokenizer:
             raise ValueError(

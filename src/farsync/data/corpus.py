@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from farsync.data.config import DataConfig, is_pretokenized
-from farsync.data.sources import documents_hash, load_documents, split_documents
+from farsync.data.sources import RECORD_SUFFIXES, documents_hash, load_documents, split_documents
 from farsync.data.tokenizer import EOS_TOKEN, get_tokenizer, tokenizer_hash
 from farsync.files import atomic_write
 
@@ -100,12 +100,13 @@ class Corpus:
             return cls._build_pretokenized(cfg, log)
 
         t0 = time.perf_counter()
-        docs, what = load_documents(cfg.source, cfg.max_bytes)
+        docs, what = load_documents(cfg.source, cfg.max_bytes, cfg.text_field)
         train, val = split_documents(docs, cfg.val_fraction)
         n_chars = sum(len(d.text) for d in docs)
+        unit = "records" if cfg.source.lower().endswith(RECORD_SUFFIXES) else "files"
         log(
-            f"data: {len(docs)} files, {n_chars / 1e6:.2f} M characters from {what} "
-            f"({len(train)} train / {len(val)} val files)"
+            f"data: {len(docs)} {unit}, {n_chars / 1e6:.2f} M characters from {what} "
+            f"({len(train)} train / {len(val)} val {unit})"
         )
         text_hash = documents_hash(train, val)
         tok = get_tokenizer(

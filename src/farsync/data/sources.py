@@ -8,6 +8,7 @@ partition gives each worker a contiguous block of them.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sysconfig
 from dataclasses import dataclass
@@ -24,6 +25,9 @@ TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".pyi", ".tex", ".c", ".h", ".cc"
 # differ between two installs of the same Python.
 STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 STDLIB_SKIP_PREFIXES = ("config-", "_sysconfigdata")
+
+# Files of records, one document each (see load_records).
+RECORD_SUFFIXES = (".jsonl", ".parquet")
 
 # A single text file is cut into this many documents (at line breaks) so that it can
 # still be split by document for validation and for the non-iid partition.
@@ -91,13 +95,16 @@ def _split_lines(name: str, text: str, pieces: int) -> list[Document]:
     return [Document(f"{name}#{i}", t) for i, t in enumerate(docs)]
 
 
-def load_documents(source: str, max_bytes: int) -> tuple[list[Document], str]:
+def load_documents(source: str, max_bytes: int, text_field: str = "text") -> tuple[list[Document], str]:
     """The source's documents in sorted order, capped at ``max_bytes``; and a description.
 
     Files are taken whole, in sorted order of their relative paths, while their sizes on
     disk add up to at most ``max_bytes`` (a deterministic prefix of the list); the first
     file is cut at a line break if it alone is larger. ``max_bytes = 0`` takes everything.
+    Records (.jsonl, .parquet): see :func:`load_records`.
     """
+    if source != "stdlib" and source.lower().endswith(RECORD_SUFFIXES):
+        return load_records(source, max_bytes, text_field)
     if source == "stdlib":
         root = stdlib_root()
         names = _stdlib_files(root)
@@ -134,6 +141,68 @@ def load_documents(source: str, max_bytes: int) -> tuple[list[Document], str]:
     if len(names) == 1 and source != "stdlib":
         docs = _split_lines(docs[0].name, docs[0].text, SINGLE_FILE_PIECES)
     return docs, what
+
+
+def load_records(source: str, max_bytes: int, text_field: str) -> tuple[list[Document], str]:
+    """One document per record of a .jsonl or .parquet file: its ``text_field``, in file
+    order, named ``file#index``. Read as a stream: records are taken while their text adds
+    up to at most ``max_bytes`` (UTF-8; 0 = all), and nothing after that is read."""
+    base = os.path.basename(source)
+    records = _parquet_texts(source, text_field) if source.lower().endswith(".parquet") else _jsonl_texts(source, text_field)
+    docs: list[Document] = []
+    total = 0
+    for i, text in records:
+        size = len(text.encode("utf-8"))
+        if max_bytes and total + size > max_bytes and docs:
+            break
+        if text:
+            docs.append(Document(f"{base}#{i}", text))
+        total += size
+    if not docs:
+        raise ValueError(f"data.source: {source!r} contains no text (no records, or every {text_field!r} is empty)")
+    return docs, f"file {source}"
+
+
+def _jsonl_texts(source: str, field: str):
+    with open(source, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"data.source: {source!r} line {n} is not JSON ({e.msg})") from None
+            if not isinstance(record, dict) or field not in record:
+                keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
+                raise ValueError(f"data.source: {source!r} line {n} has no field {field!r} "
+                                 f"(data.text_field; it has: {keys})")
+            if not isinstance(record[field], str):
+                raise ValueError(f"data.source: {source!r} line {n}: field {field!r} is "
+                                 f"{type(record[field]).__name__}, not text")
+            yield n - 1, record[field]
+
+
+def _parquet_texts(source: str, column: str):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError("data.source: reading Parquet needs pyarrow: pip install 'farsync[parquet]'") from None
+    try:
+        pf = pq.ParquetFile(source)
+    except Exception as e:  # pyarrow raises its own error types for a file that is not Parquet
+        raise ValueError(f"data.source: {source!r} is not a Parquet file ({e})") from None
+    names = pf.schema_arrow.names
+    if column not in names:
+        raise ValueError(f"data.source: {source!r} has no column {column!r} (data.text_field; "
+                         f"it has: {', '.join(names)})")
+    i = 0
+    for batch in pf.iter_batches(columns=[column], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            if text is not None and not isinstance(text, str):
+                raise ValueError(f"data.source: {source!r} row {i}: column {column!r} is "
+                                 f"{type(text).__name__}, not text")
+            yield i, text or ""
+            i += 1
 
 
 def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Document], list[Document]]:
