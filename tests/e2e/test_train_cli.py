@@ -293,3 +293,23 @@ def test_torchrun_two_processes_equal_in_process_two_workers(tmp_path, extra):
     for x, y in zip(a["per_worker"], b["per_worker"]):
         assert {k: v for k, v in x.items() if not k.endswith("seconds")} == {k: v for k, v in y.items() if not k.endswith("seconds")}
     assert bool(a["exclusions"]) == bool(extra)
+
+
+def test_compare_prints_runs_side_by_side_and_overlays_their_curves(tmp_path):
+    a = train(_run(tmp_path, "streaming", steps=12))
+    b = train(_run(tmp_path, "dp", steps=12, **{"algo.mode": "dp"}))
+    r = cli("compare", str(tmp_path / "streaming"), str(tmp_path / "dp"), "--out", str(tmp_path / "c.png"))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split()[:4] == ["run", "mode", "M", "eval"]
+    row = {ln.split()[0]: ln for ln in lines[2:4]}
+    assert f"{a['final_eval_loss']:.4f}" in row["streaming"] and f"{b['final_eval_loss']:.4f}" in row["dp"]
+    assert f"{a['dp_bytes_ratio']:,.0f}×" in row["streaming"]
+    assert (tmp_path / "c.png").stat().st_size > 10_000
+    from farsync.train.compare import curves, load_run
+
+    pts = curves(*load_run(str(tmp_path / "streaming")))
+    assert [p["tokens"] for p in pts] == [6 * 4 * 4 * 64, 12 * 4 * 4 * 64]  # evals at 6 and 12
+    assert pts[-1]["bytes"] == max(a["bytes_sent_per_worker"]) and 0 < pts[0]["bytes"] <= pts[-1]["bytes"]
+    r = cli("compare", str(tmp_path / "streaming"), str(tmp_path))
+    assert r.returncode == 2 and r.stderr.strip() == f"error: {str(tmp_path)!r} has no summary.json (not a finished farsync run)"

@@ -23,12 +23,14 @@ def _register_all() -> None:
     from farsync.cli import env, simulate, train
     from farsync.cli import wan
     from farsync.cli import bench
+    from farsync.cli import compare
 
     train.register(app)
     simulate.register(app)
     env.register(app)
     wan.register(app)
     bench.register(app)
+    compare.register(app)
 
 
 _register_all()
