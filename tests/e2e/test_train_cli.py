@@ -169,6 +169,7 @@ def test_a_failed_checkpoint_write_leaves_the_last_good_one(tmp_path, monkeypatc
     ([f"--data.source={NO_TEXT}"],
      f"error: data.source: {NO_TEXT!r} line 2 has no field 'text' (data.text_field; it has: body)"),
     (["--data.text_field="], "error: data.text_field must be a non-empty field name (got '')"),
+    (["--train.wandb=cloud"], "error: train.wandb must be offline, online, or empty for off (got 'cloud')"),
     (["--algo.mode=dp", "--algo.worker_speeds=1,1,1,0.5"], "error: algo.worker_speeds / algo.schedule need rounds"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
@@ -313,3 +314,36 @@ def test_compare_prints_runs_side_by_side_and_overlays_their_curves(tmp_path):
     assert pts[-1]["bytes"] == max(a["bytes_sent_per_worker"]) and 0 < pts[0]["bytes"] <= pts[-1]["bytes"]
     r = cli("compare", str(tmp_path / "streaming"), str(tmp_path))
     assert r.returncode == 2 and r.stderr.strip() == f"error: {str(tmp_path)!r} has no summary.json (not a finished farsync run)"
+
+
+def test_tensorboard_and_wandb_offline_get_the_metrics_rows(tmp_path):
+    s = train(_run(tmp_path, "tracked", steps=12, **{"train.tensorboard": "true", "train.wandb": "offline"}))
+    rows = [json.loads(x) for x in (tmp_path / "tracked" / "metrics.jsonl").read_text().splitlines()]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(tmp_path / "tracked" / "tensorboard"))
+    ea.Reload()
+    for kind, key in [("train", "train_loss"), ("train", "bytes_sent_per_worker"), ("eval", "eval_loss")]:
+        got = [(e.step, e.value) for e in ea.Scalars(f"{kind}/{key}")]
+        want = [(r["step"], r[key]) for r in rows if r["kind"] == kind]
+        assert [g[0] for g in got] == [w[0] for w in want]
+        assert all(abs(g[1] - w[1]) <= 1e-6 * max(1.0, abs(w[1])) for g, w in zip(got, want))  # stored as fp32
+    runs = list((tmp_path / "tracked" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    data = runs[0].read_bytes()
+    assert b"eval/eval_loss" in data and b"train/train_loss" in data
+    assert json.dumps(s["final_eval_loss"]).encode() in data  # the final eval loss, as logged
+
+
+def test_a_missing_tracker_package_is_a_one_line_error_naming_the_extra(monkeypatch):
+    import importlib.util
+
+    from farsync.train import loggers
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(loggers.importlib.util, "find_spec", lambda name, *a: None if name in ("tensorboard", "wandb") else real(name, *a))
+    with pytest.raises(ValueError, match=r"pip install 'farsync\[tensorboard\]'"):
+        loggers.check_available(True, "")
+    with pytest.raises(ValueError, match=r"train.wandb needs the wandb package: pip install 'farsync\[wandb\]'"):
+        loggers.check_available(False, "offline")
+    loggers.check_available(False, "")  # nothing asked, nothing needed

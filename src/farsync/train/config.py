@@ -189,6 +189,12 @@ class TrainConfig:
     """Which worker train.fault corrupts."""
     progress: bool = True
     """Show a progress bar (rank 0 only)."""
+    tensorboard: bool = False
+    """Also log the metrics.jsonl figures to TensorBoard (RUN_DIR/tensorboard; rank 0;
+    pip install 'farsync[tensorboard]')."""
+    wandb: str = ""
+    """Also log them to Weights & Biases: offline (files under RUN_DIR/wandb, sync later)
+    or online; empty = off (rank 0; pip install 'farsync[wandb]')."""
 
 
 @dataclass
@@ -245,6 +251,14 @@ class Config:
             a.make_aggregation()
         except ValueError as e:
             raise ConfigError(f"algo.{e}") from None
+        from farsync.train.loggers import WANDB_MODES, check_available
+
+        if self.train.wandb not in WANDB_MODES:
+            raise ConfigError(f"train.wandb must be offline, online, or empty for off (got {self.train.wandb!r})")
+        try:
+            check_available(self.train.tensorboard, self.train.wandb)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if self.train.fault:
             from farsync.comm.faults import parse_fault
 

@@ -19,6 +19,7 @@ before every checkpoint and at the end), so the loop never waits for it on the l
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -167,6 +168,7 @@ class Run:
     prior_wall: float = 0.0  # wall seconds of the run before the resume
     t_start: float = 0.0
     metrics: IO[str] | None = None  # metrics.jsonl, on rank 0
+    trackers: Any = None  # TensorBoard / W&B, on rank 0, when asked for (train.loggers.Trackers)
     bar: Any = None  # the progress bar, on rank 0
     train_loss: float | None = None  # set when a log step's sum lands; the last step always logs
     stop: _StopFlag = field(default_factory=_StopFlag)
@@ -245,6 +247,8 @@ class Run:
             return
         self.metrics.write(json.dumps(row) + "\n")
         self.metrics.flush()
+        if self.trackers is not None:
+            self.trackers.log(row)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -253,6 +257,9 @@ class Run:
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
+        if self.trackers is not None:
+            self.trackers.close()
+            self.trackers = None
 
 
 def _log_main(group: rendezvous.Group, msg: str) -> None:
@@ -366,6 +373,11 @@ def _loop(run: Run) -> dict:
     cfg = run.cfg
     if run.group.is_main:
         run.metrics = open(_metrics_path(run), "a")
+        if cfg.train.tensorboard or cfg.train.wandb:
+            from farsync.train.loggers import Trackers
+
+            run.trackers = Trackers(run.run_dir, os.path.basename(os.path.normpath(run.run_dir)), dataclasses.asdict(cfg),
+                                    tensorboard=cfg.train.tensorboard, wandb=cfg.train.wandb)
         if cfg.train.progress:
             from tqdm import tqdm
 
