@@ -41,6 +41,10 @@ class ModelConfig:
     """Coefficient of the z-loss on the log-partition (0 disables)."""
     qk_norm: bool = True
     """RMSNorm on queries and keys."""
+    hf_config: str = ""
+    """A transformers config.json (or a folder with one): train that causal-LM architecture
+    instead of model.size, from random weights, its vocabulary set to the tokenizer's
+    (pip install 'farsync[hf]'). z_loss and qk_norm do not apply."""
 
 
 @dataclass
@@ -209,6 +213,8 @@ class Config:
         """Cross-field checks; messages name the flag to change."""
         a = self.algo
         _choice("model.size", self.model.size, tuple(MODEL_SIZES))
+        if self.model.hf_config and not os.path.exists(self.model.hf_config):
+            raise ConfigError(f"model.hf_config: no such file or directory: {self.model.hf_config!r}")
         _choice("algo.codec", a.codec, CODEC_NAMES)
         _choice("algo.exchange", a.exchange, EXCHANGES)
         _choice("algo.fragment_pattern", a.fragment_pattern, FRAGMENT_PATTERNS)

@@ -77,11 +77,27 @@ def _device(cfg: Config) -> torch.device:
     return torch.device("cpu")
 
 
-def build_model(cfg: Config, vocab_size: int, device: torch.device) -> Llama:
+def build_model(cfg: Config, vocab_size: int, device: torch.device) -> torch.nn.Module:
+    """farsync's Llama of ``model.size``, or the transformers architecture of
+    ``model.hf_config``; random weights, the same on every worker."""
     torch.manual_seed(cfg.train.seed)  # every worker starts from the same θ_g
+    if cfg.model.hf_config:
+        from farsync.models.hf import HFCausalLM
+
+        try:
+            return HFCausalLM.from_config_file(cfg.model.hf_config, vocab_size, cfg.model.seq_len).to(device)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     mcfg = model_config(cfg.model.size, vocab_size, cfg.model.seq_len, z_loss=cfg.model.z_loss,
                         qk_norm=cfg.model.qk_norm)
     return Llama(mcfg).to(device)
+
+
+def model_name(cfg: Config, model: torch.nn.Module) -> str:
+    """``model.size``, or the transformers class and its config file."""
+    if cfg.model.hf_config:
+        return f"{type(model.hf).__name__} from {cfg.model.hf_config}"
+    return cfg.model.size
 
 
 def build_worker(cfg: Config, rank: int, comm: Communicator, vocab_size: int, device: torch.device) -> Worker:
@@ -327,7 +343,7 @@ def build(cfg: Config, group: rendezvous.Group, device: torch.device, run_dir: s
               eval_set=corpus.eval_batches(cfg.train.batch_size, cfg.model.seq_len, cfg.train.eval_batches),
               n_params=workers[0].model.num_parameters())
     a, algo = cfg.algo, workers[0].algo
-    run.log(f"model: {cfg.model.size}, {run.n_params:,} parameters ({workers[0].model.num_parameters(non_embedding=True):,} "
+    run.log(f"model: {model_name(cfg, workers[0].model)}, {run.n_params:,} parameters ({workers[0].model.num_parameters(non_embedding=True):,} "
             f"non-embedding); {a.workers} workers, mode {a.mode}" + (
                 f", H={a.inner_steps}, P={algo.num_fragments}, τ={algo.sync_delay}, α={algo.mixing}, codec {a.codec}"
                 if a.mode != "dp" else ""))
@@ -617,7 +633,7 @@ def _summary(run: Run, final_eval: float) -> dict:
         "mode": cfg.algo.mode,
         "workers": cfg.algo.workers,
         "backend": "torch.distributed" if run.group.distributed else "in-process",
-        "model": cfg.model.size,
+        "model": model_name(cfg, run.workers[0].model),
         "parameters": run.n_params,
         "steps": cfg.train.steps,
         "tokens": tokens,
