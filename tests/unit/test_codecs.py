@@ -531,7 +531,7 @@ def test_payload_independent_of_cpu_chunking(name, chunk, monkeypatch):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", BLOCKWISE)
 def test_large_buffer_bit_identical_to_reference(device, name):
-    """Large enough (16 MiB of fp32) for the huge-page advice on CPU outputs."""
+    """Large (16 MiB of fp32): many chunks on CPU, outputs larger than any cache."""
     x = torch.randn(1 << 22, generator=torch.Generator().manual_seed(3)).to(device)
     c = get_codec(name)
     p = c.encode(x)
