@@ -87,3 +87,48 @@ def test_hf_config_errors_are_one_line(tmp_path):
     bad.write_text(json.dumps({"model_type": "no-such-architecture"}))
     with pytest.raises(ValueError, match="is not a transformers config"):
         load_hf_config(str(bad), 512, 64)
+
+
+@pytest.mark.parametrize("extra", [
+    {},  # farsync's Llama with QK-norm: exported as Qwen3
+    {"model.qk_norm": "false", "algo.mode": "dp"},  # without: as Llama; data-parallel's θ is the model
+    {"model.hf_config": "llama"},  # a transformers architecture: as itself
+])
+def test_export_loads_in_transformers_with_the_same_logits(tmp_path, extra):
+    from test_train_cli import _run, cli
+
+    from farsync.data import Corpus
+    from farsync.train.export import global_parameters
+    from farsync.train.loop import build_model
+
+    if "model.hf_config" in extra:
+        extra = {**extra, "model.hf_config": write_config(tmp_path, extra["model.hf_config"])}
+    train(_run(tmp_path, "run", steps=12, **extra))
+    out = tmp_path / "hf"
+    r = cli("export", str(tmp_path / "run"), str(out))
+    assert r.returncode == 0, r.stderr
+    assert (out / "model.safetensors").exists() and (out / "config.json").exists()
+
+    cfg, params, step = global_parameters(str(tmp_path / "run"))
+    assert step == 12
+    corpus = Corpus.build(cfg.data, log=lambda m: None)
+    ours = build_model(cfg, corpus.vocab_size, torch.device("cpu"))
+    ours.load_state_dict(params, strict=False)
+    for name, p in ours.named_parameters():  # θ_g, every parameter
+        assert torch.equal(p, params[name].to(p.dtype))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    x, _ = corpus.eval_batches(2, 64, 1)[0]
+    with torch.no_grad():
+        want = ours.eval()(x)[0]
+        got = hf(input_ids=x).logits
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    text = "def add(a, b):\n    return a + b\n"
+    assert tok(text)["input_ids"] == corpus.encode(text)
+
+
+def test_export_errors_are_one_line(tmp_path):
+    from test_train_cli import cli
+
+    r = cli("export", str(tmp_path), str(tmp_path / "out"))
+    assert r.returncode == 2 and r.stderr.strip() == f"error: {str(tmp_path)!r} has no config.toml (not a farsync run directory)"

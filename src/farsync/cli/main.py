@@ -24,6 +24,7 @@ def _register_all() -> None:
     from farsync.cli import wan
     from farsync.cli import bench
     from farsync.cli import compare
+    from farsync.cli import export
 
     train.register(app)
     simulate.register(app)
@@ -31,6 +32,7 @@ def _register_all() -> None:
     wan.register(app)
     bench.register(app)
     compare.register(app)
+    export.register(app)
 
 
 _register_all()

@@ -1,0 +1,117 @@
+"""A finished run's global model θ_g as a Hugging Face folder: ``config.json`` and
+``model.safetensors`` that ``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` loads, the
+run's tokenizer beside them (``AutoTokenizer.from_pretrained(OUT_DIR)``).
+
+farsync's Llama maps onto a ``transformers`` architecture weight for weight: with QK-norm
+(the default) onto Qwen3 (per-head RMSNorm on queries and keys before RoPE, the same
+rotate-half RoPE, SwiGLU, RMSNorm, no biases), without it onto Llama. The fused q/k/v
+matrix is cut into ``q_proj``, ``k_proj``, ``v_proj``. A run trained with
+``model.hf_config`` is saved as the architecture it is. Needs ``pip install 'farsync[hf]'``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from farsync.train import checkpoint as ckpt
+from farsync.train.config import Config, build_config, load_recipe
+
+
+def global_parameters(run_dir: str) -> tuple[Config, dict[str, torch.Tensor], int]:
+    """The run's resolved config, θ_g by parameter name (from its latest checkpoint) and
+    the step it holds."""
+    if not os.path.isfile(os.path.join(run_dir, "config.toml")):
+        raise ValueError(f"{run_dir!r} has no config.toml (not a farsync run directory)")
+    cfg = build_config(load_recipe(os.path.join(run_dir, "config.toml")))
+    step = ckpt.latest_step(run_dir)
+    if step is None:
+        raise ValueError(f"{run_dir!r} has no complete checkpoint to export")
+    state = ckpt.load_worker(run_dir, step, 0, map_location="cpu")
+    params = {k: v for k, v in state["model"].items()}
+    algo = state["algo"]
+    if "anchors" in algo:  # DiLoCo: θ_g is the anchors, fragment by fragment
+        for names, anchors in zip(algo["fragment_names"], algo["anchors"]):
+            params.update({n: a.float() for n, a in zip(names, anchors)})
+    return cfg, params, step
+
+
+def _llama_to_hf(cfg: Config, params: dict[str, torch.Tensor]):
+    """(transformers config, state dict) for farsync's Llama."""
+    import transformers
+
+    from farsync.models import model_config
+
+    vocab = params["tok_emb.weight"].shape[0]
+    m = model_config(cfg.model.size, vocab, cfg.model.seq_len, z_loss=cfg.model.z_loss, qk_norm=cfg.model.qk_norm)
+    common = dict(vocab_size=vocab, hidden_size=m.dim, intermediate_size=m.hidden_dim, num_hidden_layers=m.n_layers,
+                  num_attention_heads=m.n_heads, num_key_value_heads=m.n_heads, head_dim=m.head_dim,
+                  max_position_embeddings=m.max_seq_len, rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta,
+                  tie_word_embeddings=m.tie_embeddings, hidden_act="silu", attention_bias=False,
+                  bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    hf_cfg = (transformers.Qwen3Config(**common, use_sliding_window=False) if m.qk_norm
+              else transformers.LlamaConfig(**common, mlp_bias=False))
+    out = {"model.embed_tokens.weight": params["tok_emb.weight"], "model.norm.weight": params["norm.weight"]}
+    if not m.tie_embeddings:
+        out["lm_head.weight"] = params["head.weight"]
+    for i in range(m.n_layers):
+        b, h = f"blocks.{i}.", f"model.layers.{i}."
+        q, k, v = params[b + "attn.wqkv.weight"].split(m.dim, dim=0)
+        out.update({
+            h + "self_attn.q_proj.weight": q, h + "self_attn.k_proj.weight": k, h + "self_attn.v_proj.weight": v,
+            h + "self_attn.o_proj.weight": params[b + "attn.wo.weight"],
+            h + "input_layernorm.weight": params[b + "attn_norm.weight"],
+            h + "post_attention_layernorm.weight": params[b + "mlp_norm.weight"],
+            h + "mlp.gate_proj.weight": params[b + "mlp.w1.weight"],
+            h + "mlp.up_proj.weight": params[b + "mlp.w3.weight"],
+            h + "mlp.down_proj.weight": params[b + "mlp.w2.weight"],
+        })
+        if m.qk_norm:
+            out[h + "self_attn.q_norm.weight"] = params[b + "attn.q_norm.weight"]
+            out[h + "self_attn.k_norm.weight"] = params[b + "attn.k_norm.weight"]
+    return hf_cfg, out
+
+
+def export(run_dir: str, out_dir: str) -> str:
+    """Write the run's θ_g (and tokenizer) to ``out_dir`` as a Hugging Face folder;
+    returns a one-line description."""
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError("farsync export needs the transformers package: pip install 'farsync[hf]'") from None
+    cfg, params, step = global_parameters(run_dir)
+    if cfg.model.hf_config:
+        from farsync.models.hf import load_hf_config
+
+        vocab = next(v.shape[0] for n, v in params.items() if n.endswith("embed_tokens.weight") or n.endswith("wte.weight"))
+        hf_cfg = load_hf_config(cfg.model.hf_config, vocab, cfg.model.seq_len)
+        state = {n.removeprefix("hf."): v for n, v in params.items()}
+    else:
+        hf_cfg, state = _llama_to_hf(cfg, params)
+    model = transformers.AutoModelForCausalLM.from_config(hf_cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(hf_cfg, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise ValueError(f"export: weights do not match {type(model).__name__}: missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]}")
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    _save_tokenizer(cfg, out_dir)
+    return f"step {step} of {run_dir}: {type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters -> {out_dir}"
+
+
+def _save_tokenizer(cfg: Config, out_dir: str) -> None:
+    """The run's tokenizer as tokenizer.json + tokenizer_config.json (text sources)."""
+    from farsync.data import Corpus
+    from farsync.data.config import is_pretokenized
+    from farsync.data.tokenizer import EOS_TOKEN
+
+    if is_pretokenized(cfg.data.source):
+        return  # ids came without a tokenizer
+    corpus = Corpus.build(cfg.data, log=lambda m: None)  # cached: reads the tokenizer back
+    corpus.tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS_TOKEN,
+                   "model_max_length": cfg.model.seq_len}, f, indent=2)
