@@ -192,7 +192,6 @@ class DiLoCo(Strategy):
             raise SettingError("participation", participation, f"must be in [1, {comm.world_size}] (the workers)")
         self.participation = participation
         self.participation_seed = participation_seed
-        self.steps_trained = 0  # inner optimizer steps (step_count also counts idle steps)
         self._tokens = [0] * self.num_fragments  # per fragment: tokens trained on since its last send
         #: contributions left out, as every worker saw them: worker, fragment, round, why
         self.exclusions: list[dict] = []
@@ -214,12 +213,16 @@ class DiLoCo(Strategy):
         """Inner optimizer step on ``tokens`` tokens (None: counts as 1), then start the
         exchanges of fragments due now."""
         self.inner_optimizer.step()
-        self.steps_trained += 1
-        self.stats.inner_steps = self.steps_trained
+        self.stats.inner_steps += 1
         n = 1 if tokens is None else int(tokens)
         self.stats.tokens += n
         self._tokens = [t + n for t in self._tokens]
         self._advance()
+
+    @property
+    def steps_trained(self) -> int:
+        """Inner optimizer steps taken (``step_count`` also counts idle steps)."""
+        return self.stats.inner_steps
 
     def idle_step(self) -> None:
         """A schedule step this worker did not train (it is slower than the schedule):
@@ -394,7 +397,6 @@ class DiLoCo(Strategy):
             "pending": pending,
             "generator": self.generator.get_state(),
             "residuals": [None if r is None else r.clone() for r in self.residuals],
-            "steps_trained": self.steps_trained,
             "tokens_since_sync": list(self._tokens),
             "exclusions": list(self.exclusions),
             "skipped_rounds": list(self.skipped_rounds),
@@ -417,7 +419,6 @@ class DiLoCo(Strategy):
             self._pending[item["fragment"]] = (CompletedWork(res), item["sent_step"], item["final"])
         self.generator.set_state(state["generator"])
         self.residuals = [None if r is None else r.clone() for r in state.get("residuals", self.residuals)]
-        self.steps_trained = int(state.get("steps_trained", self.step_count))
         self._tokens = list(state.get("tokens_since_sync", self._tokens))
         self.exclusions = list(state.get("exclusions", []))
         self.skipped_rounds = list(state.get("skipped_rounds", []))

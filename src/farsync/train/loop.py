@@ -20,6 +20,7 @@ before every checkpoint and at the end), so the loop never waits for it on the l
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -213,13 +214,17 @@ class Run:
         per = self.cfg.train.batch_size * self.cfg.model.seq_len
         return per * sum(trained_steps(v, steps) for v in self.rel_speeds)
 
-    @property
+    @functools.cached_property
+    def speeds(self) -> list[float]:
+        """algo.worker_speeds, one per worker (parsed once)."""
+        return self.cfg.algo.speeds()
+
+    @functools.cached_property
     def rel_speeds(self) -> list[float]:
         """Each worker's speed relative to the fastest, for the schedule: all 1 in lockstep."""
         if self.cfg.algo.schedule == "lockstep":
             return [1.0] * self.cfg.algo.workers
-        speeds = self.cfg.algo.speeds()
-        return [v / max(speeds) for v in speeds]
+        return [v / max(self.speeds) for v in self.speeds]
 
     def trains(self, rank: int, step: int) -> bool:
         """Whether worker ``rank`` trains at schedule step ``step`` (else it sits it out)."""
@@ -454,7 +459,7 @@ def train_step(run: Run, step: int) -> None:
     real workers: the mean compute of the workers training, × fastest/slowest speed in
     lockstep (everyone waits for the slowest), × 1 otherwise."""
     cfg, M = run.cfg, run.cfg.algo.workers
-    speeds = cfg.algo.speeds()
+    speeds = run.speeds
     active, tokens, spent = [], [], []
     for w in run.workers:
         on = run.trains(w.rank, step)
@@ -481,7 +486,7 @@ def train_step(run: Run, step: int) -> None:
     if not run.group.distributed and len(set(speeds)) > 1 and spent:
         per = sum(spent) / len(spent)
         run.sim_seconds += per * (max(speeds) / min(speeds) if cfg.algo.schedule == "lockstep" else 1.0)
-    if cfg.algo.schedule == "time-budget" and run.next_sync(step) == step:  # a sync is due after this step
+    if cfg.algo.schedule == "time-budget" and run.workers[0].algo.due_to_send(step + 1):  # a sync follows this step
         if run.group.distributed:
             # a worker early for the sync waits for its deadline: a round lasts round_seconds
             ahead = run.budget_t0 + (step + 1) * cfg.algo.round_seconds / cfg.algo.inner_steps - time.perf_counter()
@@ -501,7 +506,7 @@ def train_step(run: Run, step: int) -> None:
     blocked_before = sum(w.algo.stats.blocked_seconds for w in run.workers)
     t0 = time.perf_counter()
     step_in_lockstep([w.algo for w in run.workers], before_inner_step=clip, tokens=tokens, active=active)
-    log_exclusions(run)
+    log_syncs(run)
     blocked = sum(w.algo.stats.blocked_seconds for w in run.workers) - blocked_before
     share = max(0.0, time.perf_counter() - t0 - blocked) / len(run.workers)
     for w, on in zip(run.workers, active):
@@ -513,7 +518,7 @@ def train_step(run: Run, step: int) -> None:
         w.optimizer.zero_grad(set_to_none=True)
 
 
-def log_exclusions(run: Run) -> None:
+def log_syncs(run: Run) -> None:
     """Every sync landed (who contributed, sat out, was left out), and new exclusions and
     skipped rounds (every worker sees the same): a metrics row each; a line on stderr
     for an exclusion or a skipped round."""
@@ -600,7 +605,7 @@ def finish(run: Run) -> dict:
         run.bar.close()
         run.bar = None
     finish_in_lockstep([w.algo for w in run.workers])
-    log_exclusions(run)
+    log_syncs(run)
     final_eval = eval_loss(run)
     land_metrics(run)  # the last step's row and train loss (the last step always logs)
     run.write_row({"kind": "eval", "step": steps, "tokens": run.tokens_at(steps),
@@ -651,7 +656,7 @@ def _summary(run: Run, final_eval: float) -> dict:
         "compute_seconds": compute,
         "blocked_seconds": blocked,
         "compute_utilization": compute / (compute + blocked) if compute + blocked > 0 else 1.0,
-        "worker_speeds": cfg.algo.speeds(),
+        "worker_speeds": run.speeds,
         "schedule": cfg.algo.schedule,
         # in-process with unequal speeds: the wall clock real workers of those speeds would take
         "simulated_wall_seconds": run.sim_seconds if run.sim_seconds else None,
