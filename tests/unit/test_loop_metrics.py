@@ -36,8 +36,9 @@ class Held(Future):
 class HeldGroup:
     """A group whose sums complete only when the test releases them."""
 
-    def __init__(self):
+    def __init__(self, workers: int = 2):
         self.started: list[tuple[list[float], Held]] = []
+        self.summed_workers = workers  # the sum adds every worker's values
 
     def all_sum_async(self, values):
         f = Held()

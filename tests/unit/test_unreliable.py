@@ -215,7 +215,7 @@ def test_bad_aggregation_settings_are_named():
         ex.Aggregation(outlier_factor=0.5)
     with pytest.raises(ValueError, match="participation"):
         workers(2, mode="diloco", inner_steps=2, participation=3)
-    with pytest.raises(ValueError, match="fault must be nan or scale"):
+    with pytest.raises(ValueError, match="fault must be nan, scale:FACTOR or leave:STEP"):
         parse_fault("zero")
     assert parse_fault("scale:1e3") == ("scale", 1000.0) and math.isnan(parse_fault("nan")[1])
 

@@ -28,6 +28,7 @@ Inner optimizer state never leaves the worker.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -401,6 +402,46 @@ class DiLoCo(Strategy):
             "exclusions": list(self.exclusions),
             "skipped_rounds": list(self.skipped_rounds),
         }
+
+    @torch.no_grad()
+    def shared_state(self) -> dict:
+        """What every worker holds alike — θ_g and the outer optimizer of every fragment,
+        the schedule position, the exclusion record — as copies: what a worker that
+        joins mid-run receives from a live one (elastic runs; call at a sync, with
+        nothing in flight but the sync itself)."""
+        return {
+            "mode": self.mode, "step": self.step_count, "fragment_names": [f.names for f in self.fragments],
+            "anchors": [[a.clone() for a in fa] for fa in self.anchors],
+            "outer_optimizers": [copy.deepcopy(o.state_dict()) for o in self.outer_optimizers],
+            "exclusions": list(self.exclusions), "skipped_rounds": list(self.skipped_rounds),
+        }
+
+    @torch.no_grad()
+    def adopt(self, state: dict, landing: tuple[int, int, ExchangeResult] | None = None) -> None:
+        """Continue from a live worker's :meth:`shared_state`: θ_g, outer optimizers and
+        schedule position replaced, this worker's replicas set to θ_g, what it trained
+        since its last sync dropped (error-feedback residuals too). ``landing`` =
+        (fragment, step sent, result): the sync the live workers were in, landed here
+        as there. The inner optimizer's state and the accounting stay this worker's."""
+        if state["mode"] != self.mode or state["fragment_names"] != [f.names for f in self.fragments]:
+            raise ValueError("a live worker's state is for another model, mode or fragmentation than this run's")
+        self._pending.clear()
+        for frag, fa, sa in zip(self.fragments, self.anchors, state["anchors"]):
+            for p, a, s in zip(frag.params, fa, sa):
+                a.copy_(s)
+                p.copy_(a)
+        for o, s in zip(self.outer_optimizers, state["outer_optimizers"]):
+            o.load_state_dict(s)
+        self.step_count = int(state["step"])
+        self.exclusions, self.skipped_rounds = list(state["exclusions"]), list(state["skipped_rounds"])
+        self._tokens = [0] * self.num_fragments
+        self.residuals = [None] * self.num_fragments
+        self._final_launched = False
+        if landing is not None:
+            f, sent, result = landing
+            final = self.total_steps is not None and sent >= self.total_steps
+            self._pending[f] = (CompletedWork(result), sent, final)
+            self._complete_fragment(f)
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)

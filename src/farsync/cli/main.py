@@ -25,6 +25,7 @@ def _register_all() -> None:
     from farsync.cli import bench
     from farsync.cli import compare
     from farsync.cli import export
+    from farsync.cli import lighthouse
 
     train.register(app)
     simulate.register(app)
@@ -33,6 +34,7 @@ def _register_all() -> None:
     bench.register(app)
     compare.register(app)
     export.register(app)
+    lighthouse.register(app)
 
 
 _register_all()

@@ -12,6 +12,7 @@ next.
 
 from __future__ import annotations
 
+import functools
 import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,6 +23,91 @@ import torch.distributed as dist
 from farsync.codecs import Codec
 from farsync.comm import exchange as ex
 from farsync.comm.base import Communicator, ExchangeResult, Work
+
+
+class Transport:
+    """Point-to-point messages among the ``size`` members of one group, this process
+    being member ``rank``: what :func:`run_exchange` needs of a process group.
+    ``post(sends, recvs)`` starts sending ``sends[j]`` to member j and receiving
+    ``recvs[j]`` from member j (None: nothing), every receive posted before any send,
+    and returns the handles to wait on."""
+
+    def __init__(self, rank: int, size: int, post):
+        self.rank, self.size, self._post = rank, size, post
+
+    # The payload phases use point-to-point messages with every receive posted before any
+    # send, not gloo's all_gather / all_to_all. gloo's TCP transport sends a payload once
+    # the peer has announced the matching receive, and that announcement travels on the
+    # same TCP stream as the peer's own payload. Those collectives post the send first, so
+    # a rank that arrives a little late writes its whole payload before its announcement
+    # and the other direction waits behind it: on a rate-limited link the two directions
+    # then run partly one after the other (measured with `farsync wan`: a 3.9 MB exchange
+    # between 2 hosts at 20 Mbit/s took 2.5-3.2 s instead of 1.7 s). Receives first put
+    # every announcement ahead of the data. Bytes sent are the same: (M-1) payloads.
+    def exchange(self, sends: list[torch.Tensor | None], recvs: list[torch.Tensor | None]) -> None:
+        """Send ``sends[j]`` to member j and receive ``recvs[j]`` from member j."""
+        for r in self._post(sends, recvs):
+            r.wait()
+
+    def all_gather(self, mine: torch.Tensor) -> list[torch.Tensor]:
+        """Every member's ``mine``, by member."""
+        me, m = self.rank, self.size
+        out = [mine if j == me else torch.empty_like(mine) for j in range(m)]
+        self.exchange([None if j == me else mine for j in range(m)], [None if j == me else out[j] for j in range(m)])
+        return out
+
+    def from_senders(self, senders: list[int], to_send, empty) -> dict[int, torch.Tensor]:
+        """Every sender's payload for this member, by sender (its own included when it
+        is one): ``to_send(j)`` is what this member sends member j, ``empty(r)`` a buffer
+        for what member r sends."""
+        me, m = self.rank, self.size
+        sending = me in senders
+        recvs = [empty(j) if j in senders and j != me else None for j in range(m)]
+        sends = [to_send(j) if sending and j != me else None for j in range(m)]
+        self.exchange(sends, recvs)
+        got = {j: t for j, t in enumerate(recvs) if t is not None}
+        if sending:
+            got[me] = to_send(me)
+        return dict(sorted(got.items()))
+
+
+def run_exchange(t: Transport, plan: ex.ExchangePlan, codec: Codec, padded: torch.Tensor, weight: float,
+                 generator: torch.Generator | None, agg: ex.Aggregation,
+                 buffers: ex.DecodeBuffers | None = None) -> ExchangeResult:
+    """One weighted-mean exchange among the members of ``t`` (``plan`` made for
+    ``t.size`` members); ranks in the result are members of ``t``."""
+    m = t.size
+    if m == 1:
+        mean, d = ex.solo(agg, padded[: plan.numel], weight)
+        return ExchangeResult(mean, (weight,), 0, 0, d.kept, d.excluded, d.skipped)
+    ws = t.all_gather(torch.tensor([weight], dtype=torch.float64, device=padded.device))
+    weights = [float(x.item()) for x in ws]
+    senders = ex.senders(weights)
+    payloads = ex.encode_contribution(plan, codec, padded, generator) if weight > 0 else None
+
+    def empty(_src: int) -> torch.Tensor:  # one payload (a whole buffer's or a shard's)
+        return torch.empty(plan.payload_nbytes, dtype=torch.uint8, device=padded.device)
+
+    if plan.method == "all-gather":
+        got = t.from_senders(senders, lambda j: payloads[0], empty)
+        decoded = ex.decode_all(codec, got, plan.padded_numel, buffers)
+        stats = [ex.shard_stats(decoded, m)] if agg.needs_stats else None
+        d = ex.decide(agg, weights, stats)
+        mean = torch.empty(0) if d.skipped else ex.combine(agg, decoded, weights, d.kept)[: plan.numel]
+    else:
+        got = t.from_senders(senders, lambda j: payloads[j], empty)
+        decoded = ex.decode_all(codec, got, plan.shard_numel, buffers)  # every sender's copy of shard `me`
+        stats = None
+        if agg.needs_stats:  # every shard owner's statistics, by shard
+            stats = [s.cpu() for s in t.all_gather(ex.shard_stats(decoded, m).to(padded.device))]
+        d = ex.decide(agg, weights, stats)
+        if d.skipped:
+            mean = torch.empty(0)
+        else:
+            mine = codec.encode(ex.combine(agg, decoded, weights, d.kept), generator=generator)
+            mean = ex.assemble(plan, codec, t.all_gather(mine))
+    return ExchangeResult(mean, tuple(weights), ex.bytes_sent(plan, weight > 0, d.skipped),
+                          ex.control_bytes(plan, agg), d.kept, d.excluded, d.skipped)
 
 
 class _FutureWork(Work):
@@ -128,79 +214,18 @@ class TorchDistributedCommunicator(Communicator):
              generator: torch.Generator | None, agg: ex.Aggregation) -> ExchangeResult:
         if self.delay_s:
             time.sleep(self.delay_s)
-        m = self.world_size
-        if m == 1:
-            mean, d = ex.solo(agg, padded[: plan.numel], weight)
-            return ExchangeResult(mean, (weight,), 0, 0, d.kept, d.excluded, d.skipped)
-        w = torch.tensor([weight], dtype=torch.float64, device=padded.device)
-        ws = [torch.empty_like(w) for _ in range(m)]
-        dist.all_gather(ws, w, group=self._group)
-        weights = [float(x.item()) for x in ws]
-        senders = ex.senders(weights)
-        payloads = ex.encode_contribution(plan, codec, padded, generator) if weight > 0 else None
+        return run_exchange(self._transport, plan, codec, padded, weight, generator, agg, self._buffers)
 
-        def empty(_src: int) -> torch.Tensor:  # one payload (a whole buffer's or a shard's)
-            return torch.empty(plan.payload_nbytes, dtype=torch.uint8, device=padded.device)
+    @functools.cached_property
+    def _transport(self) -> "Transport":
+        res = self._res  # not the group itself: release() must drop the last reference to it
 
-        if plan.method == "all-gather":
-            got = self._from_senders(senders, lambda j: payloads[0], empty)
-            decoded = ex.decode_all(codec, got, plan.padded_numel, self._buffers)
-            stats = [ex.shard_stats(decoded, m)] if agg.needs_stats else None
-            d = ex.decide(agg, weights, stats)
-            mean = torch.empty(0) if d.skipped else ex.combine(agg, decoded, weights, d.kept)[: plan.numel]
-        else:
-            got = self._from_senders(senders, lambda j: payloads[j], empty)
-            decoded = ex.decode_all(codec, got, plan.shard_numel, self._buffers)  # every sender's copy of shard `me`
-            stats = None
-            if agg.needs_stats:  # every shard owner's statistics, by shard
-                stats = self._all_gather(ex.shard_stats(decoded, m).to(padded.device))
-                stats = [s.cpu() for s in stats]
-            d = ex.decide(agg, weights, stats)
-            if d.skipped:
-                mean = torch.empty(0)
-            else:
-                mine = codec.encode(ex.combine(agg, decoded, weights, d.kept), generator=generator)
-                mean = ex.assemble(plan, codec, self._all_gather(mine))
-        return ExchangeResult(mean, tuple(weights), ex.bytes_sent(plan, weight > 0, d.skipped),
-                              ex.control_bytes(plan, agg), d.kept, d.excluded, d.skipped)
+        def post(sends, recvs):
+            g = res.group
+            reqs = [dist.irecv(t, src=j, group=g) for j, t in enumerate(recvs) if t is not None]
+            return reqs + [dist.isend(t, dst=j, group=g) for j, t in enumerate(sends) if t is not None]
 
-    def _from_senders(self, senders: list[int], to_send, empty) -> dict[int, torch.Tensor]:
-        """Every sender's payload for this rank, by sender (this rank's own included when
-        it is one): ``to_send(j)`` is what this rank sends rank j, ``empty(r)`` a buffer
-        for what rank r sends."""
-        me, m = self.rank, self.world_size
-        sending = me in senders
-        recvs = [empty(j) if j in senders and j != me else None for j in range(m)]
-        sends = [to_send(j) if sending and j != me else None for j in range(m)]
-        self._exchange(sends, recvs)
-        got = {j: t for j, t in enumerate(recvs) if t is not None}
-        if sending:
-            got[me] = to_send(me)
-        return dict(sorted(got.items()))
-
-    # The payload phases use point-to-point messages with every receive posted before any
-    # send, not gloo's all_gather / all_to_all. gloo's TCP transport sends a payload once
-    # the peer has announced the matching receive, and that announcement travels on the
-    # same TCP stream as the peer's own payload. Those collectives post the send first, so
-    # a rank that arrives a little late writes its whole payload before its announcement
-    # and the other direction waits behind it: on a rate-limited link the two directions
-    # then run partly one after the other (measured with `farsync wan`: a 3.9 MB exchange
-    # between 2 hosts at 20 Mbit/s took 2.5-3.2 s instead of 1.7 s). Receives first put
-    # every announcement ahead of the data. Bytes sent are the same: (M-1) payloads.
-    def _exchange(self, sends: list[torch.Tensor | None], recvs: list[torch.Tensor | None]) -> None:
-        """Send ``sends[j]`` to rank j and receive ``recvs[j]`` from rank j (None: nothing)."""
-        g = self._group
-        reqs = [dist.irecv(t, src=j, group=g) for j, t in enumerate(recvs) if t is not None]
-        reqs += [dist.isend(t, dst=j, group=g) for j, t in enumerate(sends) if t is not None]
-        for r in reqs:
-            r.wait()
-
-    def _all_gather(self, mine: torch.Tensor) -> list[torch.Tensor]:
-        """Every rank's ``mine``, by rank."""
-        me, m = self.rank, self.world_size
-        out = [mine if j == me else torch.empty_like(mine) for j in range(m)]
-        self._exchange([None if j == me else mine for j in range(m)], [None if j == me else out[j] for j in range(m)])
-        return out
+        return Transport(self.rank, self.world_size, post)
 
     # Metrics cross the same link as a payload in flight, and on a FIFO link every
     # crossing waits behind the payload bytes queued there, whatever TCP connection it

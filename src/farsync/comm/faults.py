@@ -4,7 +4,10 @@
 non-finite values, or the buffer scaled by a large factor — without the worker knowing:
 its own model and optimizer stay clean, and nothing flags the contribution. It is what
 the receivers' checks (:class:`~farsync.comm.exchange.Aggregation`) must catch, in tests
-and in ``farsync train --train.fault=...`` (see :func:`parse_fault`).
+and in ``farsync train --train.fault=...`` (see :func:`parse_fault`). A third kind,
+``leave:STEP``, is a worker that stops contributing from the sync sent after schedule
+step STEP on (weight 0): in one process, what an elastic run computes when that worker
+dies in the round that sync closes.
 """
 
 from __future__ import annotations
@@ -15,20 +18,21 @@ from dataclasses import replace
 
 from farsync.comm.base import Communicator, ExchangeRequest, Work
 
-FAULT_KINDS = ("nan", "scale")
+FAULT_KINDS = ("nan", "scale", "leave")
 
 
 def parse_fault(spec: str) -> tuple[str, float]:
-    """``"nan"`` or ``"scale:FACTOR"`` → (kind, factor); ValueError naming the problem."""
+    """``"nan"``, ``"scale:FACTOR"`` or ``"leave:STEP"`` → (kind, factor or step);
+    ValueError naming the problem."""
     kind, _, arg = spec.partition(":")
     if kind not in FAULT_KINDS:
-        raise ValueError(f"fault must be nan or scale:FACTOR (got {spec!r})")
+        raise ValueError(f"fault must be nan, scale:FACTOR or leave:STEP (got {spec!r})")
     if kind == "nan":
         return kind, math.nan
     try:
         factor = float(arg)
     except ValueError:
-        raise ValueError(f"fault scale:FACTOR needs a number (got {spec!r})") from None
+        raise ValueError(f"fault {kind}:{'STEP' if kind == 'leave' else 'FACTOR'} needs a number (got {spec!r})") from None
     return kind, factor
 
 
@@ -44,6 +48,11 @@ class FaultyCommunicator(Communicator):
         self.corrupted = 0  # buffers corrupted so far
 
     def exchange(self, request: ExchangeRequest) -> Work:
+        if self.kind == "leave":  # factor: the first schedule step whose sync goes without it
+            if request.round is not None and request.round[-1] >= self.factor:
+                request = replace(request, weight=0.0)
+                self.corrupted += 1
+            return self.inner.exchange(request)
         if self.rounds is None or request.round in self.rounds:
             buf = request.buf.detach().clone()
             if self.kind == "nan":

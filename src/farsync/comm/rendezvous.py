@@ -42,15 +42,29 @@ class Group:
     comms: list[Communicator] = field(default_factory=list)  # one per local worker
     local_ranks: list[int] = field(default_factory=list)  # the workers' ranks
     owns_process_group: bool = False  # join() created the default process group
+    # an elastic run (join_elastic): one worker per process, with no process group shared
+    # by the run; each process logs, sums metrics and checkpoints for its own worker
+    elastic: bool = False
 
     @property
     def is_main(self) -> bool:
-        return self.rank == 0
+        return self.rank == 0 or self.elastic
+
+    @property
+    def _shared(self) -> bool:
+        """The processes of the run share a process group (torchrun)."""
+        return self.distributed and not self.elastic
+
+    @property
+    def summed_workers(self) -> int:
+        """How many workers a metrics sum (:meth:`all_sum_async`) adds up."""
+        return len(self.local_ranks) if self.elastic else self.workers
 
     def all_sum_async(self, values: list[float]) -> Future:
         """Start a sum over processes (metrics; not counted as exchange bytes); a Future
-        of the sums, the same bits on every process. In-process: already done."""
-        return self.comms[0].all_sum_floats_async(values) if self.distributed else completed_future(list(values))
+        of the sums, the same bits on every process. In-process (and elastic, where each
+        worker reports its own): already done."""
+        return self.comms[0].all_sum_floats_async(values) if self._shared else completed_future(list(values))
 
     def all_sum(self, values: list[float]) -> list[float]:
         """Blocking sum over processes."""
@@ -58,7 +72,7 @@ class Group:
 
     def broadcast(self, obj):
         """Rank 0's ``obj`` on every process."""
-        if not self.distributed:
+        if not self._shared:
             return obj
         import torch.distributed as dist
 
@@ -67,8 +81,8 @@ class Group:
         return box[0]
 
     def gather(self, obj) -> list:
-        """Every process's ``obj``, by rank (in-process: the one object, as a list)."""
-        if not self.distributed:
+        """Every process's ``obj``, by rank (in-process and elastic: the one object, as a list)."""
+        if not self._shared:
             return [obj]
         import torch.distributed as dist
 
@@ -77,7 +91,7 @@ class Group:
         return out
 
     def barrier(self) -> None:
-        if self.distributed:
+        if self._shared:
             import torch.distributed as dist
 
             dist.barrier()
@@ -123,3 +137,19 @@ def join(workers: int, *, device_type: str = "cpu", delay_s: float = 0.0) -> Gro
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     rank = dist.get_rank()
     return Group(rank, workers, True, [TorchDistributedCommunicator(delay_s=delay_s)], [rank], owns)
+
+
+def join_elastic(workers: int, worker: int, *, lighthouse: str, timeout_s: float, quorum_timeout_s: float,
+                 min_workers: int, host: str = "") -> Group:
+    """Worker ``worker`` (a stable id in [0, ``workers``)) of an elastic run: this
+    process's endpoint on torchft (:class:`~farsync.comm.elastic.ElasticCommunicator`).
+    ``worker`` < 0 takes ``$FARSYNC_WORKER``."""
+    from farsync.comm.elastic import ElasticCommunicator, lighthouse_address
+
+    if worker < 0:
+        if "FARSYNC_WORKER" not in os.environ:
+            raise ValueError("elastic runs need a worker id: set elastic.worker (or $FARSYNC_WORKER)")
+        worker = int(os.environ["FARSYNC_WORKER"])
+    comm = ElasticCommunicator(worker, workers, lighthouse=lighthouse_address(lighthouse), timeout_s=timeout_s,
+                               quorum_timeout_s=quorum_timeout_s, min_workers=min_workers, host=host or None)
+    return Group(worker, workers, True, [comm], [worker], elastic=True)

@@ -30,11 +30,12 @@ def save_worker(run_dir: str, step: int, worker: int, state: dict) -> None:
     atomic_write(os.path.join(step_dir(run_dir, step), f"worker-{worker}.pt"), lambda f: torch.save(state, f))
 
 
-def commit(run_dir: str, step: int, workers: int) -> None:
-    """Mark ``step`` as the checkpoint to resume from, once all workers' files exist;
-    then remove older ones."""
+def commit(run_dir: str, step: int, workers: int, ranks: list[int] | None = None) -> None:
+    """Mark ``step`` as the checkpoint to resume from, once the files of all workers
+    (or of ``ranks``: an elastic worker's run directory holds its own only) exist; then
+    remove older ones."""
     d = step_dir(run_dir, step)
-    missing = [w for w in range(workers) if not os.path.exists(os.path.join(d, f"worker-{w}.pt"))]
+    missing = [w for w in (range(workers) if ranks is None else ranks) if not os.path.exists(os.path.join(d, f"worker-{w}.pt"))]
     if missing:
         raise RuntimeError(f"checkpoint of step {step} lacks worker files {missing}")
     atomic_write(os.path.join(run_dir, "checkpoints", "latest.json"),

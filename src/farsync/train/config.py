@@ -188,9 +188,16 @@ class TrainConfig:
     """Test hook: every exchange takes at least this long (emulates a slow link)."""
     fault: str = ""
     """Fault injection: train.faulty_worker's pseudo-gradients go out corrupted every
-    round, unknown to it: nan, or scale:FACTOR (e.g. scale:1000). Empty = none."""
+    round, unknown to it: nan, or scale:FACTOR (e.g. scale:1000); or leave:STEP, it
+    stops contributing from the sync after schedule step STEP on. Empty = none."""
     faulty_worker: int = 1
     """Which worker train.fault corrupts."""
+    die_at_step: int = 0
+    """Test hook (elastic runs): this process SIGKILLs itself at schedule step N (1-based) — inside
+    the exchange of the sync sent after step N if one is due then, else after step N's
+    forward/backward. 0 = never."""
+    die_signal: str = "SIGKILL"
+    """The signal train.die_at_step sends: SIGKILL (a lost worker) or SIGSTOP (a hung one)."""
     progress: bool = True
     """Show a progress bar (rank 0 only)."""
     tensorboard: bool = False
@@ -202,12 +209,41 @@ class TrainConfig:
 
 
 @dataclass
+class ElasticConfig:
+    enabled: bool = False
+    """Elastic run on torchft: workers may die, hang, restart or join mid-run (one
+    process per worker, each started on its own; see README, "When machines fail").
+    pip install 'farsync[elastic]'."""
+    worker: int = -1
+    """This process's stable worker id in [0, algo.workers): its data shard and its
+    place in the membership (not a rank; the same after a restart). -1 = $FARSYNC_WORKER."""
+    lighthouse: str = ""
+    """The Lighthouse's address, http://HOST:PORT (`farsync lighthouse`); empty =
+    $TORCHFT_LIGHTHOUSE."""
+    host: str = ""
+    """This worker's address as the other workers reach it; empty = its hostname."""
+    timeout_s: float = 300.0
+    """Every collective's timeout: a peer that hangs (or a link that stalls) longer is
+    dropped from the round. 300 s: 6x the 50 s a 4-bit 1B-parameter fragment (P = 4,
+    62 MB) takes at 10 Mbit/s, and 6x shorter than gloo's default of 30 min."""
+    quorum_timeout_s: float = 900.0
+    """How long a worker waits for a round among at least elastic.min_workers workers
+    before giving up with an error."""
+    min_workers: int = 1
+    """Fewest live workers to commit a round with."""
+    join_timeout_s: float = 60.0
+    """At start-up, how long to wait for all algo.workers workers before starting
+    with those present (the others join when they come)."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)
 
     def validate(self) -> None:
         """Cross-field checks; messages name the flag to change."""
@@ -275,6 +311,24 @@ class Config:
             if not 0 <= self.train.faulty_worker < a.workers:
                 raise ConfigError(f"train.faulty_worker must be a worker in [0, {a.workers - 1}] (got {self.train.faulty_worker})")
 
+        if self.elastic.enabled:
+            e = self.elastic
+            if a.mode == "dp":
+                raise ConfigError("elastic.enabled needs rounds: use mode diloco or streaming")
+            if a.sync_delay:
+                raise ConfigError(f"elastic.enabled needs algo.sync_delay = 0 (got {a.sync_delay}): a worker "
+                                  "joins at a sync with nothing else in flight")
+            if a.schedule == "time-budget":
+                raise ConfigError("elastic.enabled works with algo.schedule lockstep or steps")
+            _choice("train.die_signal", self.train.die_signal, ("SIGKILL", "SIGSTOP"))
+            if e.worker >= a.workers:
+                raise ConfigError(f"elastic.worker must be in [0, {a.workers - 1}] (got {e.worker})")
+            for key, value in [("timeout_s", e.timeout_s), ("quorum_timeout_s", e.quorum_timeout_s)]:
+                if not value > 0:
+                    raise ConfigError(f"elastic.{key} must be > 0 (got {value})")
+            if not 1 <= e.min_workers <= a.workers:
+                raise ConfigError(f"elastic.min_workers must be in [1, {a.workers}] (got {e.min_workers})")
+
     def inner_weight_decay(self) -> float:
         """The inner optimizer's weight decay: optim.weight_decay, compensated for the
         outer gain when algo.compensate_weight_decay (see :func:`outer_gain`)."""
@@ -318,7 +372,7 @@ def _choice(key: str, value: str, choices) -> None:
 
 def _section_class(name: str) -> type:
     return {"model": ModelConfig, "data": DataConfig, "algo": AlgoConfig,
-            "optim": OptimConfig, "train": TrainConfig}[name]
+            "optim": OptimConfig, "train": TrainConfig, "elastic": ElasticConfig}[name]
 
 
 def _coerce(key: str, raw: Any, typ: Any, from_text: bool) -> Any:

@@ -39,6 +39,7 @@ from farsync.algorithms import Strategy, finish_in_lockstep, make_strategy, step
 from farsync.algorithms.accounting import dp_bytes_per_step
 from farsync.comm import rendezvous
 from farsync.comm.base import Communicator
+from farsync.comm.elastic import Rejoined
 from farsync.comm.faults import FaultyCommunicator, parse_fault
 from farsync.data import Corpus
 from farsync.models import Llama, model_config
@@ -202,6 +203,7 @@ class Run:
     budget_trained: list[int] = field(default_factory=list)  # steps trained by the last sync
     logged_exclusions: int = 0  # exclusions / skipped rounds already written to metrics.jsonl
     logged_skips: int = 0
+    logged_events: int = 0  # elastic: membership events already written
 
     @property
     def tokens_per_step(self) -> int:
@@ -310,12 +312,19 @@ def train(cfg: Config, *, run_dir: str | None = None, resume: bool = False) -> d
             raise ConfigError("algo.schedule=time-budget under torchrun needs algo.round_seconds > 0 "
                               "(the wall-clock length of a round of H steps)")
         try:
-            group = rendezvous.join(cfg.algo.workers, device_type=device.type, delay_s=cfg.train.exchange_delay_s)
-        except ValueError as e:
+            if cfg.elastic.enabled:
+                e = cfg.elastic
+                group = rendezvous.join_elastic(cfg.algo.workers, e.worker, lighthouse=e.lighthouse, timeout_s=e.timeout_s,
+                                                quorum_timeout_s=e.quorum_timeout_s, min_workers=e.min_workers, host=e.host)
+            else:
+                group = rendezvous.join(cfg.algo.workers, device_type=device.type, delay_s=cfg.train.exchange_delay_s)
+        except (ValueError, ImportError) as e:
             raise ConfigError(str(e)) from None
         try:
             run = build(cfg, group, device, run_dir)
             try:
+                if group.elastic and ckpt.latest_step(run.run_dir) is not None:
+                    resume = True  # a restarted worker: its inner optimizer and data position
                 if resume:
                     restore(run)
                 else:
@@ -333,6 +342,8 @@ def build(cfg: Config, group: rendezvous.Group, device: torch.device, run_dir: s
     """Run directory and resolved config, corpus, the local workers, the eval model."""
     if run_dir is None:
         run_dir = os.path.join(cfg.train.run_dir, _run_name(cfg, group))
+        if group.elastic:  # every worker keeps its own files (it may have no disk in common with the others)
+            run_dir = os.path.join(run_dir, f"worker-{group.rank}")
     if group.is_main:
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "config.toml"), "w") as f:
@@ -409,10 +420,19 @@ def _loop(run: Run) -> dict:
         run.budget_clock = [0.0 if run.group.distributed else float(run.start)] * len(run.workers)
         run.budget_trained = [w.algo.stats.inner_steps for w in run.workers]
         run.budget_t0 = time.perf_counter() - run.start * a.round_seconds / a.inner_steps
+    if run.group.elastic:
+        elastic_start(run)
     with run.stop:
-        for step in range(run.start, cfg.train.steps):
-            train_step(run, step)
+        step = run.start
+        while step < cfg.train.steps:
+            try:
+                train_step(run, step)
+            except Rejoined as r:  # the others went on without this worker: continue from their state
+                rejoin(run, r)
+                step = run.start
+                continue
             done = step + 1
+            step = done
             last = done == cfg.train.steps
             if done % cfg.train.log_every == 0 or last:
                 log_step(run, done)
@@ -430,6 +450,49 @@ def _loop(run: Run) -> dict:
                 run.log(f"stopped at step {done}; checkpoint saved. Resume with: farsync train --resume {run.run_dir}")
                 return {"stopped_at": done, "run_dir": run.run_dir}
     return finish(run)
+
+
+def elastic_start(run: Run) -> None:
+    """An elastic worker's start: hand the communicator what a joining peer needs (see
+    :meth:`~farsync.algorithms.diloco.DiLoCo.shared_state`), then join the live workers —
+    all of them at once at the start of a run, or the others mid-run (:func:`rejoin`)."""
+    comm, algo = run.group.comms[0], run.workers[0].algo
+    comm.state_fn = algo.shared_state
+    comm.settings = (algo.codec, algo.exchange, algo.aggregation)
+    if run.cfg.train.die_at_step:
+        comm.die_in_round = run.cfg.train.die_at_step
+        comm.die_signal = getattr(signal, run.cfg.train.die_signal)
+    r = comm.join(run.cfg.algo.workers, run.cfg.elastic.join_timeout_s, step=algo.step_count)
+    if r is not None:
+        rejoin(run, r)
+    log_syncs(run)
+
+
+def rejoin(run: Run, r: Rejoined) -> None:
+    """Continue from a live worker's state: θ_g, outer optimizers and schedule position
+    from it, the sync it was in landed here too; the learning rate follows the schedule
+    step. What this worker trained since its last sync is dropped (at most one round of
+    its work); its inner optimizer state is its own (from its last local checkpoint, or
+    fresh)."""
+    w = run.workers[0]
+    landing = None
+    if r.result is not None:
+        _, f, sent = r.round
+        landing = (f, sent, r.result)
+    lost = w.algo.step_count  # where this worker was
+    w.algo.adopt(r.state, landing)
+    s = w.algo.step_count
+    w.optimizer.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+        w.scheduler.last_epoch = s - 1
+        w.scheduler.step()  # the learning rate of schedule step s
+    run.start = s
+    if run.bar is not None:
+        run.bar.n = s
+    run.write_row({"kind": "rejoined", "step": s, "from_step": lost, "behind_syncs": r.behind, "wall_seconds": run.wall()})
+    run.log(f"joined the live workers at step {s} ({r.behind} syncs behind; this worker was at step {lost})")
+    log_syncs(run)
 
 
 def trained_steps(rel_speed: float, steps: int) -> int:
@@ -474,6 +537,8 @@ def train_step(run: Run, step: int) -> None:
             _, loss = w.model(x.to(run.device), y.to(run.device))
         loss.backward()
         w.last_loss = loss.item()
+        if cfg.train.die_at_step and step + 1 == cfg.train.die_at_step and not w.algo.due_to_send(step + 1):
+            os.kill(os.getpid(), getattr(signal, cfg.train.die_signal))  # test hook: a worker lost mid-round
         dt = time.perf_counter() - t0
         spent.append(dt)
         slowdown = max(speeds) / speeds[w.rank] - 1.0
@@ -538,6 +603,15 @@ def log_syncs(run: Run) -> None:
         run.log(f"skipped round {k['round']} of fragment {k['fragment']} (step {k['step']}): only workers "
                 f"{k['kept']} left, fewer than algo.min_contributions; θ_g unchanged")
     run.logged_exclusions, run.logged_skips = len(excl), len(skips)
+    if run.group.elastic:  # membership changes and retried rounds, as this worker saw them
+        events = run.group.comms[0].events
+        for e in events[run.logged_events:]:
+            run.write_row({"kind": "membership", "step": algo.step_count, **e})
+            if e["event"] == "members":
+                run.log(f"workers now {e['workers']} (lost {e['lost']}, joined {e['joined']})")
+            elif e["event"] == "retry":
+                run.log(f"sync {e['round']} failed ({e['why']}); retrying with the workers alive")
+        run.logged_events = len(events)
 
 
 def log_step(run: Run, done: int) -> None:
@@ -566,7 +640,7 @@ def land_metrics(run: Run) -> None:
     if p is None:
         return
     total = p.sums.result()
-    M = run.cfg.algo.workers
+    M = run.group.summed_workers
     run.train_loss = total[0] / M
     if total[1] > 0:
         run.stop.agreed = True
@@ -595,7 +669,7 @@ def save(run: Run, step: int) -> None:
         })
     run.group.barrier()
     if run.group.is_main:
-        ckpt.commit(run.run_dir, step, run.cfg.algo.workers)
+        ckpt.commit(run.run_dir, step, run.cfg.algo.workers, run.group.local_ranks if run.group.elastic else None)
 
 
 def finish(run: Run) -> dict:
@@ -637,7 +711,7 @@ def _summary(run: Run, final_eval: float) -> dict:
         "run_dir": run.run_dir,
         "mode": cfg.algo.mode,
         "workers": cfg.algo.workers,
-        "backend": "torch.distributed" if run.group.distributed else "in-process",
+        "backend": "elastic (torchft)" if run.group.elastic else "torch.distributed" if run.group.distributed else "in-process",
         "model": model_name(cfg, run.workers[0].model),
         "parameters": run.n_params,
         "steps": cfg.train.steps,

@@ -1,0 +1,336 @@
+"""Elastic runs on torchft: workers that die, hang, restart or join mid-run.
+
+Each worker is a torchft *replica group* of one process with a stable worker id
+(0..M−1); a torchft Lighthouse (``farsync lighthouse``) keeps the membership. Every
+exchange is one torchft quorum:
+
+1. ``Manager.start_quorum()`` — the Lighthouse returns the live workers (a worker is
+   live while its heartbeats arrive); torchft reconfigures the gloo group among them.
+   A worker whose committed-sync count is behind the others' is *healed* here: it
+   receives the live peers' state over that group (:class:`torchft.checkpointing.
+   PGTransport`, no shared filesystem).
+2. The members swap worker ids, then run the same exchange as every other backend
+   (:func:`farsync.comm.distributed.run_exchange`) among themselves; results are
+   reported by worker id, an absent worker as weight 0 — exactly what a run in which it
+   sat the round out computes.
+3. ``Manager.should_commit()`` — if any collective failed (a peer died: the connection
+   closes at once; a peer hangs: gloo's timeout, ``elastic.timeout_s``), the round is
+   retried with the same payload among the workers still alive: a lost worker's
+   contribution to that round is dropped and the weights renormalised over the others.
+
+A worker that starts while others are mid-run (a restart, or a new one) calls
+:meth:`ElasticCommunicator.join`: it waits in a quorum until the others reach their next
+sync, is healed there, takes part in that sync with weight 0 (it has trained nothing)
+and continues from θ_g with everybody; the training loop gets the state as a
+:class:`Rejoined`. So does a worker whose retry finds that the others committed the
+round without it. What is transferred and what is not: see :func:`farsync.train.loop.
+elastic_state`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+from farsync.codecs import Codec
+from farsync.comm import exchange as ex
+from farsync.comm.base import Communicator, ExchangeResult, Work
+from farsync.comm.distributed import Transport, run_exchange
+
+
+def replica_id(worker: int) -> str:
+    """torchft's replica id of worker ``worker``: zero-padded, so that torchft's order of
+    replica ids (string order) is the order of worker ids."""
+    return f"farsync_{worker:05d}"
+
+
+class Rejoined(Exception):
+    """This worker took the live workers' state (it restarted, joined, or fell a round
+    behind): ``state`` is what :func:`farsync.train.loop.elastic_state` made on a live
+    peer; ``result`` the sync in progress there, in which this worker took part with
+    weight 0 (None if the peers were not in a sync)."""
+
+    def __init__(self, state: dict, result: ExchangeResult | None, *, behind: int, round: tuple | None = None):
+        super().__init__(f"rejoined at step {state['step']} ({behind} syncs behind)")
+        self.state, self.result, self.behind, self.round = state, result, behind, round
+
+
+class ElasticError(RuntimeError):
+    """No quorum could be formed (too few workers alive for too long)."""
+
+
+@dataclass
+class _Call:
+    """One exchange as the caller asked for it (kept to retry it)."""
+
+    buf: torch.Tensor
+    codec: Codec
+    weight: float
+    generator: torch.Generator | None
+    method: str
+    agg: ex.Aggregation
+    round: tuple | None
+
+
+class _ResultWork(Work):
+    def __init__(self, future: Future, bytes_sent: int):
+        self._future, self.bytes_sent = future, bytes_sent
+
+    def wait(self) -> ExchangeResult:
+        return self._future.result()  # raises Rejoined / ElasticError
+
+    def is_completed(self) -> bool:
+        return self._future.done()
+
+
+def _torchft():
+    os.environ.setdefault("RUST_LOG", "warn")  # torchft's Rust side logs every quorum at INFO
+    try:
+        import torchft
+        from torchft.checkpointing.pg_transport import PGTransport
+    except ImportError:
+        raise ImportError("elastic runs need torchft: pip install 'farsync[elastic]'") from None
+    return torchft, PGTransport
+
+
+class ElasticCommunicator(Communicator):
+    """Worker ``worker`` of at most ``workers``, on torchft (see the module docstring).
+
+    Args:
+        lighthouse: the Lighthouse's address (``http://host:port``).
+        timeout_s: every collective's timeout (a hung peer is detected within it).
+        quorum_timeout_s: how long a worker waits for a quorum of ``min_workers``.
+        min_workers: fewer live workers than this: a round is not committed; the worker
+            waits (up to ``quorum_timeout_s``) for more.
+        host: this worker's address as the others reach it (its store and torchft's
+            manager server); default: its hostname.
+        state_fn: the state a joining peer needs (called on the exchange thread while
+            the training loop waits for the exchange; must return copies).
+    """
+
+    def __init__(self, worker: int, workers: int, *, lighthouse: str, timeout_s: float = 300.0,
+                 quorum_timeout_s: float = 900.0, min_workers: int = 1, host: str | None = None,
+                 state_fn=None):
+        torchft, PGTransport = _torchft()
+        from torch.distributed import TCPStore
+
+        if not 0 <= worker < workers:
+            raise ValueError(f"elastic.worker must be in [0, {workers - 1}] (got {worker})")
+        self.rank, self.world_size = worker, workers
+        self.timeout_s, self.quorum_timeout_s = float(timeout_s), float(quorum_timeout_s)
+        self.state_fn = state_fn
+        self.min_workers = min_workers
+        #: (codec, method, aggregation) of this run's exchanges: what a joining worker
+        #: uses for the sync it joins (every worker's are the same)
+        self.settings: tuple | None = None
+        self._last_ids: list[int] = []
+        self.die_in_round = 0  # test hook: signal this process inside the sync sent after this step
+        self.die_signal = signal.SIGKILL
+        host = host or socket.gethostname()
+        logging.getLogger("torchft").setLevel(logging.ERROR)  # torchft logs every quorum at INFO, and warns of NCCL on CPU
+        # torchft's manager meets the other replica groups through a store of its own group's
+        self._store = TCPStore(host, 0, is_master=True, wait_for_workers=False)
+        timeout = timedelta(seconds=self.timeout_s)
+        self._pg = torchft.ProcessGroupGloo(timeout=timeout)
+        self.manager = torchft.Manager(
+            pg=self._pg, load_state_dict=self._load, state_dict=self._save, min_replica_size=min_workers,
+            use_async_quorum=False, timeout=timeout, quorum_timeout=timedelta(seconds=self.quorum_timeout_s),
+            connect_timeout=timeout, rank=0, world_size=1, store_addr=host, store_port=self._store.port,
+            lighthouse_addr=lighthouse, replica_id=replica_id(worker), hostname=host, init_sync=False,
+            checkpoint_transport=PGTransport(self._pg, timeout=timeout, device=torch.device("cpu")),
+        )
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="farsync-elastic")
+        self._buffers = ex.DecodeBuffers()
+        self._current: dict | None = None  # the exchange in progress, for a joining peer
+        self._loaded: dict | None = None  # the state a heal brought
+        self._members: tuple[int, ...] | None = None  # worker ids of the last committed sync
+        #: membership changes, retries and heals, in order: dicts with "event", "time", ...
+        self.events: list[dict] = []
+        #: bytes received / sent as state transfers (heals), this worker's share
+        self.recovery_bytes = 0
+
+    # ---- the exchange ---------------------------------------------------------------
+    def all_reduce_mean(self, buf, codec, *, weight=1.0, generator=None, method="auto",
+                        aggregation=ex.PLAIN, round=None) -> Work:
+        ex.validate_weight(weight)
+        call = _Call(buf.detach().clone(), codec, float(weight), generator, method, aggregation, round)
+        plan = ex.make_plan(buf.numel(), self.world_size, codec, method)  # the full group's, for the estimate
+        return _ResultWork(self._executor.submit(self._run, call), plan.bytes_sent)
+
+    def exchange(self, request) -> Work:
+        self.check_members(request.members)
+        return self.all_reduce_mean(request.buf, request.codec, weight=request.weight, generator=request.generator,
+                                    method=request.method, aggregation=request.aggregation, round=request.round)
+
+    def _run(self, call: _Call) -> ExchangeResult:
+        """Quorum, exchange, commit; again among the survivors until a round commits."""
+        self.settings = (call.codec, call.method, call.agg)
+        self._current = {"round": call.round, "numel": call.buf.numel()}
+        deadline = time.monotonic() + self.quorum_timeout_s
+        try:
+            while True:
+                t0 = time.time()
+                res, why = None, ""
+                try:
+                    healed = self._quorum()
+                    if healed is not None:
+                        raise healed
+                    res = self._exchange_once(call)
+                except Rejoined:
+                    raise
+                except Exception as e:  # a peer died or hung mid-round
+                    self.manager.report_error(e)
+                    why = _short(e)
+                if self.manager.should_commit() and res is not None:
+                    self._note_members(t0, call.round)
+                    return res
+                few = not why
+                why = why or f"only {self.manager.num_participants()} workers alive, fewer than elastic.min_workers"
+                if not (few and self.events and self.events[-1].get("why") == why):  # one line per wait
+                    self.events.append({"event": "retry", "time": time.time(), "failed_at": t0,
+                                        "round": _tag(call.round), "why": why})
+                if few:
+                    time.sleep(0.5)  # wait for workers to (re)join
+                if time.monotonic() > deadline:
+                    raise ElasticError(f"no sync among at least {self.min_workers} workers for "
+                                       f"{self.quorum_timeout_s:.0f} s (elastic.quorum_timeout_s); last error: {why}")
+        finally:
+            self._current = None
+
+    def _quorum(self) -> Rejoined | None:
+        """Start a quorum; if this worker was healed in it, take part in the peers' sync
+        with weight 0 and return the :class:`Rejoined` to raise."""
+        behind = self.manager.current_step()
+        self.manager.start_quorum()
+        if self._loaded is None:
+            return None
+        state, self._loaded = self._loaded, None
+        behind = self.manager.current_step() - behind
+        result = None
+        if state["exchange"] is not None:  # the sync the peers are in: ours too, with nothing to add
+            e = state["exchange"]
+            codec, method, agg = self.settings
+            call = _Call(torch.zeros(e["numel"]), codec, 0.0, None, method, agg, e["round"])
+            result = self._exchange_once(call)
+        if not self.manager.should_commit():
+            raise ElasticError("a peer failed while this worker was joining; restart it to join again")
+        self._note_members(time.time(), state["exchange"]["round"] if state["exchange"] else None)
+        self.events.append({"event": "healed", "time": time.time(), "step": state["farsync"]["step"], "behind": behind})
+        return Rejoined(state["farsync"], result, behind=behind,
+                        round=tuple(state["exchange"]["round"]) if state["exchange"] else None)
+
+    def _exchange_once(self, call: _Call) -> ExchangeResult:
+        """One exchange among this quorum's members; the result by worker id."""
+        n, me = self.manager.num_participants(), self.manager.participating_rank()
+        if me is None:
+            raise ElasticError("this worker is not a participant of the quorum")
+        t = Transport(me, n, self._post)
+        ids = [int(x.item()) for x in t.all_gather(torch.tensor([self.rank], dtype=torch.int64))]
+        if sorted(ids) != ids or len(set(ids)) != n:
+            raise ElasticError(f"quorum members {ids}: two workers run with the same elastic.worker")
+        self._last_ids = ids
+        if self.die_in_round and call.weight > 0 and call.round is not None and call.round[-1] == self.die_in_round:
+            os.kill(os.getpid(), self.die_signal)  # test hook (train.die_at_step): lost or hung mid-sync
+        plan = ex.make_plan(call.buf.numel(), n, call.codec, call.method)
+        res = run_exchange(t, plan, call.codec, ex.pad(plan, call.buf), call.weight, call.generator, call.agg,
+                           self._buffers)
+        return _by_worker(res, ids, self.world_size)
+
+    def _post(self, sends, recvs):
+        """Transport.post over torchft's group (ranks: this quorum's)."""
+        pg = self._pg
+        works = [pg.recv([t], j, 0) for j, t in enumerate(recvs) if t is not None]
+        return works + [pg.send([t], j, 0) for j, t in enumerate(sends) if t is not None]
+
+    def _note_members(self, t0: float, round) -> None:
+        members = tuple(self._last_ids)
+        if self._members is not None and members != self._members:
+            self.events.append({"event": "members", "time": time.time(), "since": t0, "round": _tag(round),
+                                "lost": sorted(set(self._members) - set(members)),
+                                "joined": sorted(set(members) - set(self._members)), "workers": list(members)})
+        self._members = members
+
+    # ---- joining --------------------------------------------------------------------
+    def join(self, want: int, wait_s: float, *, step: int = 0) -> Rejoined | None:
+        """At start-up: a quorum with the live workers. If they are mid-run, this worker
+        is healed there and gets a :class:`Rejoined`; if all start together (at schedule
+        step ``step``: 0, or a common checkpoint's), it waits up to ``wait_s`` for
+        ``want`` workers and returns None.
+
+        A process starts with torchft's count of committed syncs at 0, so one that
+        starts while others have synced is always behind them, and healed, whatever
+        checkpoint it resumed from; a quorum without a heal holds starting workers only."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            healed = self._quorum()
+            if healed is not None:
+                return healed
+            n, me = self.manager.num_participants(), self.manager.participating_rank()
+            # every member of this quorum sees the same n and so decides alike
+            done = n >= want or time.monotonic() > deadline
+            steps = None
+            if done and n > 1:
+                t = Transport(me, n, self._post)
+                try:
+                    steps = [int(x.item()) for x in t.all_gather(torch.tensor([step], dtype=torch.int64))]
+                except Exception as e:
+                    self.manager.report_error(e)
+            if not self.manager.should_commit():
+                done = False
+            elif steps is not None and len(set(steps)) > 1:
+                raise ElasticError(f"the workers start from different steps {sorted(set(steps))} (checkpoints of "
+                                   "different steps): restart them from one step")
+            if done:
+                return None
+            time.sleep(0.2)
+
+    def _save(self) -> dict:
+        """What a healed peer receives: the loop's state and the exchange in progress."""
+        if self.state_fn is None:
+            raise ElasticError("no state to give a joining worker (ElasticCommunicator.state_fn is unset)")
+        return {"farsync": self.state_fn(), "exchange": self._current}
+
+    def _load(self, state: dict) -> None:
+        self._loaded = state
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+            self.manager.shutdown(wait=False)
+
+
+def _by_worker(res: ExchangeResult, ids: list[int], workers: int) -> ExchangeResult:
+    """``res`` (by member) with every rank a worker id and absent workers at weight 0."""
+    weights = [0.0] * workers
+    for j, w in zip(ids, res.weights):
+        weights[j] = w
+    kept = None if res.kept is None else tuple(ids[r] for r in res.kept)
+    excluded = tuple((ids[r], why) for r, why in res.excluded)
+    return ExchangeResult(res.mean, tuple(weights), res.bytes_sent, res.control_bytes + 8 * (len(ids) - 1),
+                          kept, excluded, res.skipped)
+
+
+def _tag(round) -> list | None:
+    return None if round is None else list(round)
+
+
+def _short(e: Exception) -> str:
+    return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+
+
+def lighthouse_address(configured: str) -> str:
+    """``elastic.lighthouse``, else ``TORCHFT_LIGHTHOUSE``; ValueError if neither."""
+    addr = configured or os.environ.get("TORCHFT_LIGHTHOUSE", "")
+    if not addr:
+        raise ValueError("elastic runs need a lighthouse: set elastic.lighthouse=http://HOST:PORT "
+                         "(or TORCHFT_LIGHTHOUSE); start one with `farsync lighthouse`")
+    return addr
