@@ -39,9 +39,10 @@ ARGS = [
 
 @pytest.fixture
 def lighthouse(tmp_path):
-    """A Lighthouse on a free port: a worker silent for 1 s is counted out."""
+    """A Lighthouse on a free port: a worker silent for 1 s is counted out; one alive
+    but late to a sync is waited for (up to 60 s)."""
     p = subprocess.Popen([sys.executable, "-m", "farsync", "lighthouse", "--bind", "[::]:0", "--heartbeat-timeout-s", "1",
-                          "--join-timeout-s", "2"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                          "--join-timeout-s", "60"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         addr = p.stdout.readline().strip()
         assert addr.startswith("http://"), addr

@@ -12,7 +12,10 @@ import typer
 def lighthouse(
     bind: str = typer.Option("[::]:29510", help="Address to listen on, HOST:PORT (port 0: any free port)."),
     min_workers: int = typer.Option(1, min=1, help="Fewest live workers a round may be taken with."),
-    join_timeout_s: float = typer.Option(60.0, min=0.0, help="How long a round waits for a live worker that is late to it."),
+    join_timeout_s: float = typer.Option(
+        300.0, min=0.0, help="How long a sync waits for a worker that is alive (heartbeats) but late to it; then the "
+        "others go on without it. Keep it above a round's length: a worker starting mid-run waits in a sync of its own "
+        "for the others, and must not be let through alone."),
     heartbeat_timeout_s: float = typer.Option(5.0, min=0.1, help="A worker silent this long is counted out."),
 ) -> None:
     """Run the Lighthouse every worker of an elastic run reports to (until Ctrl-C).

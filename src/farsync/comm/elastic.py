@@ -46,6 +46,14 @@ from farsync.comm.base import Communicator, ExchangeResult, Work
 from farsync.comm.distributed import Transport, run_exchange
 
 
+#: How long a worker waits to set up a quorum's group: to reach the store it meets on (a
+#: member's) and for every member to register there. Short, not elastic.timeout_s: a
+#: member killed just after the quorum formed never registers (and its store refuses
+#: connections, which the store client retries), so the others wait this long for it
+#: (measured with `farsync wan`: 300 s stalls with the collective timeout here).
+CONNECT_TIMEOUT_S = 30.0
+
+
 def replica_id(worker: int) -> str:
     """torchft's replica id of worker ``worker``: zero-padded, so that torchft's order of
     replica ids (string order) is the order of worker ids."""
@@ -139,11 +147,15 @@ class ElasticCommunicator(Communicator):
         # torchft's manager meets the other replica groups through a store of its own group's
         self._store = TCPStore(host, 0, is_master=True, wait_for_workers=False)
         timeout = timedelta(seconds=self.timeout_s)
-        self._pg = torchft.ProcessGroupGloo(timeout=timeout)
+        # the group's own timeout bounds its rendezvous in every quorum, among members only:
+        # a member killed just after the quorum formed never registers, and the others
+        # must not wait elastic.timeout_s for it; every message waits elastic.timeout_s
+        self._connect = timedelta(seconds=min(self.timeout_s, CONNECT_TIMEOUT_S))
+        self._pg = torchft.ProcessGroupGloo(timeout=self._connect)
         self.manager = torchft.Manager(
             pg=self._pg, load_state_dict=self._load, state_dict=self._save, min_replica_size=min_workers,
             use_async_quorum=False, timeout=timeout, quorum_timeout=timedelta(seconds=self.quorum_timeout_s),
-            connect_timeout=timeout, rank=0, world_size=1, store_addr=host, store_port=self._store.port,
+            connect_timeout=self._connect, rank=0, world_size=1, store_addr=host, store_port=self._store.port,
             lighthouse_addr=lighthouse, replica_id=replica_id(worker), hostname=host, init_sync=False,
             checkpoint_transport=PGTransport(self._pg, timeout=timeout, device=torch.device("cpu")),
         )
@@ -246,9 +258,10 @@ class ElasticCommunicator(Communicator):
 
     def _post(self, sends, recvs):
         """Transport.post over torchft's group (ranks: this quorum's)."""
-        pg = self._pg
+        pg, timeout = self._pg, timedelta(seconds=self.timeout_s)
         works = [pg.recv([t], j, 0) for j, t in enumerate(recvs) if t is not None]
-        return works + [pg.send([t], j, 0) for j, t in enumerate(sends) if t is not None]
+        works += [pg.send([t], j, 0) for j, t in enumerate(sends) if t is not None]
+        return [_Timed(w, timeout) for w in works]
 
     def _note_members(self, t0: float, round) -> None:
         members = tuple(self._last_ids)
@@ -262,33 +275,35 @@ class ElasticCommunicator(Communicator):
     def join(self, want: int, wait_s: float, *, step: int = 0) -> Rejoined | None:
         """At start-up: a quorum with the live workers. If they are mid-run, this worker
         is healed there and gets a :class:`Rejoined`; if all start together (at schedule
-        step ``step``: 0, or a common checkpoint's), it waits up to ``wait_s`` for
-        ``want`` workers and returns None.
+        step ``step``: 0, or a common checkpoint's), they wait up to ``wait_s`` for
+        ``want`` workers and return None.
 
-        A process starts with torchft's count of committed syncs at 0, so one that
-        starts while others have synced is always behind them, and healed, whatever
-        checkpoint it resumed from; a quorum without a heal holds starting workers only."""
+        Heals go to whoever has committed fewer syncs (torchft's step). A starting
+        process has committed none, and commits its first only with the quorum that
+        starts training together (all members decide alike: they swap their verdicts),
+        so a worker that starts while others train is always behind them — healed,
+        whatever checkpoint it resumed from — and a quorum without a heal holds starting
+        workers only."""
         deadline = time.monotonic() + wait_s
         while True:
             healed = self._quorum()
             if healed is not None:
                 return healed
             n, me = self.manager.num_participants(), self.manager.participating_rank()
-            # every member of this quorum sees the same n and so decides alike
-            done = n >= want or time.monotonic() > deadline
-            steps = None
-            if done and n > 1:
-                t = Transport(me, n, self._post)
+            mine = n >= want or time.monotonic() > deadline
+            votes = [(int(mine), step)]
+            if n > 1:
                 try:
-                    steps = [int(x.item()) for x in t.all_gather(torch.tensor([step], dtype=torch.int64))]
-                except Exception as e:
+                    got = Transport(me, n, self._post).all_gather(torch.tensor([int(mine), step], dtype=torch.int64))
+                    votes = [(int(x[0]), int(x[1])) for x in got]
+                except Exception as e:  # a peer left: try again
                     self.manager.report_error(e)
-            if not self.manager.should_commit():
-                done = False
-            elif steps is not None and len(set(steps)) > 1:
-                raise ElasticError(f"the workers start from different steps {sorted(set(steps))} (checkpoints of "
-                                   "different steps): restart them from one step")
-            if done:
+                    votes = [(0, step)]
+            if any(v for v, _ in votes) and self.manager.should_commit():
+                steps = sorted({s for _, s in votes})
+                if len(steps) > 1:
+                    raise ElasticError(f"the workers start from different steps {steps} (checkpoints of different "
+                                       "steps): restart them from one step")
                 return None
             time.sleep(0.2)
 
@@ -306,6 +321,17 @@ class ElasticCommunicator(Communicator):
             self._executor.shutdown(wait=True)
             self._executor = None
             self.manager.shutdown(wait=False)
+
+
+class _Timed:
+    """A message's handle whose wait() gives up after elastic.timeout_s (the group's
+    own timeout is the shorter set-up one)."""
+
+    def __init__(self, work, timeout: timedelta):
+        self.work, self.timeout = work, timeout
+
+    def wait(self):
+        return self.work.wait(self.timeout)
 
 
 def _by_worker(res: ExchangeResult, ids: list[int], workers: int) -> ExchangeResult:

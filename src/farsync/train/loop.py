@@ -490,9 +490,23 @@ def rejoin(run: Run, r: Rejoined) -> None:
     run.start = s
     if run.bar is not None:
         run.bar.n = s
-    run.write_row({"kind": "rejoined", "step": s, "from_step": lost, "behind_syncs": r.behind, "wall_seconds": run.wall()})
+    state_bytes = sum(t.numel() * t.element_size() for t in _tensors(r.state))
+    run.write_row({"kind": "rejoined", "step": s, "from_step": lost, "behind_syncs": r.behind, "state_bytes": state_bytes,
+                   "time": time.time(), "wall_seconds": run.wall()})
     run.log(f"joined the live workers at step {s} ({r.behind} syncs behind; this worker was at step {lost})")
     log_syncs(run)
+
+
+def _tensors(obj):
+    """Every tensor in a nest of dicts, lists and tuples."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
 
 
 def trained_steps(rel_speed: float, steps: int) -> int:
@@ -592,6 +606,8 @@ def log_syncs(run: Run) -> None:
         if hasattr(w.algo, "drain_syncs"):
             w.algo.drain_syncs()  # the same syncs as worker 0's
     for sync in algo.drain_syncs() if hasattr(algo, "drain_syncs") else []:
+        if run.group.elastic:
+            sync["time"] = time.time()  # when it landed here (membership events carry the same clock)
         run.write_row({"kind": "sync", **sync})
     excl, skips = getattr(algo, "exclusions", []), getattr(algo, "skipped_rounds", [])
     for e in excl[run.logged_exclusions:]:

@@ -1,0 +1,271 @@
+"""Failures on emulated hosts: an elastic run in which workers are killed and restarted.
+
+    python benchmarks/faults_bench.py [--failures 0 1 3 10] [--bandwidth 50] [--hosts 4]
+        [--restart-delay 10] [--seed 0] [--steps 1560]
+
+Four `farsync wan` hosts (network namespaces, tbf at 50 Mbit/s each way; latency cannot
+be emulated on this kernel), a torchft Lighthouse (`farsync lighthouse`, default timeouts:
+a worker silent for 5 s is counted out) on host 0, and one `farsync train
+--elastic.enabled=true` worker per host: the default job (micro model, 1560 steps,
+Streaming DiLoCo H = 20, P = 2, fp4) with τ = 0 (elastic runs sync with nothing else in
+flight) and a local checkpoint every 100 steps. For each k, k SIGKILLs land at seeded
+random moments between 10 % and 70 % of the fault-free run's wall clock, each on a random
+worker that is up; the worker is started again `--restart-delay` seconds later (same
+command: it resumes its own checkpoint and joins the others).
+
+Measured per run: wall clock; syncs each worker contributed to; for each failure, the
+time from the kill to the survivors' next sync, the time from the restart to the worker
+taking part in a sync again, the rounds of its work lost (the round in progress at the
+kill, plus any sync it missed while still training — 1 when nothing else is lost), the
+bytes of the state it received; final eval loss (every worker alive at the end must hold
+the same θ_g: "completed" checks it) vs k = 0.
+
+Writes benchmarks/results/faults.json and faults.png. Needs root (namespaces).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from farsync.wan.launch import _pdeathsig_preexec  # noqa: E402
+from farsync.wan.netns import HOST_IF, LinkSpec, Network, preflight  # noqa: E402
+
+OUT = os.path.join(os.path.dirname(__file__), "results")
+LIGHTHOUSE_PORT = 29510
+
+
+def worker_args(i: int, net: Network, run_dir: str, steps: int) -> list[str]:
+    return [
+        "--algo.sync_delay=0", f"--train.steps={steps}", "--train.checkpoint_every=100", "--train.progress=false",
+        f"--train.eval_every={steps}", f"--train.run_dir={run_dir}", "--train.name=run", "--elastic.enabled=true",
+        f"--elastic.worker={i}", f"--elastic.lighthouse=http://{net.address(0)}:{LIGHTHOUSE_PORT}",
+        f"--elastic.host={net.address(i)}",
+    ]
+
+
+class Fleet:
+    """The lighthouse and one worker per host; workers can be killed and restarted."""
+
+    def __init__(self, net: Network, run_dir: str, steps: int):
+        self.net, self.run_dir, self.steps = net, run_dir, steps
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.logs: list = []
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "GLOO_SOCKET_IFNAME": HOST_IF}
+        self.env = env
+        self.lighthouse = self._spawn(0, [sys.executable, "-m", "farsync", "lighthouse",
+                                          "--bind", f"0.0.0.0:{LIGHTHOUSE_PORT}"], "lighthouse")
+        time.sleep(1.0)
+
+    def _spawn(self, host: int, cmd: list[str], name: str) -> subprocess.Popen:
+        log = open(os.path.join(self.run_dir, f"{name}-{time.monotonic_ns()}.log"), "w")
+        self.logs.append(log)
+        return subprocess.Popen(["ip", "netns", "exec", self.net.host_names[host], *cmd], stdout=log,
+                                stderr=subprocess.STDOUT, env=self.env, preexec_fn=_pdeathsig_preexec())
+
+    def start(self, i: int) -> None:
+        cmd = [sys.executable, "-m", "farsync", "train", *worker_args(i, self.net, self.run_dir, self.steps)]
+        self.procs[i] = self._spawn(i, cmd, f"worker-{i}")
+
+    def kill(self, i: int) -> None:
+        self.procs[i].send_signal(signal.SIGKILL)
+        self.procs[i].wait()
+
+    def up(self) -> list[int]:
+        return [i for i, p in self.procs.items() if p.poll() is None]
+
+    def close(self) -> None:
+        for p in [*self.procs.values(), self.lighthouse]:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for log in self.logs:
+            log.close()
+
+
+def run_one(net: Network, failures: int, *, steps: int, restart_delay: float, horizon: float, seed: int,
+            work: str) -> dict:
+    run_dir = os.path.join(work, f"k{failures}")
+    os.makedirs(run_dir)
+    rng = random.Random(seed * 1000 + failures)
+    kill_at = sorted(rng.uniform(0.1, 0.7) * horizon for _ in range(failures))
+    fleet = Fleet(net, run_dir, steps)
+    kills: list[dict] = []  # worker, time of kill, time of restart
+    t0 = time.time()
+    try:
+        for i in range(net.hosts):
+            fleet.start(i)
+        pending = list(kill_at)
+        restarts: list[tuple[float, int]] = []
+        while True:
+            now = time.time() - t0
+            while pending and now >= pending[0]:
+                pending.pop(0)
+                down = {k for _, k in restarts}
+                alive = [i for i in fleet.up() if i not in down]
+                if len(alive) > 1:  # leave at least one worker up
+                    victim = rng.choice(alive)
+                    fleet.kill(victim)
+                    kills.append({"worker": victim, "killed": time.time()})
+                    restarts.append((now + restart_delay, victim))
+            for t, i in list(restarts):
+                if now >= t:
+                    restarts.remove((t, i))
+                    fleet.start(i)
+                    next(k for k in reversed(kills) if k["worker"] == i)["restarted"] = time.time()
+            if not fleet.up() and not restarts:
+                break
+            if time.time() - t0 > 20 * horizon + 600:
+                raise RuntimeError(f"k={failures}: the run did not finish")
+            time.sleep(0.05)
+        wall = time.time() - t0
+        codes = {i: p.returncode for i, p in fleet.procs.items()}
+    finally:
+        fleet.close()
+    return summarize(failures, run_dir, net.hosts, kills, wall, codes)
+
+
+def rows(run_dir: str, i: int) -> list[dict]:
+    path = os.path.join(run_dir, "run", f"worker-{i}", "metrics.jsonl")
+    return [json.loads(x) for x in open(path)] if os.path.exists(path) else []
+
+
+def summarize(failures: int, run_dir: str, hosts: int, kills: list[dict], wall: float, codes: dict) -> dict:
+    per = {i: rows(run_dir, i) for i in range(hosts)}
+    summaries = {i: json.load(open(os.path.join(run_dir, "run", f"worker-{i}", "summary.json"))) for i in range(hosts)
+                 if os.path.exists(os.path.join(run_dir, "run", f"worker-{i}", "summary.json"))}
+    # every sync, as any worker saw it (all see the same; a restarted worker's file lacks what it missed)
+    syncs: dict[tuple, dict] = {}
+    for r in (r for rs in per.values() for r in rs if r["kind"] == "sync"):
+        syncs.setdefault((r["step"], r["fragment"]), r)
+    syncs_in_order = sorted(syncs.values(), key=lambda r: r["time"])
+    losses = {s["final_eval_loss"] for s in summaries.values()}
+    completed = all(c == 0 for c in codes.values()) and len(summaries) == hosts and len(losses) == 1
+    detail = []
+    for k in kills:
+        w, t_kill = k["worker"], k["killed"]
+        before = [s for s in syncs_in_order if s["time"] < t_kill]
+        last_mine = max((s["time"] for s in before if w in s["kept"]), default=0.0)
+        missed = [s for s in before if s["time"] > last_mine and w not in s["kept"]]
+        after = [s for s in syncs_in_order if s["time"] > t_kill]
+        back = [r for r in per[w] if r["kind"] == "rejoined" and r["time"] > k.get("restarted", float("inf"))]
+        detail.append({
+            "worker": w,
+            "kill_to_next_sync_seconds": (after[0]["time"] - t_kill) if after else None,
+            "restart_to_sync_seconds": (back[0]["time"] - k["restarted"]) if back else None,
+            "rounds_lost": 1 + len(missed),
+            "state_bytes": back[0]["state_bytes"] if back else 0,
+        })
+    contributed = {i: sum(1 for s in syncs.values() if i in s["kept"]) for i in range(hosts)}
+    rounds_per_fragment = len(syncs) / max(1, len({f for _, f in syncs}))
+    return {
+        "failures": failures,
+        "completed": completed,
+        "wall_seconds": wall,
+        "eval_loss": losses.pop() if len(losses) == 1 else None,
+        "eval_losses": sorted(s["final_eval_loss"] for s in summaries.values()),
+        "rounds_lost_max": max((d["rounds_lost"] for d in detail), default=0),
+        "detect_seconds_max": max((d["kill_to_next_sync_seconds"] or 0 for d in detail), default=0.0),
+        "rejoin_seconds_max": max((d["restart_to_sync_seconds"] or 0 for d in detail), default=0.0),
+        "recovery_bytes": sum(d["state_bytes"] for d in detail),
+        "syncs": len(syncs),
+        "rounds": rounds_per_fragment,
+        "syncs_contributed": contributed,
+        "exit_codes": codes,
+        "kills": detail,
+    }
+
+
+def plot(result: dict, path: str) -> None:
+    runs = result["runs"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    ks = [r["failures"] for r in runs]
+    base = runs[0]
+    axes[0].bar([str(k) for k in ks], [r["wall_seconds"] for r in runs], color="tab:blue")
+    axes[0].set(title="wall clock", xlabel="failures injected", ylabel="seconds")
+    axes[1].bar([str(k) for k in ks], [100 * (r["eval_loss"] / base["eval_loss"] - 1) if r["eval_loss"] else 0 for r in runs],
+                color="tab:orange")
+    axes[1].axhline(1.0, color="grey", ls="--", lw=0.8)
+    axes[1].set(title="final eval loss vs k = 0", xlabel="failures injected", ylabel="%")
+    for r in runs:
+        xs = [d["kill_to_next_sync_seconds"] for d in r["kills"] if d["kill_to_next_sync_seconds"] is not None]
+        ys = [d["restart_to_sync_seconds"] for d in r["kills"] if d["restart_to_sync_seconds"] is not None]
+        if xs:
+            axes[2].scatter([r["failures"]] * len(xs), xs, marker="x", color="tab:red",
+                            label="kill → survivors' next sync" if r is runs[1] else None)
+        if ys:
+            axes[2].scatter([r["failures"] + 0.2] * len(ys), ys, marker="o", color="tab:green",
+                            label="restart → back in a sync" if r is runs[1] else None)
+    axes[2].set(title="recovery times", xlabel="failures injected", ylabel="seconds")
+    axes[2].legend(fontsize=8)
+    fig.suptitle(f"{result['hosts']} emulated hosts at {result['bandwidth_mbit']:g} Mbit/s, elastic (torchft), "
+                 f"{result['steps']} steps", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--failures", type=int, nargs="+", default=[0, 1, 3, 10])
+    ap.add_argument("--hosts", type=int, default=4)
+    ap.add_argument("--bandwidth", type=float, default=50.0)
+    ap.add_argument("--steps", type=int, default=1560)
+    ap.add_argument("--restart-delay", type=float, default=10.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=os.path.join(OUT, "faults.json"))
+    ap.add_argument("--keep", action="store_true", help="keep the run directories and logs (printed)")
+    args = ap.parse_args()
+    if args.failures[0] != 0:
+        ap.error("--failures must start with 0 (the fault-free run sets the time horizon and the loss to compare)")
+    preflight()
+    work = tempfile.mkdtemp(prefix="farsync-faults-")
+    runs = []
+    try:
+        with Network(args.hosts, LinkSpec(args.bandwidth)) as net:
+            horizon = 0.0
+            for k in args.failures:
+                r = run_one(net, k, steps=args.steps, restart_delay=args.restart_delay, horizon=horizon or 60.0,
+                            seed=args.seed, work=work)
+                horizon = horizon or r["wall_seconds"]
+                base = runs[0]["eval_loss"] if runs else r["eval_loss"]
+                r["eval_loss_vs_k0_pct"] = 100 * (r["eval_loss"] / base - 1) if r["eval_loss"] and base else None
+                runs.append(r)
+                print(json.dumps({k: v for k, v in r.items() if k not in ("kills", "exit_codes")}), flush=True)
+    finally:
+        if args.keep:
+            print(f"runs kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    result = {
+        "benchmark": "faults", "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+        "hosts": args.hosts, "bandwidth_mbit": args.bandwidth, "steps": args.steps, "restart_delay_s": args.restart_delay,
+        "seed": args.seed, "latency": "not emulated (no netem in this kernel)",
+        "setup": "default job (micro, Streaming DiLoCo H=20 P=2 fp4) with tau=0, elastic on torchft; "
+                 "lighthouse heartbeat timeout 5 s; elastic.timeout_s 300",
+        "runs": runs,
+    }
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    plot(result, os.path.splitext(args.out)[0] + ".png")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
