@@ -9,8 +9,11 @@ a worker silent for 5 s is counted out) on host 0, and one `farsync train
 --elastic.enabled=true` worker per host: the default job (micro model, 1560 steps,
 Streaming DiLoCo H = 20, P = 2, fp4) with τ = 0 (elastic runs sync with nothing else in
 flight) and a local checkpoint every 100 steps. For each k, k SIGKILLs land at seeded
-random moments between 10 % and 70 % of the fault-free run's wall clock, each on a random
-worker that is up; the worker is started again `--restart-delay` seconds later (same
+random moments between 10 % and 70 % of the fault-free run's training time (from its
+first sync; counted from the first sync of each run), each on a random worker in
+training (a restarted one counts once it has rejoined; a kill that would leave none in
+training waits until another has rejoined, so θ_g always has a live holder); the
+worker is started again `--restart-delay` seconds later (same
 command: it resumes its own checkpoint and joins the others).
 
 Measured per run: wall clock; syncs each worker contributed to; for each failure, the
@@ -103,7 +106,7 @@ def run_one(net: Network, failures: int, *, steps: int, restart_delay: float, ho
     run_dir = os.path.join(work, f"k{failures}")
     os.makedirs(run_dir)
     rng = random.Random(seed * 1000 + failures)
-    kill_at = sorted(rng.uniform(0.1, 0.7) * horizon for _ in range(failures))
+    kill_at = sorted(rng.uniform(0.1, 0.7) * horizon for _ in range(failures))  # after training started
     fleet = Fleet(net, run_dir, steps)
     kills: list[dict] = []  # worker, time of kill, time of restart
     t0 = time.time()
@@ -112,16 +115,23 @@ def run_one(net: Network, failures: int, *, steps: int, restart_delay: float, ho
             fleet.start(i)
         pending = list(kill_at)
         restarts: list[tuple[float, int]] = []
+        t_train = None  # when the first sync landed
         while True:
-            now = time.time() - t0
-            while pending and now >= pending[0]:
-                pending.pop(0)
-                down = {k for _, k in restarts}
-                alive = [i for i in fleet.up() if i not in down]
-                if len(alive) > 1:  # leave at least one worker up
-                    victim = rng.choice(alive)
+            if t_train is None:
+                if any(r["kind"] == "sync" for i in range(net.hosts) for r in rows(run_dir, i)):
+                    t_train = time.time()
+                time.sleep(0.2)
+                continue
+            now = time.time() - t_train
+            if pending and now >= pending[0]:
+                # victims: workers in training (a restarted one once it has rejoined); at
+                # least one other must stay in, holding θ_g: otherwise the kill waits
+                training = [i for i in fleet.up() if i not in {k for _, k in restarts} and rejoined(run_dir, i, kills)]
+                if len(training) > 1:
+                    pending.pop(0)
+                    victim = rng.choice(training)
                     fleet.kill(victim)
-                    kills.append({"worker": victim, "killed": time.time()})
+                    kills.append({"worker": victim, "killed": time.time(), "planned": t_train + kill_at[len(kills)]})
                     restarts.append((now + restart_delay, victim))
             for t, i in list(restarts):
                 if now >= t:
@@ -132,12 +142,21 @@ def run_one(net: Network, failures: int, *, steps: int, restart_delay: float, ho
                 break
             if time.time() - t0 > 20 * horizon + 600:
                 raise RuntimeError(f"k={failures}: the run did not finish")
-            time.sleep(0.05)
+            time.sleep(0.1)
         wall = time.time() - t0
+        train_wall = time.time() - t_train
         codes = {i: p.returncode for i, p in fleet.procs.items()}
     finally:
         fleet.close()
-    return summarize(failures, run_dir, net.hosts, kills, wall, codes)
+    r = summarize(failures, run_dir, net.hosts, kills, wall, codes)
+    r["train_wall_seconds"] = train_wall  # from the first sync on: the window the kills fall in
+    return r
+
+
+def rejoined(run_dir: str, i: int, kills: list[dict]) -> bool:
+    """Worker i is training: never restarted, or rejoined since its last restart."""
+    t = max((k.get("restarted", float("inf")) for k in kills if k["worker"] == i), default=None)
+    return t is None or any(r["kind"] == "rejoined" and r["time"] > t for r in rows(run_dir, i))
 
 
 def rows(run_dir: str, i: int) -> list[dict]:
@@ -160,7 +179,9 @@ def summarize(failures: int, run_dir: str, hosts: int, kills: list[dict], wall: 
     for k in kills:
         w, t_kill = k["worker"], k["killed"]
         before = [s for s in syncs_in_order if s["time"] < t_kill]
-        last_mine = max((s["time"] for s in before if w in s["kept"]), default=0.0)
+        # since it last contributed, or (re)joined: the syncs it trained for and was not in
+        joined = max((r["time"] for r in per[w] if r["kind"] == "rejoined" and r["time"] < t_kill), default=0.0)
+        last_mine = max([s["time"] for s in before if w in s["kept"]] + [joined], default=0.0)
         missed = [s for s in before if s["time"] > last_mine and w not in s["kept"]]
         after = [s for s in syncs_in_order if s["time"] > t_kill]
         back = [r for r in per[w] if r["kind"] == "rejoined" and r["time"] > k.get("restarted", float("inf"))]
@@ -188,6 +209,7 @@ def summarize(failures: int, run_dir: str, hosts: int, kills: list[dict], wall: 
         "syncs_contributed": contributed,
         "exit_codes": codes,
         "kills": detail,
+        "kill_delays_seconds": [k["killed"] - k["planned"] for k in kills],
     }
 
 
@@ -241,7 +263,7 @@ def main() -> None:
             for k in args.failures:
                 r = run_one(net, k, steps=args.steps, restart_delay=args.restart_delay, horizon=horizon or 60.0,
                             seed=args.seed, work=work)
-                horizon = horizon or r["wall_seconds"]
+                horizon = horizon or r["train_wall_seconds"]
                 base = runs[0]["eval_loss"] if runs else r["eval_loss"]
                 r["eval_loss_vs_k0_pct"] = 100 * (r["eval_loss"] / base - 1) if r["eval_loss"] and base else None
                 runs.append(r)
@@ -257,7 +279,7 @@ def main() -> None:
         "hosts": args.hosts, "bandwidth_mbit": args.bandwidth, "steps": args.steps, "restart_delay_s": args.restart_delay,
         "seed": args.seed, "latency": "not emulated (no netem in this kernel)",
         "setup": "default job (micro, Streaming DiLoCo H=20 P=2 fp4) with tau=0, elastic on torchft; "
-                 "lighthouse heartbeat timeout 5 s; elastic.timeout_s 300",
+                 "lighthouse heartbeat timeout 5 s, join timeout 300 s; elastic.timeout_s 300, connect_timeout_s 15",
         "runs": runs,
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

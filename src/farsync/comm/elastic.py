@@ -46,14 +46,6 @@ from farsync.comm.base import Communicator, ExchangeResult, Work
 from farsync.comm.distributed import Transport, run_exchange
 
 
-#: How long a worker waits to set up a quorum's group: to reach the store it meets on (a
-#: member's) and for every member to register there. Short, not elastic.timeout_s: a
-#: member killed just after the quorum formed never registers (and its store refuses
-#: connections, which the store client retries), so the others wait this long for it
-#: (measured with `farsync wan`: 300 s stalls with the collective timeout here).
-CONNECT_TIMEOUT_S = 30.0
-
-
 def replica_id(worker: int) -> str:
     """torchft's replica id of worker ``worker``: zero-padded, so that torchft's order of
     replica ids (string order) is the order of worker ids."""
@@ -115,6 +107,11 @@ class ElasticCommunicator(Communicator):
     Args:
         lighthouse: the Lighthouse's address (``http://host:port``).
         timeout_s: every collective's timeout (a hung peer is detected within it).
+        connect_timeout_s: how long setting up a quorum's group may take (reaching the
+            store it meets on, every member registering there): a member killed just
+            after the quorum formed is given up on after this, not ``timeout_s``
+            (measured with `farsync wan`: 300 s stalls when it was the collective
+            timeout; 30 s ones at 30 s).
         quorum_timeout_s: how long a worker waits for a quorum of ``min_workers``.
         min_workers: fewer live workers than this: a round is not committed; the worker
             waits (up to ``quorum_timeout_s``) for more.
@@ -125,8 +122,8 @@ class ElasticCommunicator(Communicator):
     """
 
     def __init__(self, worker: int, workers: int, *, lighthouse: str, timeout_s: float = 300.0,
-                 quorum_timeout_s: float = 900.0, min_workers: int = 1, host: str | None = None,
-                 state_fn=None):
+                 connect_timeout_s: float = 15.0, quorum_timeout_s: float = 900.0, min_workers: int = 1,
+                 host: str | None = None, state_fn=None):
         torchft, PGTransport = _torchft()
         from torch.distributed import TCPStore
 
@@ -147,10 +144,9 @@ class ElasticCommunicator(Communicator):
         # torchft's manager meets the other replica groups through a store of its own group's
         self._store = TCPStore(host, 0, is_master=True, wait_for_workers=False)
         timeout = timedelta(seconds=self.timeout_s)
-        # the group's own timeout bounds its rendezvous in every quorum, among members only:
-        # a member killed just after the quorum formed never registers, and the others
-        # must not wait elastic.timeout_s for it; every message waits elastic.timeout_s
-        self._connect = timedelta(seconds=min(self.timeout_s, CONNECT_TIMEOUT_S))
+        # the group's own timeout bounds its set-up in every quorum; every message waits
+        # elastic.timeout_s (_Timed)
+        self._connect = timedelta(seconds=min(self.timeout_s, connect_timeout_s))
         self._pg = torchft.ProcessGroupGloo(timeout=self._connect)
         self.manager = torchft.Manager(
             pg=self._pg, load_state_dict=self._load, state_dict=self._save, min_replica_size=min_workers,

@@ -139,8 +139,8 @@ def join(workers: int, *, device_type: str = "cpu", delay_s: float = 0.0) -> Gro
     return Group(rank, workers, True, [TorchDistributedCommunicator(delay_s=delay_s)], [rank], owns)
 
 
-def join_elastic(workers: int, worker: int, *, lighthouse: str, timeout_s: float, quorum_timeout_s: float,
-                 min_workers: int, host: str = "") -> Group:
+def join_elastic(workers: int, worker: int, *, lighthouse: str, timeout_s: float, connect_timeout_s: float,
+                 quorum_timeout_s: float, min_workers: int, host: str = "") -> Group:
     """Worker ``worker`` (a stable id in [0, ``workers``)) of an elastic run: this
     process's endpoint on torchft (:class:`~farsync.comm.elastic.ElasticCommunicator`).
     ``worker`` < 0 takes ``$FARSYNC_WORKER``."""
@@ -151,5 +151,5 @@ def join_elastic(workers: int, worker: int, *, lighthouse: str, timeout_s: float
             raise ValueError("elastic runs need a worker id: set elastic.worker (or $FARSYNC_WORKER)")
         worker = int(os.environ["FARSYNC_WORKER"])
     comm = ElasticCommunicator(worker, workers, lighthouse=lighthouse_address(lighthouse), timeout_s=timeout_s,
-                               quorum_timeout_s=quorum_timeout_s, min_workers=min_workers, host=host or None)
+                               connect_timeout_s=connect_timeout_s, quorum_timeout_s=quorum_timeout_s, min_workers=min_workers, host=host or None)
     return Group(worker, workers, True, [comm], [worker], elastic=True)

@@ -226,6 +226,10 @@ class ElasticConfig:
     """Every collective's timeout: a peer that hangs (or a link that stalls) longer is
     dropped from the round. 300 s: 6x the 50 s a 4-bit 1B-parameter fragment (P = 4,
     62 MB) takes at 10 Mbit/s, and 6x shorter than gloo's default of 30 min."""
+    connect_timeout_s: float = 15.0
+    """How long setting up a sync's group may take (every member reaching the others):
+    a worker lost just after a sync's membership was decided is given up on after
+    this. Raise it for links with a round-trip time of seconds."""
     quorum_timeout_s: float = 900.0
     """How long a worker waits for a round among at least elastic.min_workers workers
     before giving up with an error."""
@@ -323,7 +327,8 @@ class Config:
             _choice("train.die_signal", self.train.die_signal, ("SIGKILL", "SIGSTOP"))
             if e.worker >= a.workers:
                 raise ConfigError(f"elastic.worker must be in [0, {a.workers - 1}] (got {e.worker})")
-            for key, value in [("timeout_s", e.timeout_s), ("quorum_timeout_s", e.quorum_timeout_s)]:
+            for key, value in [("timeout_s", e.timeout_s), ("connect_timeout_s", e.connect_timeout_s),
+                               ("quorum_timeout_s", e.quorum_timeout_s)]:
                 if not value > 0:
                     raise ConfigError(f"elastic.{key} must be > 0 (got {value})")
             if not 1 <= e.min_workers <= a.workers:

@@ -315,7 +315,8 @@ def train(cfg: Config, *, run_dir: str | None = None, resume: bool = False) -> d
             if cfg.elastic.enabled:
                 e = cfg.elastic
                 group = rendezvous.join_elastic(cfg.algo.workers, e.worker, lighthouse=e.lighthouse, timeout_s=e.timeout_s,
-                                                quorum_timeout_s=e.quorum_timeout_s, min_workers=e.min_workers, host=e.host)
+                                                connect_timeout_s=e.connect_timeout_s, quorum_timeout_s=e.quorum_timeout_s,
+                                                min_workers=e.min_workers, host=e.host)
             else:
                 group = rendezvous.join(cfg.algo.workers, device_type=device.type, delay_s=cfg.train.exchange_delay_s)
         except (ValueError, ImportError) as e:
@@ -377,7 +378,7 @@ def _fresh_metrics(run: Run) -> None:
 
 def restore(run: Run) -> None:
     """Load the latest complete checkpoint into every local worker; drop metrics rows
-    past it."""
+    past it (but for an elastic worker's)."""
     step = ckpt.latest_step(run.run_dir)
     if step is None:
         raise ConfigError(f"--resume {run.run_dir}: no checkpoint found there")
@@ -390,7 +391,9 @@ def restore(run: Run) -> None:
         run.prior_wall = state["wall_seconds"]
     run.start = step
     path = _metrics_path(run)
-    if run.group.is_main and os.path.exists(path):
+    # an elastic worker keeps its rows: it rejoins the others where they are, and the syncs
+    # it took part in after this checkpoint happened (a resume redoes them)
+    if run.group.is_main and os.path.exists(path) and not run.group.elastic:
         with open(path) as f:
             rows = [r for r in f if json.loads(r)["step"] <= step]
         with open(path, "w") as f:
