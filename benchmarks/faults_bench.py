@@ -53,9 +53,10 @@ OUT = os.path.join(os.path.dirname(__file__), "results")
 LIGHTHOUSE_PORT = 29510
 
 
-def worker_args(i: int, net: Network, run_dir: str, steps: int) -> list[str]:
+def worker_args(i: int, net: Network, run_dir: str, steps: int, checkpoint_every: int = 100) -> list[str]:
     return [
-        "--algo.sync_delay=0", f"--train.steps={steps}", "--train.checkpoint_every=100", "--train.progress=false",
+        "--algo.sync_delay=0", f"--train.steps={steps}", f"--train.checkpoint_every={checkpoint_every}",
+        "--train.progress=false",
         f"--train.eval_every={steps}", f"--train.run_dir={run_dir}", "--train.name=run", "--elastic.enabled=true",
         f"--elastic.worker={i}", f"--elastic.lighthouse=http://{net.address(0)}:{LIGHTHOUSE_PORT}",
         f"--elastic.host={net.address(i)}",
@@ -65,8 +66,8 @@ def worker_args(i: int, net: Network, run_dir: str, steps: int) -> list[str]:
 class Fleet:
     """The lighthouse and one worker per host; workers can be killed and restarted."""
 
-    def __init__(self, net: Network, run_dir: str, steps: int):
-        self.net, self.run_dir, self.steps = net, run_dir, steps
+    def __init__(self, net: Network, run_dir: str, steps: int, checkpoint_every: int):
+        self.net, self.run_dir, self.steps, self.checkpoint_every = net, run_dir, steps, checkpoint_every
         self.procs: dict[int, subprocess.Popen] = {}
         self.logs: list = []
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "GLOO_SOCKET_IFNAME": HOST_IF}
@@ -82,7 +83,8 @@ class Fleet:
                                 stderr=subprocess.STDOUT, env=self.env, preexec_fn=_pdeathsig_preexec())
 
     def start(self, i: int) -> None:
-        cmd = [sys.executable, "-m", "farsync", "train", *worker_args(i, self.net, self.run_dir, self.steps)]
+        cmd = [sys.executable, "-m", "farsync", "train",
+               *worker_args(i, self.net, self.run_dir, self.steps, self.checkpoint_every)]
         self.procs[i] = self._spawn(i, cmd, f"worker-{i}")
 
     def kill(self, i: int) -> None:
@@ -102,12 +104,12 @@ class Fleet:
 
 
 def run_one(net: Network, failures: int, *, steps: int, restart_delay: float, horizon: float, seed: int,
-            work: str) -> dict:
+            work: str, checkpoint_every: int = 100) -> dict:
     run_dir = os.path.join(work, f"k{failures}")
     os.makedirs(run_dir)
     rng = random.Random(seed * 1000 + failures)
     kill_at = sorted(rng.uniform(0.1, 0.7) * horizon for _ in range(failures))  # after training started
-    fleet = Fleet(net, run_dir, steps)
+    fleet = Fleet(net, run_dir, steps, checkpoint_every)
     kills: list[dict] = []  # worker, time of kill, time of restart
     t0 = time.time()
     try:
@@ -215,28 +217,36 @@ def summarize(failures: int, run_dir: str, hosts: int, kills: list[dict], wall: 
 
 def plot(result: dict, path: str) -> None:
     runs = result["runs"]
+    seeds = sorted({r["seed"] for r in runs})
+    ks = sorted({r["failures"] for r in runs})
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    ks = [r["failures"] for r in runs]
-    base = runs[0]
-    axes[0].bar([str(k) for k in ks], [r["wall_seconds"] for r in runs], color="tab:blue")
-    axes[0].set(title="wall clock", xlabel="failures injected", ylabel="seconds")
-    axes[1].bar([str(k) for k in ks], [100 * (r["eval_loss"] / base["eval_loss"] - 1) if r["eval_loss"] else 0 for r in runs],
-                color="tab:orange")
+    width = 0.8 / len(seeds)
+    for j, seed in enumerate(seeds):
+        mine = {r["failures"]: r for r in runs if r["seed"] == seed}
+        xs = [i + j * width for i, k in enumerate(ks) if k in mine]
+        axes[0].bar(xs, [mine[k]["wall_seconds"] for k in ks if k in mine], width, label=f"seed {seed}")
+        axes[1].bar(xs, [mine[k]["eval_loss_vs_k0_pct"] or 0 for k in ks if k in mine], width, label=f"seed {seed}")
+        for i, k in enumerate(ks):
+            if k not in mine:
+                continue
+            det = [d["kill_to_next_sync_seconds"] for d in mine[k]["kills"] if d["kill_to_next_sync_seconds"] is not None]
+            back = [d["restart_to_sync_seconds"] for d in mine[k]["kills"] if d["restart_to_sync_seconds"] is not None]
+            first = i == 1 and j == 0
+            axes[2].scatter([i + j * width] * len(det), det, marker="x", color="tab:red",
+                            label="kill → survivors' next sync" if first else None)
+            axes[2].scatter([i + j * width + 0.1] * len(back), back, marker="o", color="tab:green",
+                            label="restart → back in a sync" if first else None)
+    for ax in axes:
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(ks))], [str(k) for k in ks])
+        ax.set_xlabel("failures injected")
+    axes[0].set(title="wall clock", ylabel="seconds")
     axes[1].axhline(1.0, color="grey", ls="--", lw=0.8)
-    axes[1].set(title="final eval loss vs k = 0", xlabel="failures injected", ylabel="%")
-    for r in runs:
-        xs = [d["kill_to_next_sync_seconds"] for d in r["kills"] if d["kill_to_next_sync_seconds"] is not None]
-        ys = [d["restart_to_sync_seconds"] for d in r["kills"] if d["restart_to_sync_seconds"] is not None]
-        if xs:
-            axes[2].scatter([r["failures"]] * len(xs), xs, marker="x", color="tab:red",
-                            label="kill → survivors' next sync" if r is runs[1] else None)
-        if ys:
-            axes[2].scatter([r["failures"] + 0.2] * len(ys), ys, marker="o", color="tab:green",
-                            label="restart → back in a sync" if r is runs[1] else None)
-    axes[2].set(title="recovery times", xlabel="failures injected", ylabel="seconds")
+    axes[1].set(title="final eval loss vs k = 0", ylabel="%")
+    axes[2].set(title="recovery times", ylabel="seconds")
+    axes[0].legend(fontsize=8)
     axes[2].legend(fontsize=8)
     fig.suptitle(f"{result['hosts']} emulated hosts at {result['bandwidth_mbit']:g} Mbit/s, elastic (torchft), "
-                 f"{result['steps']} steps", fontsize=10)
+                 f"{result['steps']} steps, restart after {result['restart_delay_s']:g} s", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -248,8 +258,12 @@ def main() -> None:
     ap.add_argument("--bandwidth", type=float, default=50.0)
     ap.add_argument("--steps", type=int, default=1560)
     ap.add_argument("--restart-delay", type=float, default=10.0)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seeds the moments of the kills and the victims")
+    ap.add_argument("--checkpoint-every", type=int, default=100,
+                    help="the workers' local checkpoints (0: none; a restarted worker's inner optimizer starts fresh)")
     ap.add_argument("--out", default=os.path.join(OUT, "faults.json"))
+    ap.add_argument("--append", action="store_true",
+                    help="add this seed's runs to --out (replacing that seed's, if there)")
     ap.add_argument("--keep", action="store_true", help="keep the run directories and logs (printed)")
     args = ap.parse_args()
     if args.failures[0] != 0:
@@ -262,7 +276,8 @@ def main() -> None:
             horizon = 0.0
             for k in args.failures:
                 r = run_one(net, k, steps=args.steps, restart_delay=args.restart_delay, horizon=horizon or 60.0,
-                            seed=args.seed, work=work)
+                            seed=args.seed, work=work, checkpoint_every=args.checkpoint_every)
+                r["seed"] = args.seed
                 horizon = horizon or r["train_wall_seconds"]
                 base = runs[0]["eval_loss"] if runs else r["eval_loss"]
                 r["eval_loss_vs_k0_pct"] = 100 * (r["eval_loss"] / base - 1) if r["eval_loss"] and base else None
@@ -273,11 +288,17 @@ def main() -> None:
             print(f"runs kept in {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
+    if args.append and os.path.exists(args.out):
+        old = json.load(open(args.out))
+        for r in old["runs"]:
+            r.setdefault("seed", old.get("seed"))  # files of one seed name it once
+        runs = [r for r in old["runs"] if r["seed"] != args.seed] + runs
     result = {
         "benchmark": "faults", "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
         "hosts": args.hosts, "bandwidth_mbit": args.bandwidth, "steps": args.steps, "restart_delay_s": args.restart_delay,
-        "seed": args.seed, "latency": "not emulated (no netem in this kernel)",
+        "checkpoint_every": args.checkpoint_every,
+        "seeds": sorted({r["seed"] for r in runs}), "latency": "not emulated (no netem in this kernel)",
         "setup": "default job (micro, Streaming DiLoCo H=20 P=2 fp4) with tau=0, elastic on torchft; "
                  "lighthouse heartbeat timeout 5 s, join timeout 300 s; elastic.timeout_s 300, connect_timeout_s 15",
         "runs": runs,

@@ -65,3 +65,17 @@ def test_the_trainer_builds_its_inner_optimizer_with_the_compensated_decay():
                               "--algo.outer_momentum=0.8", "--algo.workers=1"])
     w = build_worker(cfg, 0, InProcessGroup(1).communicator(0), 64, __import__("torch").device("cpu"))
     assert w.optimizer.param_groups[0]["weight_decay"] == pytest.approx(0.1 / 2)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["elastic.enabled=true", "algo.sync_delay=1"], "elastic.enabled needs algo.sync_delay = 0"),
+    (["elastic.enabled=true", "algo.mode=dp"], "elastic.enabled needs rounds"),
+    (["elastic.enabled=true", "algo.sync_delay=0", "elastic.worker=4"], r"elastic.worker must be in \[0, 3\]"),
+    (["elastic.enabled=true", "algo.sync_delay=0", "elastic.min_workers=5"], r"elastic.min_workers must be in \[1, 4\]"),
+    (["elastic.enabled=true", "algo.sync_delay=0", "elastic.timeout_s=0"], "elastic.timeout_s must be > 0"),
+    (["elastic.enabled=true", "algo.sync_delay=0", "train.die_signal=SIGTERM"], "train.die_signal must be one of"),
+    (["train.fault=leave:x"], "leave:STEP needs a number"),
+])
+def test_elastic_settings_are_checked(args, match):
+    with pytest.raises(ConfigError, match=match):
+        build_config(None, args)

@@ -415,3 +415,43 @@ def test_final_average_lands_the_last_scheduled_sync_without_momentum():
     assert algos[0].stats.sync_events == events
     nesterov, mean = last_round(False)
     assert any(not torch.allclose(a, m, atol=1e-4) for a, m in zip(nesterov[0].anchors[0], mean))
+
+
+def test_a_joining_worker_adopts_the_shared_state_and_lands_the_sync_in_progress():
+    """What an elastic worker does when it joins mid-run: it takes a live worker's
+    shared_state() taken during a sync, lands that sync's result as the others do, and
+    then holds their θ_g, outer optimizer state and schedule position exactly."""
+    kw = dict(inner="adamw", lr=1e-2, mode="streaming", inner_steps=6, fragments=2, sync_delay=0, codec="fp4-e3m0")
+    models, algos = make_workers(2, **kw)
+    run(models, algos, 8)
+    for r, (model, algo) in enumerate(zip(models, algos)):  # step 9: fragment 1 syncs after it
+        x, y = batch(r, 8)
+        loss_fn(model, x, y).backward()
+    for a in algos:
+        a.inner_step()
+    assert algos[0].in_flight == [1]
+    state = algos[0].shared_state()  # mid-sync, before the outer step
+    work, sent, _ = algos[0]._pending[1]
+    result = work.wait()
+    for a in algos:
+        a.complete()
+    joiner_models, joiners = make_workers(2, **kw, seed=5)  # other initial weights: all are replaced
+    joiner, joiner_model = joiners[0], joiner_models[0]
+    run(joiner_models, joiners, 3)  # it trained a little on its own: dropped
+    joiner.adopt(state, (1, sent, result))
+    assert joiner.step_count == algos[0].step_count == 9 and not joiner.in_flight
+    for fa, fb in zip(joiner.anchors, algos[0].anchors):
+        for a, b in zip(fa, fb):
+            assert torch.equal(a, b)
+    for oa, ob in zip(joiner.outer_optimizers, algos[0].outer_optimizers):
+        for sa, sb in zip(oa.state.values(), ob.state.values()):
+            assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    # its replica is θ_g; fragment 1's is every worker's (α = 0), fragment 0's drops its
+    # local steps since its last sync, as a worker that joins has none
+    theta_g = algos[0].global_parameters()
+    for name, p in joiner_model.named_parameters():
+        assert torch.equal(p, theta_g[name])
+    for p, q in zip(joiner.fragments[1].params, algos[0].fragments[1].params):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="another model"):
+        make_workers(1, **{**kw, "fragments": 1, "mode": "diloco"})[1][0].adopt(state)

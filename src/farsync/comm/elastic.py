@@ -162,8 +162,6 @@ class ElasticCommunicator(Communicator):
         self._members: tuple[int, ...] | None = None  # worker ids of the last committed sync
         #: membership changes, retries and heals, in order: dicts with "event", "time", ...
         self.events: list[dict] = []
-        #: bytes received / sent as state transfers (heals), this worker's share
-        self.recovery_bytes = 0
 
     # ---- the exchange ---------------------------------------------------------------
     def all_reduce_mean(self, buf, codec, *, weight=1.0, generator=None, method="auto",
@@ -215,25 +213,35 @@ class ElasticCommunicator(Communicator):
 
     def _quorum(self) -> Rejoined | None:
         """Start a quorum; if this worker was healed in it, take part in the peers' sync
-        with weight 0 and return the :class:`Rejoined` to raise."""
-        behind = self.manager.current_step()
+        with weight 0 (again in new quorums while that sync fails; a new heal, if the
+        peers moved on meanwhile, replaces the state) and return the :class:`Rejoined`
+        to raise."""
+        before = self.manager.current_step()
         self.manager.start_quorum()
         if self._loaded is None:
             return None
-        state, self._loaded = self._loaded, None
-        behind = self.manager.current_step() - behind
-        result = None
-        if state["exchange"] is not None:  # the sync the peers are in: ours too, with nothing to add
-            e = state["exchange"]
-            codec, method, agg = self.settings
-            call = _Call(torch.zeros(e["numel"]), codec, 0.0, None, method, agg, e["round"])
-            result = self._exchange_once(call)
-        if not self.manager.should_commit():
-            raise ElasticError("a peer failed while this worker was joining; restart it to join again")
-        self._note_members(time.time(), state["exchange"]["round"] if state["exchange"] else None)
+        deadline = time.monotonic() + self.quorum_timeout_s
+        state = None
+        while True:
+            if self._loaded is not None:
+                state, self._loaded = self._loaded, None
+            e, result = state["exchange"], None
+            try:
+                if e is not None:  # the sync the peers are in: ours too, with nothing to add
+                    codec, method, agg = self.settings
+                    result = self._exchange_once(_Call(torch.zeros(e["numel"]), codec, 0.0, None, method, agg, e["round"]))
+            except Exception as err:  # a peer failed: they retry this sync, or commit it and move on
+                self.manager.report_error(err)
+            if self.manager.should_commit():
+                break
+            if time.monotonic() > deadline:
+                raise ElasticError(f"could not join the others' sync for {self.quorum_timeout_s:.0f} s "
+                                   "(elastic.quorum_timeout_s)")
+            self.manager.start_quorum()
+        behind = self.manager.current_step() - before
+        self._note_members(time.time(), e["round"] if e else None)
         self.events.append({"event": "healed", "time": time.time(), "step": state["farsync"]["step"], "behind": behind})
-        return Rejoined(state["farsync"], result, behind=behind,
-                        round=tuple(state["exchange"]["round"]) if state["exchange"] else None)
+        return Rejoined(state["farsync"], result, behind=behind, round=tuple(e["round"]) if e else None)
 
     def _exchange_once(self, call: _Call) -> ExchangeResult:
         """One exchange among this quorum's members; the result by worker id."""

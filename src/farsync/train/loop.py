@@ -697,7 +697,11 @@ def finish(run: Run) -> dict:
     if run.bar is not None:
         run.bar.close()
         run.bar = None
-    finish_in_lockstep([w.algo for w in run.workers])
+    try:
+        finish_in_lockstep([w.algo for w in run.workers])
+    except Rejoined as r:  # elastic: the others landed the final syncs without this worker
+        raise RuntimeError(f"this worker fell behind the others in the final syncs (at step {r.state['step']}); "
+                           "they hold the final θ_g, this worker's run directory does not") from None
     log_syncs(run)
     final_eval = eval_loss(run)
     land_metrics(run)  # the last step's row and train loss (the last step always logs)
