@@ -164,7 +164,7 @@ def test_a_failed_checkpoint_write_leaves_the_last_good_one(tmp_path, monkeypatc
     (["--algo.schedule=deadline"], "error: algo.schedule must be one of lockstep, steps, time-budget (got 'deadline')"),
     (["--algo.participation=5"], "error: algo.participation must be in [0, 4]"),
     (["--algo.aggregation=mode"], "error: algo.aggregation rule must be one of mean, trimmed-mean, median"),
-    (["--train.fault=zero"], "error: train.fault must be nan or scale:FACTOR (got 'zero')"),
+    (["--train.fault=zero"], "error: train.fault must be nan, scale:FACTOR or leave:STEP (got 'zero')"),
     (["--algo.round_seconds=-1"], "error: algo.round_seconds must be >= 0 (got -1.0)"),
     ([f"--data.source={NO_TEXT}"],
      f"error: data.source: {NO_TEXT!r} line 2 has no field 'text' (data.text_field; it has: body)"),

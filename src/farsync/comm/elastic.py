@@ -23,8 +23,8 @@ A worker that starts while others are mid-run (a restart, or a new one) calls
 sync, is healed there, takes part in that sync with weight 0 (it has trained nothing)
 and continues from θ_g with everybody; the training loop gets the state as a
 :class:`Rejoined`. So does a worker whose retry finds that the others committed the
-round without it. What is transferred and what is not: see :func:`farsync.train.loop.
-elastic_state`.
+round without it. What is transferred: :meth:`farsync.algorithms.diloco.DiLoCo.
+shared_state` (the inner optimizer state never is).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def replica_id(worker: int) -> str:
 
 class Rejoined(Exception):
     """This worker took the live workers' state (it restarted, joined, or fell a round
-    behind): ``state`` is what :func:`farsync.train.loop.elastic_state` made on a live
+    behind): ``state`` is what :meth:`~farsync.algorithms.diloco.DiLoCo.shared_state` made on a live
     peer; ``result`` the sync in progress there, in which this worker took part with
     weight 0 (None if the peers were not in a sync)."""
 
