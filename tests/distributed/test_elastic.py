@@ -171,3 +171,14 @@ def test_hung_worker_is_dropped_within_the_timeout(tmp_path, lighthouse):
         assert events[0]["time"] - events[0]["failed_at"] < 3 * TIMEOUT_S
     # whoever timed out first closed its connections: the other survivor saw them close
     assert any("timed out" in events[0]["why"].lower() for events in seen), seen
+
+
+def test_an_unreachable_lighthouse_is_one_line_and_exit_code_1(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "farsync", "train", *ARGS, f"--train.run_dir={tmp_path}", "--elastic.enabled=true",
+         "--elastic.worker=0", "--elastic.lighthouse=http://localhost:1", "--elastic.connect_timeout_s=2",
+         "--elastic.host=localhost"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: cannot reach the lighthouse at http://localhost:1 (elastic.lighthouse)"), r.stderr
+    assert "Traceback" not in r.stderr

@@ -49,7 +49,13 @@ def train(
     cfg = user_errors(configure)
     from farsync.train.loop import train as run_training
 
-    summary = user_errors(lambda: run_training(cfg, run_dir=resume, resume=bool(resume)))
+    from farsync.comm.elastic import ElasticError
+
+    try:
+        summary = user_errors(lambda: run_training(cfg, run_dir=resume, resume=bool(resume)))
+    except ElasticError as e:  # an elastic run this worker cannot go on with: one line, exit code 1
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(code=1) from None
     if "stopped_at" in summary:
         raise typer.Exit(code=130)
     _print_summary(summary)

@@ -64,7 +64,9 @@ class Rejoined(Exception):
 
 
 class ElasticError(RuntimeError):
-    """No quorum could be formed (too few workers alive for too long)."""
+    """This worker cannot go on with the elastic run (too few workers alive for too long,
+    two workers with one id, behind the others at the end); `farsync train` prints it as
+    one line."""
 
 
 @dataclass
@@ -148,13 +150,16 @@ class ElasticCommunicator(Communicator):
         # elastic.timeout_s (_Timed)
         self._connect = timedelta(seconds=min(self.timeout_s, connect_timeout_s))
         self._pg = torchft.ProcessGroupGloo(timeout=self._connect)
-        self.manager = torchft.Manager(
-            pg=self._pg, load_state_dict=self._load, state_dict=self._save, min_replica_size=min_workers,
-            use_async_quorum=False, timeout=timeout, quorum_timeout=timedelta(seconds=self.quorum_timeout_s),
-            connect_timeout=self._connect, rank=0, world_size=1, store_addr=host, store_port=self._store.port,
-            lighthouse_addr=lighthouse, replica_id=replica_id(worker), hostname=host, init_sync=False,
-            checkpoint_transport=PGTransport(self._pg, timeout=timeout, device=torch.device("cpu")),
-        )
+        try:
+            self.manager = torchft.Manager(
+                pg=self._pg, load_state_dict=self._load, state_dict=self._save, min_replica_size=min_workers,
+                use_async_quorum=False, timeout=timeout, quorum_timeout=timedelta(seconds=self.quorum_timeout_s),
+                connect_timeout=self._connect, rank=0, world_size=1, store_addr=host, store_port=self._store.port,
+                lighthouse_addr=lighthouse, replica_id=replica_id(worker), hostname=host, init_sync=False,
+                checkpoint_transport=PGTransport(self._pg, timeout=timeout, device=torch.device("cpu")),
+            )
+        except RuntimeError as e:  # torchft: the lighthouse does not answer within connect_timeout_s
+            raise ElasticError(f"cannot reach the lighthouse at {lighthouse} (elastic.lighthouse): {_short(e)}") from None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="farsync-elastic")
         self._buffers = ex.DecodeBuffers()
         self._current: dict | None = None  # the exchange in progress, for a joining peer

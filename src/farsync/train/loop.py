@@ -39,7 +39,7 @@ from farsync.algorithms import Strategy, finish_in_lockstep, make_strategy, step
 from farsync.algorithms.accounting import dp_bytes_per_step
 from farsync.comm import rendezvous
 from farsync.comm.base import Communicator
-from farsync.comm.elastic import Rejoined
+from farsync.comm.elastic import ElasticError, Rejoined
 from farsync.comm.faults import FaultyCommunicator, parse_fault
 from farsync.data import Corpus
 from farsync.models import Llama, model_config
@@ -700,7 +700,7 @@ def finish(run: Run) -> dict:
     try:
         finish_in_lockstep([w.algo for w in run.workers])
     except Rejoined as r:  # elastic: the others landed the final syncs without this worker
-        raise RuntimeError(f"this worker fell behind the others in the final syncs (at step {r.state['step']}); "
+        raise ElasticError(f"this worker fell behind the others in the final syncs (at step {r.state['step']}); "
                            "they hold the final θ_g, this worker's run directory does not") from None
     log_syncs(run)
     final_eval = eval_loss(run)
