@@ -151,5 +151,6 @@ def join_elastic(workers: int, worker: int, *, lighthouse: str, timeout_s: float
             raise ValueError("elastic runs need a worker id: set elastic.worker (or $FARSYNC_WORKER)")
         worker = int(os.environ["FARSYNC_WORKER"])
     comm = ElasticCommunicator(worker, workers, lighthouse=lighthouse_address(lighthouse), timeout_s=timeout_s,
-                               connect_timeout_s=connect_timeout_s, quorum_timeout_s=quorum_timeout_s, min_workers=min_workers, host=host or None)
+                               connect_timeout_s=connect_timeout_s, quorum_timeout_s=quorum_timeout_s,
+                               min_workers=min_workers, host=host or None)
     return Group(worker, workers, True, [comm], [worker], elastic=True)

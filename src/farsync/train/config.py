@@ -193,9 +193,9 @@ class TrainConfig:
     faulty_worker: int = 1
     """Which worker train.fault corrupts."""
     die_at_step: int = 0
-    """Test hook (elastic runs): this process SIGKILLs itself at schedule step N (1-based) — inside
-    the exchange of the sync sent after step N if one is due then, else after step N's
-    forward/backward. 0 = never."""
+    """Test hook (elastic runs): this process sends itself train.die_signal at schedule
+    step N (1-based) — inside the exchange of the sync sent after step N if one is due
+    then, else after step N's forward/backward. 0 = never."""
     die_signal: str = "SIGKILL"
     """The signal train.die_at_step sends: SIGKILL (a lost worker) or SIGSTOP (a hung one)."""
     progress: bool = True
