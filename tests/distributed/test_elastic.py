@@ -110,6 +110,8 @@ def test_worker_killed_in_a_sync_survivors_equal_a_run_without_it(tmp_path, ligh
     assert events[0]["round"][-1] == 20 and events[1]["lost"] == [2] and events[1]["workers"] == [0, 1]
     syncs = [r for r in rows(tmp_path, 0) if r["kind"] == "sync"]
     assert [s["kept"] for s in syncs] == [[0, 1, 2]] * 3 + [[0, 1]] * 5
+    summary = json.loads((tmp_path / "run" / "worker-0" / "summary.json").read_text())
+    assert summary["elastic"] == {"syncs_retried": 1, "workers_lost": 1, "workers_joined": 0, "healed": 0}
     step, anchors0, mom0 = theta_g(tmp_path / "run" / "worker-0")
     _, anchors1, mom1 = theta_g(tmp_path / "run" / "worker-1")
     ref_step, ref_anchors, ref_mom = reference(tmp_path, 20)
@@ -149,6 +151,7 @@ def test_killed_worker_restarts_and_rejoins_with_identical_theta_g(tmp_path, lig
         assert same(states[0][1], s[1]) and same(states[0][2], s[2])
     summaries = [json.loads((tmp_path / "run" / f"worker-{k}" / "summary.json").read_text()) for k in range(3)]
     assert len({s["final_eval_loss"] for s in summaries}) == 1
+    assert summaries[2]["elastic"]["healed"] == 1 and summaries[0]["elastic"]["healed"] == 0
 
 
 def test_hung_worker_is_dropped_within_the_timeout(tmp_path, lighthouse):

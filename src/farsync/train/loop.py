@@ -764,4 +764,15 @@ def _summary(run: Run, final_eval: float) -> dict:
         ],
         "exclusions": getattr(run.workers[0].algo, "exclusions", []),
         "skipped_rounds": getattr(run.workers[0].algo, "skipped_rounds", []),
+        # elastic: what this worker saw of failures (every event is a metrics.jsonl row)
+        "elastic": _elastic_counts(run.group.comms[0].events) if run.group.elastic else None,
     }
+
+
+def _elastic_counts(events: list[dict]) -> dict:
+    """Syncs retried, workers lost and joined, and this worker's heals."""
+    members = [e for e in events if e["event"] == "members"]
+    return {"syncs_retried": len({tuple(e["round"] or ()) for e in events if e["event"] == "retry"}),
+            "workers_lost": sum(len(e["lost"]) for e in members),
+            "workers_joined": sum(len(e["joined"]) for e in members),
+            "healed": sum(1 for e in events if e["event"] == "healed")}
