@@ -92,6 +92,21 @@ class CompletedWork(Work):
         return True
 
 
+class FutureWork(Work):
+    """A Work whose result a background thread computes (its exception, if any, is
+    raised by :meth:`wait`)."""
+
+    def __init__(self, future: Future, bytes_sent: int):
+        self._future = future
+        self.bytes_sent = bytes_sent
+
+    def wait(self) -> ExchangeResult:
+        return self._future.result()
+
+    def is_completed(self) -> bool:
+        return self._future.done()
+
+
 def completed_future(value) -> Future:
     """A Future that already holds ``value``."""
     f: Future = Future()

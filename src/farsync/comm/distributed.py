@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from farsync.codecs import Codec
 from farsync.comm import exchange as ex
-from farsync.comm.base import Communicator, ExchangeResult, Work
+from farsync.comm.base import Communicator, ExchangeResult, FutureWork, Work
 
 
 class Transport:
@@ -108,18 +108,6 @@ def run_exchange(t: Transport, plan: ex.ExchangePlan, codec: Codec, padded: torc
             mean = ex.assemble(plan, codec, t.all_gather(mine))
     return ExchangeResult(mean, tuple(weights), ex.bytes_sent(plan, weight > 0, d.skipped),
                           ex.control_bytes(plan, agg), d.kept, d.excluded, d.skipped)
-
-
-class _FutureWork(Work):
-    def __init__(self, future: Future, bytes_sent: int):
-        self._future = future
-        self.bytes_sent = bytes_sent
-
-    def wait(self) -> ExchangeResult:
-        return self._future.result()
-
-    def is_completed(self) -> bool:
-        return self._future.done()
 
 
 class _Resources:
@@ -208,7 +196,7 @@ class TorchDistributedCommunicator(Communicator):
         plan = ex.make_plan(buf.numel(), self.world_size, codec, method)
         padded = ex.pad(plan, buf.detach())  # a private copy: the caller may reuse buf
         future = self._executor.submit(self._run, plan, codec, padded, float(weight), generator, aggregation)
-        return _FutureWork(future, plan.bytes_sent)
+        return FutureWork(future, plan.bytes_sent)
 
     def _run(self, plan: ex.ExchangePlan, codec: Codec, padded: torch.Tensor, weight: float,
              generator: torch.Generator | None, agg: ex.Aggregation) -> ExchangeResult:

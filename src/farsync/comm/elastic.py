@@ -34,7 +34,7 @@ import os
 import signal
 import socket
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -42,7 +42,7 @@ import torch
 
 from farsync.codecs import Codec
 from farsync.comm import exchange as ex
-from farsync.comm.base import Communicator, ExchangeResult, Work
+from farsync.comm.base import Communicator, ExchangeResult, FutureWork, Work
 from farsync.comm.distributed import Transport, run_exchange
 
 
@@ -80,17 +80,6 @@ class _Call:
     method: str
     agg: ex.Aggregation
     round: tuple | None
-
-
-class _ResultWork(Work):
-    def __init__(self, future: Future, bytes_sent: int):
-        self._future, self.bytes_sent = future, bytes_sent
-
-    def wait(self) -> ExchangeResult:
-        return self._future.result()  # raises Rejoined / ElasticError
-
-    def is_completed(self) -> bool:
-        return self._future.done()
 
 
 def _torchft():
@@ -174,7 +163,7 @@ class ElasticCommunicator(Communicator):
         ex.validate_weight(weight)
         call = _Call(buf.detach().clone(), codec, float(weight), generator, method, aggregation, round)
         plan = ex.make_plan(buf.numel(), self.world_size, codec, method)  # the full group's, for the estimate
-        return _ResultWork(self._executor.submit(self._run, call), plan.bytes_sent)
+        return FutureWork(self._executor.submit(self._run, call), plan.bytes_sent)  # wait() raises Rejoined
 
     def exchange(self, request) -> Work:
         self.check_members(request.members)
