@@ -67,6 +67,10 @@ def test_fp4_moves_eight_times_fewer_bytes_than_fp32():
     assert fp32.bytes_per_step / fp4s.bytes_per_step == pytest.approx(32 / 5, rel=1e-6)
     fp4p = simulate(cfg("streaming", codec="fp4-e3m0", codec_block_size=128))
     assert fp32.bytes_per_step / fp4p.bytes_per_step == pytest.approx(32 / 4.25, rel=1e-6)
+    # Table 4's FP4 method: the paper's 4 bits per value, one scale per layer's collective
+    paper = simulate(method_config(ONE_B, "streaming-overlap-fp4"))
+    bf16 = simulate(method_config(ONE_B, "streaming-overlap"))
+    assert bf16.bytes_per_step / paper.bytes_per_step == pytest.approx(4.0, rel=1e-6)
 
 
 @pytest.mark.parametrize("bw", [0.5, 3.0, 20.0, 200.0])

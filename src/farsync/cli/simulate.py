@@ -37,6 +37,7 @@ _FLAGS = {
     "sync_delay": "--sync-delay",
     "bandwidth_gbps": "--bandwidth",
     "latency_s": "--latency-ms",
+    "latency_model": "--latency-model",
     "schedule": "--schedule",
     "fragment_pattern": "--fragment-pattern",
     "exchange": "--exchange",
@@ -108,6 +109,7 @@ class SimulateArgs:
     sync_delay: Optional[int] = None
     bandwidth: Optional[float] = None
     latency_ms: float = 0.0
+    latency_model: str = "hops"
     schedule: str = "per-layer"
     fragment_pattern: str = "strided"
     exchange: str = "reduce-scatter"
@@ -149,7 +151,11 @@ def simulate(
     fragments: Optional[int] = typer.Option(None, "--fragments", "-P", help="Fragments P for streaming (default layers/3)."),
     sync_delay: Optional[int] = typer.Option(None, "--sync-delay", help="Sync delay τ of the overlap methods (default 1)."),
     bandwidth: Optional[float] = typer.Option(None, "--bandwidth", help="Link bandwidth in Gbit/s: report utilization there."),
-    latency_ms: float = typer.Option(0.0, "--latency-ms", help="One-way latency per collective hop, ms."),
+    latency_ms: float = typer.Option(0.0, "--latency-ms", help="One-way latency, ms (per ring hop, or 2x per farsync exchange phase)."),
+    latency_model: str = typer.Option(
+        "hops", "--latency-model",
+        help="hops (a ring collective: each hop pays the latency; the paper's) or phases (farsync's exchange: a round trip per phase).",
+    ),
     schedule: str = typer.Option("per-layer", "--schedule", help="per-layer (paper) or after-backward."),
     fragment_pattern: str = typer.Option("strided", "--fragment-pattern", help="strided (paper) or sequential."),
     exchange: str = typer.Option(
@@ -292,7 +298,7 @@ def _plan(a: SimulateArgs) -> _Plan:
             raise _BadOption("--tokens", a.tokens, "must be positive")
     settings = dict(
         codec=a.codec, workers=a.workers, inner_steps=a.inner_steps, fragments=a.fragments,
-        sync_delay=a.sync_delay, latency_s=a.latency_ms / 1e3, schedule=a.schedule,
+        sync_delay=a.sync_delay, latency_s=a.latency_ms / 1e3, latency_model=a.latency_model, schedule=a.schedule,
         fragment_pattern=a.fragment_pattern, exchange=a.exchange, count_scales=not a.no_scales,
     )
     if a.bandwidth is not None:
@@ -304,7 +310,7 @@ def _plan(a: SimulateArgs) -> _Plan:
 #: SimConfig fields as `farsync simulate` sets them by default; the JSON report lists
 #: the settings that differ.
 _DEFAULT_SETTINGS = dict(
-    codec=None, workers=2, inner_steps=100, fragments=None, sync_delay=None, latency_s=0.0,
+    codec=None, workers=2, inner_steps=100, fragments=None, sync_delay=None, latency_s=0.0, latency_model="hops",
     schedule="per-layer", fragment_pattern="strided", exchange="reduce-scatter", count_scales=True,
 )
 

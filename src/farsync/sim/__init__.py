@@ -13,13 +13,16 @@ compute stream and one inter-worker link (see `farsync.sim.engine`).
 from farsync.sim.engine import (
     DEFAULT_CODEC,
     DEFAULT_WORKERS,
+    LATENCY_MODELS,
     METHOD_LABELS,
     METHODS,
     SCHEDULES,
     SimConfig,
     SimResult,
+    exchange_phases,
     method_config,
     simulate,
+    slow_start_extra_s,
     with_bandwidth,
 )
 from farsync.sim.model import (
@@ -49,10 +52,10 @@ from farsync.sim.wire import WIRE_FORMATS, WireFormat, wire_format
 
 __all__ = [
     "DEFAULT_CODEC", "DEFAULT_WORKERS", "FINE_GRID", "GRIDS",
-    "LAYERS_PER_FRAGMENT", "METHOD_LABELS", "METHODS", "PAPER_GRID", "PAPER_INNER_STEPS",
+    "LATENCY_MODELS", "LAYERS_PER_FRAGMENT", "METHOD_LABELS", "METHODS", "PAPER_GRID", "PAPER_INNER_STEPS",
     "PAPER_TABLE4_1B", "PRESETS", "SCHEDULES", "TARGETS", "WIRE_FORMATS",
-    "ModelSpec", "SimConfig", "SimInputError", "SimResult", "WireFormat", "grid_index",
+    "ModelSpec", "SimConfig", "SimInputError", "SimResult", "WireFormat", "exchange_phases", "grid_index",
     "grid_step_errors", "json_table", "markdown_table", "method_config", "preset",
-    "required_bandwidth", "required_table", "simulate", "utilization", "utilization_curve",
+    "required_bandwidth", "required_table", "simulate", "slow_start_extra_s", "utilization", "utilization_curve",
     "wire_format", "with_bandwidth",
 ]

@@ -18,8 +18,16 @@ pure-compute step time (forward : backward = 1 : 2). Dependencies:
 
 The link carries one collective at a time, first come first served; only the bandwidth
 between workers (datacenters) is modelled. A collective of B bytes takes
-``factor(M) · 8B / bandwidth + hops(M) · latency`` with ring all-reduce
-factor 2(M-1)/M and 2(M-1) hops (for M = 2: the payload once, two latencies).
+``factor(M) · 8B / bandwidth + latency cost`` with ring all-reduce factor 2(M-1)/M. The
+latency cost is the paper's ring (``latency_model="hops"``: 2(M-1) hops of one-way
+latency each; for M = 2 the payload once, two latencies) or farsync's own exchange
+(``latency_model="phases"``): every worker talks to every other at once, receives posted
+before sends, so a phase costs one round trip whatever M is, and an exchange has 2 of them
+for all-gather (the weights, then the payloads) and 3 for reduce-scatter (weights, shards,
+reduced shards). With ``tcp_slow_start`` an exchange also pays TCP's ramp-up: Linux
+(``net.ipv4.tcp_slow_start_after_idle = 1``, the default) shrinks a connection's window
+back to 10 segments after an idle retransmission timeout, which a link idle between syncs
+always exceeds, and the window then doubles once per round trip (:func:`slow_start_extra_s`).
 
 Which blocks sync when:
     dp         every block, every step (the gradient).
@@ -63,6 +71,36 @@ DEFAULT_CODEC = "bf16"
 #: Two workers (datacenters), as in the paper's 1B headline run; for M = 2 a ring
 #: all-reduce moves exactly one payload each way.
 DEFAULT_WORKERS = 2
+#: How a collective pays latency: "hops" (a ring, the paper's) or "phases" (farsync's
+#: exchange: one round trip per phase, all peers at once).
+LATENCY_MODELS = ("hops", "phases")
+#: TCP's initial congestion window (Linux: 10 segments of 1448 payload bytes).
+TCP_INITIAL_WINDOW_BYTES = 10 * 1448
+
+
+def exchange_phases(method: str) -> int:
+    """Round trips of one farsync exchange: the weights' all-gather, then the payloads
+    (all-gather), or the shards and the reduced shards (reduce-scatter)."""
+    return 2 if method == "all-gather" else 3
+
+
+def slow_start_extra_s(nbytes: float, bandwidth_bps: float, rtt_s: float,
+                       initial_window: float = TCP_INITIAL_WINDOW_BYTES) -> float:
+    """Seconds a transfer of ``nbytes`` over one TCP connection takes beyond
+    ``8·nbytes / bandwidth_bps`` when it starts from the initial window: the window
+    (bytes per round trip) doubles each round trip until it fills the bandwidth-delay
+    product, and the rest goes at the full rate. 0 when rtt_s is 0."""
+    if nbytes <= 0 or rtt_s <= 0:
+        return 0.0
+    rate = bandwidth_bps / 8  # bytes/s
+    bdp = rate * rtt_s
+    window, sent, t = float(initial_window), 0.0, 0.0
+    while window < bdp and sent < nbytes:
+        sent += window
+        t += rtt_s
+        window *= 2
+    total = t + max(0.0, nbytes - sent) / rate if sent < nbytes else t
+    return max(0.0, total - nbytes / rate)
 
 
 @dataclass(frozen=True)
@@ -89,6 +127,15 @@ class SimConfig:
     exchange: 'reduce-scatter' (the bytes of a ring all-reduce: 2(M-1)/M payloads per
         link, 2(M-1) hops), 'all-gather' (every worker's unreduced payload to every other:
         M-1 payloads per link, M-1 hops) or 'auto' (as farsync: all-gather for M <= 2).
+    latency_model: 'hops' (each hop of a ring pays latency_s; the paper's) or 'phases'
+        (farsync's exchange: each phase pays one round trip, 2·latency_s; see
+        :func:`exchange_phases`).
+    tcp_slow_start: every collective also pays TCP's ramp-up from the initial window on
+        each of the M-1 connections a worker sends on (:func:`slow_start_extra_s`).
+    sync_wait_s: seconds a worker waits, on every step that starts a sync, for the slowest
+        worker to arrive (workers whose step times vary); the collective starts after it,
+        and overlap cannot hide it (a worker that finished early stays ahead and waits
+        again at the next sync). farsync's planner derives it from measured step times.
     count_scales: include codec block scales in the bytes sent.
     codec_block_size: values per codec scale block; None = farsync's codec default
         (32 for fp4, 64 for int8).
@@ -108,6 +155,9 @@ class SimConfig:
     exchange: str = "reduce-scatter"
     count_scales: bool = True
     codec_block_size: int | None = None
+    latency_model: str = "hops"
+    tcp_slow_start: bool = False
+    sync_wait_s: float = 0.0
 
     def __post_init__(self) -> None:
         L = self.model.layers
@@ -124,9 +174,12 @@ class SimConfig:
             raise SimInputError("bandwidth_gbps", self.bandwidth_gbps, "must be a positive number")
         if not (self.latency_s >= 0 and math.isfinite(self.latency_s)):
             raise SimInputError("latency_s", self.latency_s, "must be >= 0 seconds")
+        if not (self.sync_wait_s >= 0 and math.isfinite(self.sync_wait_s)):
+            raise SimInputError("sync_wait_s", self.sync_wait_s, "must be >= 0 seconds")
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("fragment_pattern", self.fragment_pattern, FRAGMENT_PATTERNS)
         check_choice("exchange", self.exchange, EXCHANGES)
+        check_choice("latency_model", self.latency_model, LATENCY_MODELS)
         if self.mode == "diloco" and self.fragments not in (None, 1):
             raise SimInputError("fragments", self.fragments, "mode 'diloco' syncs all parameters at once: must be 1")
         P = self.n_fragments
@@ -188,9 +241,20 @@ class SimConfig:
         M = self.workers
         if M == 1 or n_values <= 0:
             return 0.0
-        factor, hops = (2 * (M - 1) / M, 2 * (M - 1)) if self.exchange_method == "reduce-scatter" else (M - 1, M - 1)
+        rs = self.exchange_method == "reduce-scatter"
+        factor, hops = (2 * (M - 1) / M, 2 * (M - 1)) if rs else (M - 1, M - 1)
         bytes_ = self.wire_format.wire_bytes(n_values, self.count_scales)
-        return factor * bytes_ * 8 / (self.bandwidth_gbps * 1e9) + hops * self.latency_s
+        bps = self.bandwidth_gbps * 1e9
+        seconds = factor * bytes_ * 8 / bps
+        rtt = 2 * self.latency_s
+        if self.latency_model == "phases":
+            seconds += exchange_phases(self.exchange_method) * rtt
+        else:
+            seconds += hops * self.latency_s
+        if self.tcp_slow_start:
+            # the worker's payload goes out on M-1 connections at once, sharing the link
+            seconds += slow_start_extra_s(factor * bytes_ / (M - 1), bps / (M - 1), rtt)
+        return seconds
 
     def bytes_sent_per_worker(self, n_values: float) -> float:
         """Bytes one worker puts on the link in one collective over `n_values` values."""
@@ -278,6 +342,9 @@ def simulate(config: SimConfig, max_periods: int = 64) -> SimResult:
                 t += L * unit
             fwd_end = t
             bwd_end = fwd_end + (2 * L - 1) * unit
+            if sync and config.sync_wait_s:  # the slowest worker arrives this much later
+                fwd_end += config.sync_wait_s
+                bwd_end += config.sync_wait_s
             if sync:
                 done: dict[int, float] = {}
                 if per_layer:
@@ -328,11 +395,14 @@ def simulate(config: SimConfig, max_periods: int = 64) -> SimResult:
 
 # --- the five methods of Table 4 -------------------------------------------------------
 
-#: Scale block of the paper's FP4 in the Table 4 methods. The paper gives no scale
-#: granularity; one fp32 scale per 128 values (4.25 bits/value) is assumed. farsync's own
-#: fp4 codec defaults to 32 (5 bits/value): pass codec_block_size=None for it
-#: (BENCHMARKS.md shows both).
-PAPER_FP4_BLOCK = 128
+#: Scale block of the paper's FP4 in the Table 4 methods: one scale per collective (per
+#: tensor), so 4.00 bits per value. The paper's E3M0 is "4 bits" (1 sign, 3 exponent, no
+#: mantissa) and it describes no block scales; a per-tensor scale costs 4 bytes per layer.
+#: Until 2026-12-01 one fp32 scale per 128 values (4.25 bits/value) was assumed, an
+#: invented granularity that put the FP4 rows of 10B/100B one step higher in 4 of 10
+#: cells (BENCHMARKS.md, planner). farsync's own fp4 codec keeps one scale per 32 values
+#: (5 bits/value) for accuracy: pass codec_block_size=None for it, as farsync's planner does.
+PAPER_FP4_BLOCK = 2**30
 
 #: Method name -> SimConfig fields it sets. Anything else keeps SimConfig's default.
 METHODS: dict[str, dict] = {
