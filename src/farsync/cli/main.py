@@ -26,6 +26,7 @@ def _register_all() -> None:
     from farsync.cli import compare
     from farsync.cli import export
     from farsync.cli import lighthouse
+    from farsync.cli import plan
 
     train.register(app)
     simulate.register(app)
@@ -35,6 +36,7 @@ def _register_all() -> None:
     compare.register(app)
     export.register(app)
     lighthouse.register(app)
+    plan.register(app)
 
 
 _register_all()

@@ -202,10 +202,12 @@ class TorchDistributedCommunicator(Communicator):
              generator: torch.Generator | None, agg: ex.Aggregation) -> ExchangeResult:
         if self.delay_s:
             time.sleep(self.delay_s)
-        return run_exchange(self._transport, plan, codec, padded, weight, generator, agg, self._buffers)
+        return run_exchange(self.transport, plan, codec, padded, weight, generator, agg, self._buffers)
 
     @functools.cached_property
-    def _transport(self) -> "Transport":
+    def transport(self) -> "Transport":
+        """Point-to-point messages over the exchange's own process group: what payloads
+        travel on (the link probe of ``algo.auto`` uses it too, before training starts)."""
         res = self._res  # not the group itself: release() must drop the last reference to it
 
         def post(sends, recvs):

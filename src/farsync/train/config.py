@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
 import os
 import tomllib
 import types
@@ -114,6 +115,11 @@ class AlgoConfig:
     """time-budget: the wall-clock length of a round of H steps under torchrun (required
     there). In one process the clock is simulated: a round lasts the fastest worker's H
     steps and a worker of speed v takes 1/v as long per step."""
+    auto: bool = False
+    """Before training, measure the link between the workers and the step time, and set
+    mode, inner_steps, fragments, sync_delay and codec to the setting the simulator
+    predicts sends the fewest bytes at plan.target_utilization, inside the plan.* bounds
+    (the choice and the alternatives go to RUN/plan.json; a resumed run keeps its plan)."""
 
     def speeds(self) -> list[float]:
         """worker_speeds as numbers, one per worker (all 1.0 when empty)."""
@@ -241,6 +247,35 @@ class ElasticConfig:
 
 
 @dataclass
+class PlanConfig:
+    target_utilization: float = 0.95
+    """algo.auto: the compute utilization (0, 1] the chosen setting must be predicted to reach."""
+    min_inner_steps: int = 10
+    """algo.auto: smallest H considered (the quality benchmark validated 10-20)."""
+    max_inner_steps: int = 20
+    """algo.auto: largest H considered (H 30 lost 2 % of loss at M = 4 in the quality benchmark)."""
+    max_sync_delay: int = 1
+    """algo.auto: largest τ considered (the quality benchmark validated 0 and 1)."""
+    max_fragments: int = 0
+    """algo.auto: largest P considered; 0 = the model's block count."""
+    codecs: str = "fp4-e3m0,int8,bf16,fp32"
+    """algo.auto: codecs considered, comma-separated (all matched fp32's loss in the quality benchmark)."""
+    bandwidth_mbit: float = 0.0
+    """algo.auto: plan for this link (Mbit/s per worker each way) instead of measuring it; 0 = measure."""
+    rtt_ms: float = 0.0
+    """algo.auto with plan.bandwidth_mbit: the link's round-trip time, ms."""
+    probe_seconds: float = 0.25
+    """algo.auto: the link probe doubles its exchange size until one lasts this long."""
+
+    def region(self):
+        """The bounds as a :class:`farsync.plan.SafeRegion` (ValueError naming a bad key)."""
+        from farsync.plan.choose import SafeRegion
+
+        return SafeRegion(self.min_inner_steps, self.max_inner_steps, self.max_sync_delay, self.max_fragments,
+                          tuple(c.strip() for c in self.codecs.split(",") if c.strip()))
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -248,6 +283,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     elastic: ElasticConfig = field(default_factory=ElasticConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
     def validate(self) -> None:
         """Cross-field checks; messages name the flag to change."""
@@ -333,6 +369,24 @@ class Config:
                     raise ConfigError(f"elastic.{key} must be > 0 (got {value})")
             if not 1 <= e.min_workers <= a.workers:
                 raise ConfigError(f"elastic.min_workers must be in [1, {a.workers}] (got {e.min_workers})")
+        p = self.plan
+        try:
+            p.region()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if not 0 < p.target_utilization <= 1:
+            raise ConfigError(f"plan.target_utilization must be in (0, 1] (got {p.target_utilization})")
+        for key, value in [("bandwidth_mbit", p.bandwidth_mbit), ("rtt_ms", p.rtt_ms)]:
+            if not (value >= 0 and math.isfinite(value)):
+                raise ConfigError(f"plan.{key} must be >= 0 (got {value})")
+        if not p.probe_seconds > 0:
+            raise ConfigError(f"plan.probe_seconds must be > 0 (got {p.probe_seconds})")
+        if a.auto:
+            if self.elastic.enabled:
+                raise ConfigError("algo.auto does not work with elastic.enabled: plan once (farsync plan), "
+                                  "then set algo.inner_steps/fragments/sync_delay/codec yourself")
+            if a.workers < 2:
+                raise ConfigError("algo.auto needs algo.workers >= 2: one worker has no link to plan for")
 
     def inner_weight_decay(self) -> float:
         """The inner optimizer's weight decay: optim.weight_decay, compensated for the
@@ -377,7 +431,7 @@ def _choice(key: str, value: str, choices) -> None:
 
 def _section_class(name: str) -> type:
     return {"model": ModelConfig, "data": DataConfig, "algo": AlgoConfig,
-            "optim": OptimConfig, "train": TrainConfig, "elastic": ElasticConfig}[name]
+            "optim": OptimConfig, "train": TrainConfig, "elastic": ElasticConfig, "plan": PlanConfig}[name]
 
 
 def _coerce(key: str, raw: Any, typ: Any, from_text: bool) -> Any:

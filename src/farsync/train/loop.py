@@ -204,6 +204,7 @@ class Run:
     logged_exclusions: int = 0  # exclusions / skipped rounds already written to metrics.jsonl
     logged_skips: int = 0
     logged_events: int = 0  # elastic: membership events already written
+    plan: dict | None = None  # algo.auto: the plan (RUN/plan.json)
 
     @property
     def tokens_per_step(self) -> int:
@@ -322,7 +323,7 @@ def train(cfg: Config, *, run_dir: str | None = None, resume: bool = False) -> d
         except (ValueError, ImportError) as e:
             raise ConfigError(str(e)) from None
         try:
-            run = build(cfg, group, device, run_dir)
+            run = build(cfg, group, device, run_dir, resume=resume)
             try:
                 if group.elastic and ckpt.latest_step(run.run_dir) is not None:
                     resume = True  # a restarted worker: its inner optimizer and data position
@@ -339,17 +340,31 @@ def train(cfg: Config, *, run_dir: str | None = None, resume: bool = False) -> d
         torch.set_num_threads(threads)  # a library call leaves the process as it found it
 
 
-def build(cfg: Config, group: rendezvous.Group, device: torch.device, run_dir: str | None) -> Run:
-    """Run directory and resolved config, corpus, the local workers, the eval model."""
+def build(cfg: Config, group: rendezvous.Group, device: torch.device, run_dir: str | None, *,
+          resume: bool = False) -> Run:
+    """Run directory and resolved config (with ``algo.auto``, the plan: a resumed run keeps
+    its own), corpus, the local workers, the eval model."""
     if run_dir is None:
         run_dir = os.path.join(cfg.train.run_dir, _run_name(cfg, group))
         if group.elastic:  # every worker keeps its own files (it may have no disk in common with the others)
             run_dir = os.path.join(run_dir, f"worker-{group.rank}")
     if group.is_main:
         os.makedirs(run_dir, exist_ok=True)
+    corpus = Corpus.build(cfg.data, log=lambda m: _log_main(group, m))
+    plan = None
+    if cfg.algo.auto:  # measure the link and the step time, choose H, P, τ and the codec
+        from farsync.plan.run import plan_run
+
+        rank = group.local_ranks[0]
+        x, y = corpus.worker_batch(rank, cfg.algo.workers, 0, cfg.train.batch_size, cfg.model.seq_len, cfg.train.seed)
+        try:
+            cfg, plan = plan_run(cfg, group, build_model(cfg, corpus.vocab_size, device), (x.to(device), y.to(device)),
+                                 run_dir, lambda m: _log_main(group, m), keep=resume)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if group.is_main:
         with open(os.path.join(run_dir, "config.toml"), "w") as f:
             f.write(to_toml(cfg))
-    corpus = Corpus.build(cfg.data, log=lambda m: _log_main(group, m))
     comms = list(group.comms)
     if cfg.train.fault and cfg.train.faulty_worker in group.local_ranks:  # fault injection (test/benchmark)
         i = group.local_ranks.index(cfg.train.faulty_worker)
@@ -358,7 +373,7 @@ def build(cfg: Config, group: rendezvous.Group, device: torch.device, run_dir: s
     run = Run(cfg, group, device, run_dir, corpus, workers,
               eval_model=build_model(cfg, corpus.vocab_size, device),
               eval_set=corpus.eval_batches(cfg.train.batch_size, cfg.model.seq_len, cfg.train.eval_batches),
-              n_params=workers[0].model.num_parameters())
+              n_params=workers[0].model.num_parameters(), plan=plan)
     a, algo = cfg.algo, workers[0].algo
     run.log(f"model: {model_name(cfg, workers[0].model)}, {run.n_params:,} parameters ({workers[0].model.num_parameters(non_embedding=True):,} "
             f"non-embedding); {a.workers} workers, mode {a.mode}" + (
@@ -766,6 +781,13 @@ def _summary(run: Run, final_eval: float) -> dict:
         "skipped_rounds": getattr(run.workers[0].algo, "skipped_rounds", []),
         # elastic: what this worker saw of failures (every event is a metrics.jsonl row)
         "elastic": _elastic_counts(run.group.comms[0].events) if run.group.elastic else None,
+        # algo.auto: what was chosen and predicted (measured figures beside it above; all in plan.json)
+        "plan": None if run.plan is None else {
+            "chosen": run.plan["chosen_label"], "target_utilization": run.plan["target_utilization"],
+            "predicted_utilization": run.plan["predicted_utilization"],
+            "predicted_dp_bytes_ratio": run.plan["predicted_dp_bytes_ratio"],
+            "measured_mbit": run.plan["link"]["measured_mbit"], "rtt_ms": run.plan["link"]["rtt_ms"],
+            "link_given": run.plan["link"]["given"], "step_time_s": run.plan["step_time_s"]["used"]},
     }
 
 
