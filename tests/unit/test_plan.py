@@ -15,7 +15,7 @@ from farsync.cli.main import app
 from farsync.plan import SafeRegion, choose, given_link
 from farsync.plan.choose import SyncWait, sync_gap
 from farsync.plan.link import SizeSample, fit_line, rate_from_sizes
-from farsync.train.config import ConfigError, build_config
+from farsync.train.config import ConfigError, build_config, load_recipe
 
 MICRO = sim.ModelSpec("micro", 4, 160_368.0, 0.04)
 
@@ -193,22 +193,26 @@ def test_auto_in_one_process_plans_for_the_given_link_and_trains_with_the_choice
     c = doc["chosen"]
     assert doc["link"]["given"] and doc["link"]["measured_mbit"] == 1000
     assert (c["inner_steps"], c["codec"]) == (10, "fp4-e3m0")  # the recipe's H 4 / fp32 replaced
-    saved = build_config(__import__("tomllib").loads((tmp_path / "auto" / "config.toml").read_text()))
+    saved = build_config(load_recipe(str(tmp_path / "auto" / "config.toml")))
     assert (saved.algo.inner_steps, saved.algo.fragments, saved.algo.codec) == (10, c["fragments"], "fp4-e3m0")
     assert saved.algo.auto
     assert s["plan"]["chosen"] == doc["chosen_label"] and s["codec"] == "fp4-e3m0"
 
-    # resumed with bounds that would change the plan: the run keeps the one it started with
-    again = build_config(None, [*FAST, f"--data.cache_dir={CACHE}", f"--train.run_dir={tmp_path}", "--train.name=auto",
-                                "--algo.auto=true", "--plan.bandwidth_mbit=1000", "--plan.max_inner_steps=10",
-                                "--plan.codecs=int8"])
+    # resumed (as `farsync train --resume` does: its config.toml + overrides) with bounds that
+    # would change the plan: the run keeps the one it started with
+    again = build_config(load_recipe(str(tmp_path / "auto" / "config.toml")), ["--plan.codecs=int8"])
     before = (tmp_path / "auto" / "plan.json").read_text()
     capsys.readouterr()
     resumed = train(again, run_dir=str(tmp_path / "auto"), resume=True)
     assert "keeping the plan this run started with" in capsys.readouterr().err
     assert resumed["plan"]["chosen"] == doc["chosen_label"]
     assert (tmp_path / "auto" / "plan.json").read_text() == before
-    # ... where a new run on that link plans otherwise
+    # without its plan.json, a resumed run keeps its config's settings rather than planning anew
+    (tmp_path / "auto" / "plan.json").unlink()
+    resumed = train(again, run_dir=str(tmp_path / "auto"), resume=True)
+    assert "keeps the algo settings of its config.toml" in capsys.readouterr().err
+    assert resumed["codec"] == "fp4-e3m0" and resumed["plan"] is None
+    # ... where a new run with those bounds plans otherwise
     other = train(build_config(None, [*FAST, f"--data.cache_dir={CACHE}", f"--train.run_dir={tmp_path}",
                                       "--train.name=int8", "--algo.auto=true", "--plan.bandwidth_mbit=1000",
                                       "--plan.max_inner_steps=10", "--plan.codecs=int8"]))

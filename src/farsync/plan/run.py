@@ -145,6 +145,9 @@ def plan_run(cfg, group, model: torch.nn.Module, batch, run_dir: str, log, *, ke
     if saved is not None:
         log(f"plan: keeping the plan this run started with ({path}): {saved['chosen_label']}")
         return apply(cfg, saved["chosen"]), saved
+    if keep:  # its checkpoints follow the schedule in its config: planning anew could change it
+        log(f"plan: {path} is missing; the resumed run keeps the algo settings of its config.toml")
+        return cfg, None
     _, doc = make_plan(cfg, group, model, batch, log)
     doc = group.broadcast(doc)  # the same plan everywhere, whatever float noise might do
     if group.is_main:
