@@ -27,6 +27,7 @@ def _register_all() -> None:
     from farsync.cli import export
     from farsync.cli import lighthouse
     from farsync.cli import plan
+    from farsync.cli import federate
 
     train.register(app)
     simulate.register(app)
@@ -37,6 +38,7 @@ def _register_all() -> None:
     export.register(app)
     lighthouse.register(app)
     plan.register(app)
+    federate.register_cli(app)
 
 
 _register_all()

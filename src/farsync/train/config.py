@@ -276,6 +276,23 @@ class PlanConfig:
 
 
 @dataclass
+class FederatedConfig:
+    rounds: int = 0
+    """Rounds of the federation (`farsync federate`); 0 = train.steps / algo.inner_steps. Clients
+    are algo.workers data shards, algo.participation of them sampled per round (0 = all online)."""
+    round_timeout_s: float = 600.0
+    """A round's deadline (and its messages' TTL): what has not come back by then is left out."""
+    min_clients: int = 1
+    """A round starts once this many clients are online."""
+    wait_clients_s: float = 600.0
+    """How long the server waits for min_clients before it gives up with an error."""
+    cooldown_s: float = 60.0
+    """A client that missed a deadline sits out this long (Flower drops a dead one after ~60 s)."""
+    keep_rounds: int = 8
+    """Encoded means the server keeps for clients that catch up; one further behind gets θ_g in full."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -284,6 +301,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     elastic: ElasticConfig = field(default_factory=ElasticConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
 
     def validate(self) -> None:
         """Cross-field checks; messages name the flag to change."""
@@ -381,6 +399,15 @@ class Config:
                 raise ConfigError(f"plan.{key} must be >= 0 (got {value})")
         if not p.probe_seconds > 0:
             raise ConfigError(f"plan.probe_seconds must be > 0 (got {p.probe_seconds})")
+        f = self.federated
+        for key, value, low in [("rounds", f.rounds, 0), ("min_clients", f.min_clients, 1), ("keep_rounds", f.keep_rounds, 1)]:
+            if value < low:
+                raise ConfigError(f"federated.{key} must be >= {low} (got {value})")
+        for key, value in [("round_timeout_s", f.round_timeout_s), ("wait_clients_s", f.wait_clients_s)]:
+            if not value > 0:
+                raise ConfigError(f"federated.{key} must be > 0 (got {value})")
+        if f.cooldown_s < 0:
+            raise ConfigError(f"federated.cooldown_s must be >= 0 (got {f.cooldown_s})")
         if a.auto:
             if self.elastic.enabled:
                 raise ConfigError("algo.auto does not work with elastic.enabled: plan once (farsync plan), "
@@ -431,7 +458,8 @@ def _choice(key: str, value: str, choices) -> None:
 
 def _section_class(name: str) -> type:
     return {"model": ModelConfig, "data": DataConfig, "algo": AlgoConfig,
-            "optim": OptimConfig, "train": TrainConfig, "elastic": ElasticConfig, "plan": PlanConfig}[name]
+            "optim": OptimConfig, "train": TrainConfig, "elastic": ElasticConfig, "plan": PlanConfig,
+            "federated": FederatedConfig}[name]
 
 
 def _coerce(key: str, raw: Any, typ: Any, from_text: bool) -> Any:

@@ -1,0 +1,177 @@
+"""The ServerApp's round loop over a Flower ``Grid`` (see :mod:`farsync.federated.core`
+for the arithmetic and :mod:`farsync.federated.flower` for the messages).
+
+Never waits forever: every message carries a TTL of ``federated.round_timeout_s`` and the
+round closes at that deadline with whatever came back; a client that missed it (crashed,
+hung, or reported an error) loses its place in the server's bookkeeping (its next work
+carries θ_g in full) and sits out until ``federated.cooldown_s`` has passed (Flower drops a
+dead SuperNode from the online list after about 60 s without a heartbeat; one that is still
+listed after the cooldown is alive). The server checkpoints after every round and resumes
+from the checkpoint when started again with the same run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+from farsync.federated.core import Server, flat, load_flat, sample
+
+#: seconds between two polls for replies
+POLL_S = 0.05
+
+
+def _log(msg: str) -> None:
+    print(f"farsync federated: {msg}", file=sys.stderr, flush=True)
+
+
+def _exchange(grid, messages: dict, deadline: float) -> tuple[dict, dict]:
+    """Push ``messages`` (node -> Message), pull replies until all came or ``deadline``;
+    (node -> reply content, node -> why it gave none)."""
+    nodes = list(messages)
+    ids = grid.push_messages([messages[n] for n in nodes])
+    pending = {i: n for i, n in zip(ids, nodes) if i}
+    failed = {n: "message refused by the SuperLink" for i, n in zip(ids, nodes) if not i}
+    got = {}
+    while pending and time.time() < deadline:
+        for m in grid.pull_messages(list(pending)):
+            n = pending.pop(m.metadata.reply_to_message_id, None)
+            if n is None:
+                continue
+            if m.has_error():
+                failed[n] = f"error {m.error.code}: {m.error.reason}"
+            else:
+                got[n] = m.content
+        if pending:
+            time.sleep(POLL_S)
+    for n in pending.values():
+        failed[n] = "no reply by the round's deadline"
+    return got, failed
+
+
+def run_server(grid, cfg, run_dir: str) -> dict:
+    """Every round of the federation; the summary (also RUN/summary.json)."""
+    from flwr.app import Message, MessageType
+
+    from farsync.data import Corpus
+    from farsync.federated.flower import record_to_reply, work_to_record
+    from farsync.train.loop import build_model, evaluate
+
+    a, fed = cfg.algo, cfg.federated
+    os.makedirs(run_dir, exist_ok=True)
+    corpus = Corpus.build(cfg.data, log=lambda m: None)
+    device = torch.device("cpu")
+    model = build_model(cfg, corpus.vocab_size, device)
+    rounds = fed.rounds or cfg.train.steps // a.inner_steps
+    server = Server(flat(model), rounds=rounds, steps=a.inner_steps, codec=a.codec, outer_lr=a.outer_lr,
+                    outer_momentum=a.outer_momentum, aggregation=a.make_aggregation(), per_round=a.participation,
+                    seed=cfg.train.seed, keep_rounds=fed.keep_rounds, final_average=a.final_average,
+                    codec_block_size=a.codec_block_size)
+    ckpt = os.path.join(run_dir, "server.pt")
+    stats_path = os.path.join(run_dir, "clients.json")
+    stats: dict[str, dict] = {}
+    if os.path.exists(ckpt):
+        server.load_state_dict(torch.load(ckpt, weights_only=False))
+        if os.path.exists(stats_path):
+            with open(stats_path) as f:
+                stats = json.load(f)
+        _log(f"resumed from {ckpt} at round {server.round}")
+    eval_set = corpus.eval_batches(cfg.train.batch_size, cfg.model.seq_len, cfg.train.eval_batches)
+    eval_every = max(1, cfg.train.eval_every // a.inner_steps)
+
+    def eval_loss() -> float:
+        load_flat(model, server.model.theta)
+        params = dict(model.named_parameters())
+        return evaluate(model, _Global(params), eval_set, device)
+
+    rows_path = os.path.join(run_dir, "rounds.jsonl")
+    cooling: dict[int, float] = {}
+    t_run = time.time()
+    while server.round < rounds:
+        r = server.round
+        online = _wait_for_clients(grid, fed.min_clients, fed.wait_clients_s)
+        now = time.time()
+        cooling = {n: t for n, t in cooling.items() if now - t < fed.cooldown_s}
+        chosen = sample(cfg.train.seed, r, [n for n in online if n not in cooling], a.participation)
+        t0 = time.time()
+        works = {n: server.work_for(n) for n in chosen}
+        messages = {n: Message(work_to_record(w), dst_node_id=n, message_type=MessageType.TRAIN, group_id=str(r),
+                               ttl=fed.round_timeout_s) for n, w in works.items()}
+        got, failed = _exchange(grid, messages, t0 + fed.round_timeout_s)
+        wall = time.time() - t0
+        replies, node_of = {}, {}
+        for n, content in got.items():
+            rep = record_to_reply(content)
+            if rep.round != r:
+                failed[n] = f"replied for round {rep.round}"
+                continue
+            replies[rep.client] = rep
+            node_of[rep.client] = n
+        for n in failed:
+            server.forget(n)
+            cooling[n] = time.time()
+        row = server.finish_round(replies, sorted(replies))
+        server.save(ckpt)
+        train_max = max((rep.seconds.get("train", 0.0) for rep in replies.values()), default=0.0)
+        row.update(round_seconds=wall, train_seconds_max=train_max, overhead_seconds=max(0.0, wall - train_max),
+                   nodes={str(c): n for c, n in node_of.items()}, failed={str(n): why for n, why in failed.items()},
+                   client_seconds={str(c): rep.seconds for c, rep in replies.items()},
+                   bytes_down={str(c): works[node_of[c]].downlink_bytes() for c in replies},
+                   train_loss={str(c): rep.train_loss for c, rep in replies.items()}, wall_seconds=time.time() - t_run)
+        for c, rep in replies.items():
+            s = stats.setdefault(str(c), {"id": c, "bytes_up": 0, "bytes_down": 0, "rounds_joined": 0, "tokens": 0})
+            s["bytes_up"] += rep.uplink_bytes
+            s["bytes_down"] += works[node_of[c]].downlink_bytes()
+            s["rounds_joined"] += 1 if c in row["kept"] else 0
+            s["tokens"] += rep.tokens
+        if (r + 1) % eval_every == 0 or r + 1 == rounds:
+            row["eval_loss"] = eval_loss()
+        with open(rows_path, "a") as f:
+            f.write(json.dumps(row, default=str) + "\n")
+        with open(stats_path, "w") as f:
+            json.dump(stats, f)
+        _log(f"round {r + 1}/{rounds}: {len(replies)} of {len(chosen)} replied in {wall:.1f} s "
+             f"(kept {row['kept']}" + (f", excluded {row['excluded']}" if row["excluded"] else "")
+             + (f", failed {sorted(failed)}" if failed else "") + ")"
+             + (f", eval loss {row['eval_loss']:.4f}" if "eval_loss" in row else ""))
+    summary = {"run_dir": run_dir, "rounds": rounds, "final_eval_loss": eval_loss(),
+               "theta_sha": _sha(server.model.theta), "clients": sorted(stats.values(), key=lambda s: s["id"]),
+               "wall_seconds": time.time() - t_run}
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    torch.save(server.model.theta, os.path.join(run_dir, "theta.pt"))
+    _log(f"done: {rounds} rounds, eval loss {summary['final_eval_loss']:.4f}; {run_dir}/summary.json")
+    return summary
+
+
+class _Global:
+    """What :func:`farsync.train.loop.evaluate` asks of a strategy: θ_g by name."""
+
+    def __init__(self, params):
+        self._p = params
+
+    def global_parameters(self):
+        return {k: v.detach() for k, v in self._p.items()}
+
+
+def _sha(t: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(t.detach().cpu().numpy().tobytes()).hexdigest()
+
+
+def _wait_for_clients(grid, at_least: int, timeout_s: float) -> list[int]:
+    """The online nodes once there are ``at_least`` (RuntimeError after ``timeout_s``)."""
+    end = time.time() + timeout_s
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= at_least:
+            return nodes
+        if time.time() > end:
+            raise RuntimeError(f"only {len(nodes)} client(s) online after {timeout_s:g} s; "
+                               f"federated.min_clients is {at_least}")
+        time.sleep(0.5)

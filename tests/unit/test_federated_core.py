@@ -1,0 +1,84 @@
+"""Federated rounds in one process (farsync.federated.core): robust aggregation at the
+server, the downlink that catches a client up exactly, seeded sampling, config errors."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from farsync.federated.core import Client, GlobalModel, Server, sample, simulate
+from farsync.train.config import ConfigError, build_config
+
+CACHE = os.path.join(os.path.dirname(__file__), "..", "..", ".cache", "farsync")
+FAST = ["--model.size=nano", "--model.seq_len=64", "--data.max_bytes=1000000", "--data.val_fraction=0.1",
+        f"--data.cache_dir={CACHE}", "--train.batch_size=4", "--algo.inner_steps=4", "--algo.mode=diloco",
+        "--algo.fragments=1", "--algo.sync_delay=0", "--optim.warmup_steps=2", "--train.steps=16", "--train.threads=1"]
+
+
+def _cfg(*extra):
+    return build_config(None, [*FAST, *extra])
+
+
+@pytest.mark.parametrize("fault", ["nan", "scale:1000"])
+def test_a_client_sending_nan_or_a_huge_update_is_excluded_and_the_model_is_unharmed(tmp_path, fault):
+    cfg = _cfg("--algo.workers=3")
+    bad = simulate(cfg, str(tmp_path / "bad"), rounds=3, fault=fault, faulty_client=2, log=lambda m: None)
+    assert all(row["kept"] == [0, 1] and [c for c, _ in row["excluded"]] == [2] for row in bad.history)
+    # the same federation without that client: the same θ_g, bit for bit
+    clean = simulate(cfg, str(tmp_path / "clean"), rounds=3, online=lambda r: [0, 1], log=lambda m: None)
+    assert torch.equal(bad.model.theta, clean.model.theta)
+    assert torch.isfinite(bad.model.theta).all()
+
+
+def test_clients_that_miss_rounds_catch_up_exactly_by_deltas_or_in_full(tmp_path):
+    cfg = _cfg("--algo.workers=3", "--algo.participation=1")
+    server = simulate(cfg, str(tmp_path), rounds=4, log=lambda m: None)
+    assert [len(r["sampled"]) for r in server.history] == [1, 1, 1, 1]
+    sampled = [r["sampled"][0] for r in server.history]
+    assert sampled == [sample(cfg.train.seed, r, [0, 1, 2], 1)[0] for r in range(4)]
+    from farsync.data import Corpus
+
+    corpus = Corpus.build(cfg.data, log=lambda m: None)
+    for c in range(3):  # each client brought to the server's θ_g by the work it would get next
+        work = server.work_for(c)
+        client = Client(cfg, c, os.path.join(str(tmp_path), "clients"), corpus)
+        client.catch_up(work)
+        assert torch.equal(client.global_model.theta, server.model.theta)
+        if c in sampled:
+            assert work.full is None and work.deltas  # replayed the rounds it missed
+            assert work.downlink_bytes() < server.model.theta.numel() * 4
+        else:
+            assert work.full is not None  # never took part: θ_g in full
+
+
+def test_a_client_further_behind_than_the_server_keeps_gets_theta_in_full():
+    theta = torch.zeros(64)
+    agg = _cfg().algo.make_aggregation()
+    s = Server(theta, rounds=5, steps=1, codec="fp32", outer_lr=0.7, outer_momentum=0.8, aggregation=agg, keep_rounds=2)
+    from farsync.federated.core import Reply
+
+    first = s.work_for(0)
+    assert first.full is not None
+    for r in range(4):
+        s.work_for(1)
+        s.finish_round({1: Reply(1, r, s.codec.encode(torch.full((64,), 0.1 * (r + 1))), 10, 0.0)}, [1])
+    w = s.work_for(0)  # holds round 0; the server kept rounds 2 and 3 only
+    assert w.full is not None and not w.deltas
+    g = GlobalModel(torch.zeros(64), outer_lr=0.7, outer_momentum=0.8)
+    g.load_state_dict(w.full)
+    assert torch.equal(g.theta, s.model.theta) and g.version == 4
+    s.forget(1)
+    assert s.work_for(1).full is not None  # a client that went silent is sent θ_g in full
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["--federated.round_timeout_s=0"], "federated.round_timeout_s"),
+    (["--federated.min_clients=0"], "federated.min_clients"),
+    (["--federated.keep_rounds=0"], "federated.keep_rounds"),
+    (["--federated.cooldown_s=-1"], "federated.cooldown_s"),
+])
+def test_federated_settings_errors_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(None, overrides)
