@@ -39,7 +39,8 @@ def test_a_federation_trains_exactly_the_in_process_schedule_and_refuses_unregis
         make_client_key(key)
         r = subprocess.run([sys.executable, "-m", "farsync", "federate", "client", "--client", "1", "--superlink",
                             fed.address, "--ca", fed.ca, "--key", key, "--state-dir", str(tmp_path / "x"),
-                            "--port", "19299", "--retry-s", "0"], capture_output=True, text=True, timeout=120)
+                            "--port", "19299", "--retry-s", "0"], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "FARSYNC_HOME": str(tmp_path / "home")})
         assert r.returncode == 2
         assert "the SuperLink refused this client" in r.stderr and "not registered" in r.stderr
         fed.start(cfg)

@@ -82,3 +82,33 @@ def test_a_client_further_behind_than_the_server_keeps_gets_theta_in_full():
 def test_federated_settings_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
         build_config(None, overrides)
+
+
+def test_a_server_restarted_from_its_checkpoint_continues_exactly(tmp_path):
+    from farsync.federated.core import Reply
+
+    agg = _cfg().algo.make_aggregation()
+
+    def server():
+        return Server(torch.zeros(96), rounds=4, steps=1, codec="fp4-e3m0", outer_lr=0.7, outer_momentum=0.8,
+                      aggregation=agg, keep_rounds=2)
+
+    def play(s, rounds):
+        for r in rounds:
+            for c in (0, 1):
+                s.work_for(c)
+            g = torch.Generator().manual_seed(r)
+            s.finish_round({c: Reply(c, r, s.codec.encode(torch.randn(96, generator=g) * (c + 1)), 10 + c, 0.0)
+                            for c in (0, 1)}, [0, 1])
+
+    a = server()
+    play(a, range(4))
+    b = server()
+    play(b, range(2))
+    b.save(str(tmp_path / "server.pt"))
+    c = server()
+    c.load_state_dict(torch.load(tmp_path / "server.pt", weights_only=False))
+    assert c.held == {0: 1, 1: 1} and sorted(c.log) == [0, 1]
+    play(c, range(2, 4))
+    assert torch.equal(a.model.theta, c.model.theta) and a.history == c.history
+    assert c.work_for(0).deltas == a.work_for(0).deltas  # the same means kept for catching up
