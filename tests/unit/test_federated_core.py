@@ -112,3 +112,22 @@ def test_a_server_restarted_from_its_checkpoint_continues_exactly(tmp_path):
     play(c, range(2, 4))
     assert torch.equal(a.model.theta, c.model.theta) and a.history == c.history
     assert c.work_for(0).deltas == a.work_for(0).deltas  # the same means kept for catching up
+
+
+def test_no_round_starts_while_every_online_client_is_cooling_down():
+    import time
+
+    from farsync.federated.rounds import _wait_for_clients
+
+    class Grid:
+        def get_node_ids(self):
+            return [7, 9]
+
+    cooling = {7: time.time(), 9: time.time()}  # both just missed a deadline
+    t0 = time.time()
+    assert _wait_for_clients(Grid(), 2, 30, cooling, cooldown_s=0.6) == [7, 9]
+    assert time.time() - t0 >= 0.5 and cooling == {}
+    cooling = {7: time.time()}
+    assert _wait_for_clients(Grid(), 2, 30, cooling, cooldown_s=60) == [9]  # the other one may train
+    with pytest.raises(RuntimeError, match="federated.min_clients is 3"):
+        _wait_for_clients(Grid(), 3, 0.2, {}, cooldown_s=60)

@@ -93,10 +93,8 @@ def run_server(grid, cfg, run_dir: str) -> dict:
     t_run = time.time()
     while server.round < rounds:
         r = server.round
-        online = _wait_for_clients(grid, fed.min_clients, fed.wait_clients_s)
-        now = time.time()
-        cooling = {n: t for n, t in cooling.items() if now - t < fed.cooldown_s}
-        chosen = sample(cfg.train.seed, r, [n for n in online if n not in cooling], a.participation)
+        eligible = _wait_for_clients(grid, fed.min_clients, fed.wait_clients_s, cooling, fed.cooldown_s)
+        chosen = sample(cfg.train.seed, r, eligible, a.participation)
         t0 = time.time()
         works = {n: server.work_for(n) for n in chosen}
         messages = {n: Message(work_to_record(w), dst_node_id=n, message_type=MessageType.TRAIN, group_id=str(r),
@@ -164,14 +162,21 @@ def _sha(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().numpy().tobytes()).hexdigest()
 
 
-def _wait_for_clients(grid, at_least: int, timeout_s: float) -> list[int]:
-    """The online nodes once there are ``at_least`` (RuntimeError after ``timeout_s``)."""
+def _wait_for_clients(grid, at_least: int, timeout_s: float, cooling: dict[int, float], cooldown_s: float) -> list[int]:
+    """Once ``at_least`` nodes are online and at least one of them is not cooling down
+    after a missed deadline: those (RuntimeError after ``timeout_s``). A round never runs
+    with nobody to train in it. Drops expired entries of ``cooling`` (node -> when it
+    missed a deadline)."""
     end = time.time() + timeout_s
     while True:
-        nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= at_least:
-            return nodes
-        if time.time() > end:
-            raise RuntimeError(f"only {len(nodes)} client(s) online after {timeout_s:g} s; "
-                               f"federated.min_clients is {at_least}")
+        now = time.time()
+        for n in [n for n, t in cooling.items() if now - t >= cooldown_s]:
+            del cooling[n]
+        online = sorted(grid.get_node_ids())
+        ready = [n for n in online if n not in cooling]
+        if len(online) >= at_least and ready:
+            return ready
+        if now > end:
+            raise RuntimeError(f"only {len(online)} client(s) online ({len(ready)} not cooling down) after "
+                               f"{timeout_s:g} s; federated.min_clients is {at_least}")
         time.sleep(0.5)

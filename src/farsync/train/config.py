@@ -283,7 +283,7 @@ class FederatedConfig:
     round_timeout_s: float = 600.0
     """A round's deadline (and its messages' TTL): what has not come back by then is left out."""
     min_clients: int = 1
-    """A round starts once this many clients are online."""
+    """A round starts once this many clients are online (and one of them is not cooling down)."""
     wait_clients_s: float = 600.0
     """How long the server waits for min_clients before it gives up with an error."""
     cooldown_s: float = 60.0
