@@ -21,16 +21,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 import torch
 
 _T_IMPORT = time.time()  # a ClientApp is a new process for every message: when it started
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def _raw(b: bytes):
