@@ -36,24 +36,25 @@ from dataclasses import dataclass, field
 
 import torch
 
+from farsync.algorithms.fragments import flatten, unflatten_into
 from farsync.codecs import get_codec
 from farsync.comm import exchange as ex
 from farsync.files import atomic_write
 
 
+def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def flat(model: torch.nn.Module) -> torch.Tensor:
-    """Every trainable parameter, flattened into one fp32 vector (named-parameter order)."""
-    return torch.cat([p.detach().reshape(-1).float() for p in model.parameters() if p.requires_grad])
+    """Every trainable parameter, flattened into one fp32 vector (parameter order)."""
+    return flatten(_trainable(model))
 
 
 @torch.no_grad()
 def load_flat(model: torch.nn.Module, vec: torch.Tensor) -> None:
-    offset = 0
-    for p in model.parameters():
-        if p.requires_grad:
-            n = p.numel()
-            p.copy_(vec[offset: offset + n].view_as(p))
-            offset += n
+    """The inverse of :func:`flat`."""
+    unflatten_into(vec, _trainable(model))
 
 
 class GlobalModel:
@@ -122,12 +123,14 @@ class Reply:
         return len(self.payload)
 
 
-def _to_bytes(t: torch.Tensor) -> bytes:
-    return t.contiguous().cpu().numpy().tobytes()
+def to_bytes(t: torch.Tensor) -> bytes:
+    """A tensor's raw bytes (on the CPU, contiguous)."""
+    return t.detach().contiguous().cpu().numpy().tobytes()
 
 
-def _from_bytes(b: bytes) -> torch.Tensor:
-    return torch.frombuffer(bytearray(b), dtype=torch.uint8)
+def from_bytes(b: bytes, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """A 1-D tensor of ``dtype`` over a copy of ``b``."""
+    return torch.frombuffer(bytearray(b), dtype=dtype)
 
 
 class Codec:
@@ -139,10 +142,10 @@ class Codec:
         self.padded = numel + (-numel % self.codec.alignment)
 
     def encode(self, x: torch.Tensor) -> bytes:
-        return _to_bytes(self.codec.encode(torch.nn.functional.pad(x.float(), (0, self.padded - self.numel))))
+        return to_bytes(self.codec.encode(torch.nn.functional.pad(x.float(), (0, self.padded - self.numel))))
 
     def decode(self, b: bytes) -> torch.Tensor:
-        return self.codec.decode(_from_bytes(b), self.padded)[: self.numel].clone()
+        return self.codec.decode(from_bytes(b), self.padded)[: self.numel].clone()
 
     def nbytes(self) -> int:
         return self.codec.encoded_nbytes(self.padded)
@@ -237,14 +240,12 @@ class Client:
     ClientApp may be a new process for every message)."""
 
     def __init__(self, cfg, client: int, state_dir: str, corpus, device: torch.device | None = None):
-        from farsync.train.loop import build_model
+        from farsync.train.loop import build_model, inner_optimizer
 
         self.cfg, self.id, self.state_dir, self.corpus = cfg, client, state_dir, corpus
         self.device = device or torch.device("cpu")
         self.model = build_model(cfg, corpus.vocab_size, self.device)  # seeded: θ_0 is the same everywhere
-        o = cfg.optim
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
-                                     weight_decay=cfg.inner_weight_decay())
+        self.opt = inner_optimizer(cfg, self.model)
         a = cfg.algo
         self.global_model = GlobalModel(flat(self.model), outer_lr=a.outer_lr, outer_momentum=a.outer_momentum)
         self.codec = Codec(a.codec, self.global_model.theta.numel(), a.codec_block_size)
@@ -280,7 +281,7 @@ class Client:
         the client sleeps (1/speed − 1) × that step's time."""
         import time
 
-        from farsync.train.loop import lr_lambda
+        from farsync.train.loop import local_step, lr_lambda
 
         cfg = self.cfg
         t0 = time.perf_counter()
@@ -296,14 +297,8 @@ class Client:
             for g in self.opt.param_groups:
                 g["lr"] = cfg.optim.lr * sched(work.round * work.steps + i)
             x, y = self.corpus.worker_batch(self.id, M, self.position, B, T, cfg.train.seed)
-            _, loss = self.model(x.to(self.device), y.to(self.device))
-            loss.backward()
-            if cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
+            losses.append(local_step(cfg, self.model, self.opt, x.to(self.device), y.to(self.device)))
             self.position += 1
-            losses.append(float(loss.detach()))
             if speed < 1.0:
                 time.sleep((time.perf_counter() - ts) * (1.0 / speed - 1.0))
         t2 = time.perf_counter()

@@ -25,6 +25,8 @@ import time
 
 import torch
 
+from farsync.federated.core import from_bytes, to_bytes
+
 _T_IMPORT = time.time()  # a ClientApp is a new process for every message: when it started
 
 
@@ -32,10 +34,6 @@ def _raw(b: bytes):
     from flwr.app import Array
 
     return Array("uint8", (len(b),), "raw", b)
-
-
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    return t.detach().contiguous().float().cpu().numpy().tobytes()
 
 
 def work_to_record(work):
@@ -46,10 +44,10 @@ def work_to_record(work):
            "deltas": [r for r, _ in work.deltas], "skipped": [r for r, b in work.deltas if b is None],
            "full": work.full is not None, "version": -1}
     if work.full is not None:
-        arrays["theta"] = _raw(_tensor_bytes(work.full["theta"]))
+        arrays["theta"] = _raw(to_bytes(work.full["theta"].float()))
         state = work.full["opt"]["state"]
         if state and "momentum_buffer" in state[0] and state[0]["momentum_buffer"] is not None:
-            arrays["momentum"] = _raw(_tensor_bytes(state[0]["momentum_buffer"]))
+            arrays["momentum"] = _raw(to_bytes(state[0]["momentum_buffer"].float()))
         cfg["version"] = work.full["version"]
         cfg["opt_groups"] = json.dumps(work.full["opt"]["param_groups"])
     return RecordDict({"work": ConfigRecord(cfg), "downlink": ArrayRecord(arrays)})
@@ -64,11 +62,10 @@ def record_to_work(rd):
     deltas = [(r, None if r in skipped else bytes(arrays[f"delta-{r}"].data)) for r in (c["deltas"] or [])]
     full = None
     if c["full"]:
-        theta = torch.frombuffer(bytearray(arrays["theta"].data), dtype=torch.float32).clone()
+        theta = from_bytes(arrays["theta"].data, torch.float32)
         state = {}
         if "momentum" in arrays:
-            state = {0: {"momentum_buffer": torch.frombuffer(bytearray(arrays["momentum"].data),
-                                                              dtype=torch.float32).clone()}}
+            state = {0: {"momentum_buffer": from_bytes(arrays["momentum"].data, torch.float32)}}
         full = {"theta": theta, "version": int(c["version"]),
                 "opt": {"state": state, "param_groups": json.loads(c["opt_groups"])}}
     return Work(int(c["round"]), int(c["steps"]), int(c["total_rounds"]), deltas=deltas, full=full)

@@ -113,17 +113,18 @@ def run_server(grid, cfg, run_dir: str) -> dict:
             server.forget(n)
             cooling[n] = time.time()
         row = server.finish_round(replies, sorted(replies))
+        down = {c: works[node_of[c]].downlink_bytes() for c in replies}
         server.save(ckpt)
         train_max = max((rep.seconds.get("train", 0.0) for rep in replies.values()), default=0.0)
         row.update(round_seconds=wall, train_seconds_max=train_max, overhead_seconds=max(0.0, wall - train_max),
                    nodes={str(c): n for c, n in node_of.items()}, failed={str(n): why for n, why in failed.items()},
                    client_seconds={str(c): rep.seconds for c, rep in replies.items()},
-                   bytes_down={str(c): works[node_of[c]].downlink_bytes() for c in replies},
+                   bytes_down={str(c): n for c, n in down.items()},
                    train_loss={str(c): rep.train_loss for c, rep in replies.items()}, wall_seconds=time.time() - t_run)
         for c, rep in replies.items():
             s = stats.setdefault(str(c), {"id": c, "bytes_up": 0, "bytes_down": 0, "rounds_joined": 0, "tokens": 0})
             s["bytes_up"] += rep.uplink_bytes
-            s["bytes_down"] += works[node_of[c]].downlink_bytes()
+            s["bytes_down"] += down[c]
             s["rounds_joined"] += 1 if c in row["kept"] else 0
             s["tokens"] += rep.tokens
         if (r + 1) % eval_every == 0 or r + 1 == rounds:

@@ -40,18 +40,14 @@ def rehearse(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg, meet
     ``model`` on the batch (x, y), and of each wait in ``meet()`` (called after the warm-up
     and after every ``gap`` timed steps; None: no meetings, one round of gap × syncs
     steps). The model itself is left as it was."""
+    from farsync.train.loop import inner_optimizer, local_step
+
     m = copy.deepcopy(model)
-    o = cfg.optim
-    opt = torch.optim.AdamW(m.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+    opt = inner_optimizer(cfg, m)
 
     def step() -> float:
         t0 = time.perf_counter()
-        _, loss = m(x, y)
-        loss.backward()
-        if o.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(m.parameters(), o.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        local_step(cfg, m, opt, x, y)
         if x.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t0

@@ -102,10 +102,29 @@ def model_name(cfg: Config, model: torch.nn.Module) -> str:
     return cfg.model.size
 
 
+def inner_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The inner optimizer of every worker: AdamW with the compensated weight decay."""
+    o = cfg.optim
+    return torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=cfg.inner_weight_decay())
+
+
+def local_step(cfg: Config, model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
+               y: torch.Tensor) -> float:
+    """One inner step outside a strategy (a federated client, the planner's rehearsal): the
+    forward and backward of :func:`train_step`, clipping, the optimizer step; the loss."""
+    with _autocast(x.device):
+        _, loss = model(x, y)
+    loss.backward()
+    if cfg.optim.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
 def build_worker(cfg: Config, rank: int, comm: Communicator, vocab_size: int, device: torch.device) -> Worker:
     model = build_model(cfg, vocab_size, device)
-    o = cfg.optim
-    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=cfg.inner_weight_decay())
+    opt = inner_optimizer(cfg, model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     algo = make_strategy(model, opt, comm, **cfg.strategy_kwargs())
     return Worker(rank, model, opt, sched, algo)
