@@ -44,7 +44,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from farsync.train.config import build_config  # noqa: E402
-from farsync.train.loop import train, trained_steps  # noqa: E402
+from farsync.train import train  # noqa: E402
+from farsync.train.pacing import trained_steps  # noqa: E402
 
 SPEEDS = [1.0, 1.0, 0.5, 0.25]
 OUT = os.path.join(os.path.dirname(__file__), "results")

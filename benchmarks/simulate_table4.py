@@ -40,7 +40,7 @@ VARIANTS: dict[str, dict] = {
     "latency 1 ms": {"latency_s": 0.001},
     "latency 10 ms": {"latency_s": 0.010},
     "latency 50 ms": {"latency_s": 0.050},
-    "reduce after backward": {"schedule": "after-backward"},
+    "reduce after backward": {"reductions": "after-backward"},
     "sequential fragments": {"fragment_pattern": "sequential"},
     "MFU x0.5 (step time x2)": {"compute_slowdown": 2.0},
     "MFU x2 (step time x0.5)": {"compute_slowdown": 0.5},
@@ -120,7 +120,7 @@ def main() -> None:
             "workers": sim.DEFAULT_WORKERS, "inner_steps": sim.PAPER_INNER_STEPS,
             "layers_per_fragment": sim.LAYERS_PER_FRAGMENT, "codec": sim.DEFAULT_CODEC,
             "fp4_codec": sim.METHODS[FP4_METHOD]["codec"], "latency_s": 0.0,
-            "schedule": "per-layer", "fragment_pattern": "strided", "exchange": "reduce-scatter",
+            "reductions": "per-layer", "fragment_pattern": "strided", "exchange": "reduce-scatter",
             "grid": "paper = numpy.geomspace(0.1, 1000, 50)",
         },
         "presets": {n: {"layers": p.layers, "params": p.params, "step_time_s": p.step_time}

@@ -88,7 +88,7 @@ METHODS: dict[str, tuple[list[str], str, int, int, str]] = {
 def sim_config(method: str, params: int, step_time: float, bandwidth_gbps: float) -> sim.SimConfig:
     _, sim_method, P, tau, codec = METHODS[method]
     model = sim.ModelSpec("tiny", LAYERS, float(params), step_time)
-    kw = dict(workers=2, inner_steps=H, latency_s=0.0, schedule="after-backward", exchange="all-gather",
+    kw = dict(workers=2, inner_steps=H, latency_s=0.0, reductions="after-backward", exchange="all-gather",
               bandwidth_gbps=bandwidth_gbps)
     if sim_method != "dp":
         kw["fragments"] = P

@@ -48,6 +48,7 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from farsync.codecs import get_codec
+    from farsync.comm.base import ExchangeRequest
     from farsync.comm.distributed import TorchDistributedCommunicator
 
     torch.set_num_threads(1)
@@ -75,7 +76,7 @@ def worker(args) -> None:
         dist.barrier()
         metric_calls.clear()
         t0 = time.perf_counter()
-        work = comm.all_reduce_mean(buf, codec, method="all-gather")
+        work = comm.exchange(ExchangeRequest(buf, codec, method="all-gather", round=("probe", i)))
         t_c = time.perf_counter()
         while time.perf_counter() - t_c < args.compute_s:  # an inner step overlapping the exchange
             a = torch.tanh(a @ a * 1e-2)

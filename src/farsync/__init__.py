@@ -17,13 +17,14 @@ _LAZY = {
     "DataParallel": "farsync.algorithms",
     "make_strategy": "farsync.algorithms",
     "step_in_lockstep": "farsync.algorithms",
+    "finish_in_lockstep": "farsync.algorithms",
     "InProcessGroup": "farsync.comm",
 }
 
 __all__ = [*_LAZY, "__version__"]
 
 if TYPE_CHECKING:  # for type checkers and IDEs only
-    from farsync.algorithms import DataParallel, DiLoCo, make_strategy, step_in_lockstep
+    from farsync.algorithms import DataParallel, DiLoCo, finish_in_lockstep, make_strategy, step_in_lockstep
     from farsync.comm import InProcessGroup
 
 

@@ -40,12 +40,12 @@ class SettingError(ValueError):
     """A setting out of range. ``option`` names it as the caller spells it (a Python
     argument, ``algo.key`` or a simulator field), ``value`` is what was given."""
 
-    def __init__(self, option: str, value: object, reason: str):
+    def __init__(self, option: str, value: object, reason: str, *, message: str | None = None):
         self.option = option
         self.value = value
         self.reason = reason
         symbol = SYMBOLS.get(option.rsplit(".", 1)[-1])
-        super().__init__(f"{option}{f' ({symbol})' if symbol else ''} = {value!r}: {reason}")
+        super().__init__(message or f"{option}{f' ({symbol})' if symbol else ''} = {value!r}: {reason}")
 
 
 def wire_codec(mode: str, codec: str) -> str:
@@ -105,8 +105,10 @@ def block_fragments(blocks: int, fragments: int, pattern: str) -> list[int]:
 
 
 def check_choice(option: str, value: object, choices: tuple[str, ...]) -> None:
+    """Refuse a ``value`` not among ``choices``: "option must be one of a, b (got 'x')"."""
     if value not in choices:
-        raise SettingError(option, value, f"choose from {', '.join(choices)}")
+        listed = ", ".join(choices)
+        raise SettingError(option, value, f"must be one of {listed}", message=f"{option} must be one of {listed} (got {value!r})")
 
 
 def _check_int(option: str, value: object, low: int) -> None:

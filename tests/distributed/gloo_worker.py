@@ -48,13 +48,30 @@ def train(comm, rank, steps, compute_s=0.0, metrics=False, unequal_tokens=False,
     return model, algo, [f.result() for f in sums], before_finish
 
 
+def mismatch(args) -> None:
+    from farsync.codecs import get_codec
+    from farsync.comm.base import ExchangeRequest
+
+    comm = TorchDistributedCommunicator()
+    req = ExchangeRequest(torch.ones(64), get_codec("fp32"), round=("fragment", args.rank, 10))
+    try:
+        comm.exchange(req).wait()
+        why = None
+    except RuntimeError as e:
+        why = str(e)
+    comm.close()
+    with open(os.path.join(args.out, f"stats-{args.rank}.json"), "w") as f:
+        json.dump({"error": why}, f)
+    dist.destroy_process_group()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rank", type=int, required=True)
     ap.add_argument("--world", type=int, required=True)
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--task", choices=["equal", "overlap"], required=True)
+    ap.add_argument("--task", choices=["equal", "overlap", "mismatch"], required=True)
     ap.add_argument("--configs", required=True, help="JSON list of make_strategy keyword dicts")
     ap.add_argument("--steps", type=int, default=10)
     args = ap.parse_args()
@@ -62,6 +79,9 @@ def main():
     store = dist.TCPStore("127.0.0.1", args.port, is_master=False, timeout=timedelta(seconds=60))
     dist.init_process_group("gloo", store=store, rank=args.rank, world_size=args.world,
                             timeout=timedelta(seconds=60))
+    if args.task == "mismatch":  # every rank in a round of its own: refused before any payload moves
+        mismatch(args)
+        return
     results = []
     for i, cfg in enumerate(json.loads(args.configs)):
         delay = cfg.pop("delay_s", 0.0)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from farsync.train.config import build_config
-from farsync.train.loop import train
+from farsync.train import train
 
 pytest.importorskip("torchft")
 pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(300)]
@@ -52,13 +52,14 @@ def lighthouse(tmp_path):
         p.wait(10)
 
 
-def start(tmp_path, lighthouse, worker, *extra):
+def start(tmp_path, lighthouse, worker, *extra, die: str = ""):
+    """Worker ``worker``; ``die``: the test hook FARSYNC_DIE_AT (farsync.comm.faults), STEP or STEP:SIGNAL."""
     log = open(tmp_path / f"worker-{worker}-{time.monotonic_ns()}.log", "w")
     return subprocess.Popen(
         [sys.executable, "-m", "farsync", "train", *ARGS, f"--train.run_dir={tmp_path}", "--elastic.enabled=true",
          f"--elastic.worker={worker}", f"--elastic.lighthouse={lighthouse}", f"--elastic.timeout_s={TIMEOUT_S}",
          "--elastic.host=localhost", "--elastic.join_timeout_s=60", *extra],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", "FARSYNC_DIE_AT": die})
 
 
 def finish(procs, tmp_path, timeout=180):
@@ -101,7 +102,7 @@ def test_worker_killed_in_a_sync_survivors_equal_a_run_without_it(tmp_path, ligh
     """Worker 2 dies inside the sync after step 20: the survivors' exchange fails, they
     retry it without worker 2 and finish; their θ_g equals, bit for bit, a run in which
     worker 2 contributes nothing from that sync on."""
-    procs = [start(tmp_path, lighthouse, k) for k in (0, 1)] + [start(tmp_path, lighthouse, 2, "--train.die_at_step=20")]
+    procs = [start(tmp_path, lighthouse, k) for k in (0, 1)] + [start(tmp_path, lighthouse, 2, die="20")]
     logs = finish(procs, tmp_path)
     assert procs[2].returncode == -signal.SIGKILL, logs
     assert procs[0].returncode == 0 and procs[1].returncode == 0, logs
@@ -128,7 +129,7 @@ def test_killed_worker_restarts_and_rejoins_with_identical_theta_g(tmp_path, lig
     that they cannot finish first)."""
     three = "--elastic.min_workers=3"
     procs = [start(tmp_path, lighthouse, k, three) for k in (0, 1)]
-    procs.append(start(tmp_path, lighthouse, 2, three, "--train.die_at_step=12"))
+    procs.append(start(tmp_path, lighthouse, 2, three, die="12"))
     procs[2].wait(120)
     assert procs[2].returncode == -signal.SIGKILL
     procs.append(start(tmp_path, lighthouse, 2, three))
@@ -158,7 +159,7 @@ def test_hung_worker_is_dropped_within_the_timeout(tmp_path, lighthouse):
     """Worker 2 hangs (SIGSTOP) inside the sync after step 20: the survivors' exchange
     times out after elastic.timeout_s, they retry without it and finish."""
     procs = [start(tmp_path, lighthouse, k) for k in (0, 1)]
-    hung = start(tmp_path, lighthouse, 2, "--train.die_at_step=20", "--train.die_signal=SIGSTOP")
+    hung = start(tmp_path, lighthouse, 2, die="20:SIGSTOP")
     try:
         logs = finish(procs, tmp_path)
         assert procs[0].returncode == 0 and procs[1].returncode == 0, logs

@@ -126,3 +126,12 @@ def test_gloo_metric_sums_started_during_exchanges_land_equal_on_every_rank(tmp_
     expect = [[1.0 * (s + 1) + 2.0 * (s + 1), 0.0 + 0.1] for s in range(8)]
     assert stats[0][0]["metric_sums"] == stats[1][0]["metric_sums"] == expect
     assert stats[0][0]["sync_events"] == stats[1][0]["sync_events"] > 0
+
+
+def test_gloo_workers_in_different_rounds_are_refused(tmp_path):
+    """The round check holds across processes: two ranks that send different rounds to
+    one exchange both stop with an error naming the other, instead of mixing payloads."""
+    got = launch(2, "mismatch", [], tmp_path)
+    assert "mismatched exchange: member(s) [1]" in got[0]["error"]
+    assert "mismatched exchange: member(s) [0]" in got[1]["error"]
+    assert "round ('fragment', 0, 10)" in got[0]["error"] and "round ('fragment', 1, 10)" in got[1]["error"]

@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("flwr")
 
-from farsync.federated.core import simulate  # noqa: E402
+from farsync.federated.core import simulate_federation  # noqa: E402
 from farsync.federated.demo import Federation  # noqa: E402
 from farsync.train.config import build_config  # noqa: E402
 
@@ -57,7 +57,7 @@ def test_a_federation_trains_exactly_the_in_process_schedule_and_refuses_unregis
     down = [row["bytes_down"]["0"] for row in rows]
     assert down[0] > 4 * 90_000 and down[1] == down[2] == rows[0]["bytes_up"]["0"]
     # the same seeds in one process: the same θ_g, bit for bit
-    sim = simulate(cfg, str(tmp_path / "sim"), rounds=3, log=lambda m: None)
+    sim = simulate_federation(cfg, str(tmp_path / "sim"), rounds=3, log=lambda m: None)
     assert torch.equal(torch.load(tmp_path / "run" / "theta.pt"), sim.model.theta)
 
 

@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 from farsync.algorithms import make_strategy, step_in_lockstep  # noqa: E402
 from farsync.comm import InProcessGroup  # noqa: E402
 from farsync.train.config import ConfigError, build_config  # noqa: E402
-from farsync.train.loop import train  # noqa: E402
+from farsync.train import train  # noqa: E402
 
 CONFIGS = {
     "llama": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
@@ -99,7 +99,7 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, extra):
 
     from farsync.data import Corpus
     from farsync.train.export import global_parameters
-    from farsync.train.loop import build_model
+    from farsync.train.components import build_model
 
     if "model.hf_config" in extra:
         extra = {**extra, "model.hf_config": write_config(tmp_path, extra["model.hf_config"])}

@@ -17,7 +17,7 @@ import torch
 
 from farsync.train import checkpoint as ckpt
 from farsync.train.config import build_config
-from farsync.train.loop import train
+from farsync.train import train
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -108,13 +108,13 @@ def test_metrics_rows_equal_a_loop_that_waits_for_each_sum(tmp_path, monkeypatch
 
     extra = {"train.checkpoint_every": 5, "train.log_every": 3}
     deferred = train(_run(tmp_path, "deferred", steps=16, **extra))
-    log_step = loop.log_step
+    log_step = loop.Trainer.log_step
 
-    def waiting_log_step(run, done):
-        log_step(run, done)
-        loop.land_metrics(run)
+    def waiting_log_step(run):
+        log_step(run)
+        run.metrics.land()
 
-    monkeypatch.setattr(loop, "log_step", waiting_log_step)
+    monkeypatch.setattr(loop.Trainer, "log_step", waiting_log_step)
     waits = train(_run(tmp_path, "waits", steps=16, **extra))
     rows = lambda n: [{k: v for k, v in json.loads(x).items() if k != "wall_seconds"}
                       for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]

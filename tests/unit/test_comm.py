@@ -28,12 +28,3 @@ def test_workers_in_different_rounds_are_refused():
     with pytest.raises(RuntimeError, match=r"rank 1 is in round \('fragment', 1, 10\)"):
         b.exchange(ExchangeRequest(torch.zeros(4), FP32, round=("fragment", 1, 10)))
 
-
-def test_membership_other_than_all_is_refused():
-    comms = InProcessGroup(3).communicators()
-    with pytest.raises(NotImplementedError, match=r"among ranks \[0, 2\]"):
-        comms[0].exchange(ExchangeRequest(torch.zeros(4), FP32, members=(0, 2)))
-    w = comms[0].exchange(ExchangeRequest(torch.zeros(4), FP32, members=(2, 1, 0)))  # all of them: fine
-    for c in comms[1:]:
-        c.exchange(ExchangeRequest(torch.zeros(4), FP32))
-    assert w.wait().mean.shape == (4,)

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from farsync.codecs import get_codec
 from farsync.comm import distributed as dmod
 from farsync.comm import exchange as ex
+from farsync.comm.base import ExchangeRequest
 from farsync.comm.distributed import TorchDistributedCommunicator
 
 PAYLOAD, CONTROL = "payload-group", "control-group"
@@ -38,8 +39,12 @@ class FakeDist:
     def get_backend(self, group=None):
         return "gloo"
 
+    tag = None  # the exchange's tag the peers send in the handshake (else: their rank + 1, as everything)
+
     def irecv(self, t, src, group):
         t.fill_(src + 1)
+        if self.tag is not None and t.dtype == torch.float64 and t.shape == (2,):  # the handshake: weight, tag
+            t[1] = self.tag
         self.calls.append(("recv", src, group))
         return _Done()
 
@@ -110,7 +115,9 @@ def test_payload_phases_stay_on_the_payload_group_handshake_first_receives_first
     codec = get_codec("fp32")
     plan = ex.make_plan(96, world, codec, method)
     agg = ex.Aggregation(outlier_factor=None) if checked else ex.PLAIN  # the fake payloads differ wildly in norm
-    res = comm._run(plan, codec, ex.pad(plan, torch.ones(96)), 1.0, None, agg)
+    fake.tag = ex.exchange_tag(("fragment", 0, 4), plan, codec, agg)
+    res = comm._run(plan, ExchangeRequest(torch.ones(96), codec, 1.0, None, method, round=("fragment", 0, 4),
+                                          aggregation=agg), ex.pad(plan, torch.ones(96)))
     assert res.kept == tuple(range(world)) and not res.excluded
     others = [j for j in range(world) if j != 1]
     phase = [("recv", j, PAYLOAD) for j in others] + [("send", j, PAYLOAD) for j in others]

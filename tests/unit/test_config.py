@@ -73,9 +73,37 @@ def test_the_trainer_builds_its_inner_optimizer_with_the_compensated_decay():
     (["elastic.enabled=true", "algo.sync_delay=0", "elastic.worker=4"], r"elastic.worker must be in \[0, 3\]"),
     (["elastic.enabled=true", "algo.sync_delay=0", "elastic.min_workers=5"], r"elastic.min_workers must be in \[1, 4\]"),
     (["elastic.enabled=true", "algo.sync_delay=0", "elastic.timeout_s=0"], "elastic.timeout_s must be > 0"),
-    (["elastic.enabled=true", "algo.sync_delay=0", "train.die_signal=SIGTERM"], "train.die_signal must be one of"),
     (["train.fault=leave:x"], "leave:STEP needs a number"),
 ])
 def test_elastic_settings_are_checked(args, match):
     with pytest.raises(ConfigError, match=match):
         build_config(None, args)
+
+
+def test_the_die_hook_is_an_environment_variable_not_a_key(monkeypatch):
+    from farsync.comm.faults import DieAt
+
+    with pytest.raises(ConfigError, match="unknown key train.die_at_step"):
+        build_config(None, ["train.die_at_step=3"])
+    monkeypatch.setenv("FARSYNC_DIE_AT", "20:SIGTERM")
+    with pytest.raises(ValueError, match="FARSYNC_DIE_AT must be STEP or STEP:SIGNAL"):
+        DieAt.from_env()
+    monkeypatch.setenv("FARSYNC_DIE_AT", "12:SIGSTOP")
+    assert DieAt.from_env() == DieAt(12, "SIGSTOP")
+    monkeypatch.setenv("FARSYNC_DIE_AT", "")
+    assert DieAt.from_env() is None
+
+
+def test_train_help_names_every_section():
+    from farsync.cli.train import HELP, SECTION_NAMES
+    from farsync.train.config import SECTIONS
+
+    assert SECTION_NAMES == tuple(SECTIONS)
+    assert all(name in HELP for name in SECTIONS)
+
+
+def test_lockstep_drivers_are_public():
+    import farsync
+
+    assert farsync.finish_in_lockstep is __import__("farsync.algorithms").algorithms.finish_in_lockstep
+    assert "finish_in_lockstep" in farsync.__all__

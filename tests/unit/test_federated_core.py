@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 
-from farsync.federated.core import Client, GlobalModel, Server, sample, simulate
+from farsync.algorithms.outer import sample_participants
+from farsync.federated.core import Client, GlobalModel, Server, simulate_federation
 from farsync.train.config import ConfigError, build_config
 
 CACHE = os.path.join(os.path.dirname(__file__), "..", "..", ".cache", "farsync")
@@ -24,20 +25,20 @@ def _cfg(*extra):
 @pytest.mark.parametrize("fault", ["nan", "scale:1000"])
 def test_a_client_sending_nan_or_a_huge_update_is_excluded_and_the_model_is_unharmed(tmp_path, fault):
     cfg = _cfg("--algo.workers=3")
-    bad = simulate(cfg, str(tmp_path / "bad"), rounds=3, fault=fault, faulty_client=2, log=lambda m: None)
+    bad = simulate_federation(cfg, str(tmp_path / "bad"), rounds=3, fault=fault, faulty_client=2, log=lambda m: None)
     assert all(row["kept"] == [0, 1] and [c for c, _ in row["excluded"]] == [2] for row in bad.history)
     # the same federation without that client: the same θ_g, bit for bit
-    clean = simulate(cfg, str(tmp_path / "clean"), rounds=3, online=lambda r: [0, 1], log=lambda m: None)
+    clean = simulate_federation(cfg, str(tmp_path / "clean"), rounds=3, online=lambda r: [0, 1], log=lambda m: None)
     assert torch.equal(bad.model.theta, clean.model.theta)
     assert torch.isfinite(bad.model.theta).all()
 
 
 def test_clients_that_miss_rounds_catch_up_exactly_by_deltas_or_in_full(tmp_path):
     cfg = _cfg("--algo.workers=3", "--algo.participation=1")
-    server = simulate(cfg, str(tmp_path), rounds=4, log=lambda m: None)
+    server = simulate_federation(cfg, str(tmp_path), rounds=4, log=lambda m: None)
     assert [len(r["sampled"]) for r in server.history] == [1, 1, 1, 1]
     sampled = [r["sampled"][0] for r in server.history]
-    assert sampled == [sample(cfg.train.seed, r, [0, 1, 2], 1)[0] for r in range(4)]
+    assert sampled == [sample_participants(1, [0, 1, 2], cfg.train.seed, 0, r)[0] for r in range(4)]
     from farsync.data import Corpus
 
     corpus = Corpus.build(cfg.data, log=lambda m: None)
@@ -107,7 +108,7 @@ def test_a_server_restarted_from_its_checkpoint_continues_exactly(tmp_path):
     play(b, range(2))
     b.save(str(tmp_path / "server.pt"))
     c = server()
-    c.load_state_dict(torch.load(tmp_path / "server.pt", weights_only=False))
+    c.load_state_dict(torch.load(tmp_path / "server.pt", weights_only=True))
     assert c.held == {0: 1, 1: 1} and sorted(c.log) == [0, 1]
     play(c, range(2, 4))
     assert torch.equal(a.model.theta, c.model.theta) and a.history == c.history
@@ -131,3 +132,23 @@ def test_no_round_starts_while_every_online_client_is_cooling_down():
     assert _wait_for_clients(Grid(), 2, 30, cooling, cooldown_s=60) == [9]  # the other one may train
     with pytest.raises(RuntimeError, match="federated.min_clients is 3"):
         _wait_for_clients(Grid(), 3, 0.2, {}, cooldown_s=60)
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_a_federation_equals_all_to_all_diloco_on_the_same_schedule(tmp_path, nesterov):
+    """One outer step and one inner loop for every topology: 3 rounds of a 2-client
+    federation and in-process DiLoCo with the same H, steps and seed end with the same θ_g,
+    bit for bit, with Nesterov's outer momentum and with plain momentum. (fp32 on the wire:
+    the server re-encodes the mean it sends back, which all-to-all all-gather does not.)"""
+    from farsync.algorithms.fragments import flatten
+    from farsync.train import checkpoint as ckpt
+    from farsync.train import train
+
+    cfg = _cfg("--algo.workers=2", "--algo.codec=fp32", f"--algo.outer_nesterov={nesterov}", "--train.steps=12",
+               f"--train.run_dir={tmp_path}", "--train.name=a2a", "--train.progress=false", "--train.eval_every=100",
+               "--train.eval_batches=1", "--train.checkpoint_every=0")
+    server = simulate_federation(cfg, str(tmp_path / "fed"), rounds=3, log=lambda m: None)
+    train(cfg)
+    state = ckpt.load_worker(str(tmp_path / "a2a"), 12, 0)
+    (anchors,) = state["algo"]["anchors"]  # DiLoCo: one fragment
+    assert torch.equal(server.model.theta, flatten(anchors))

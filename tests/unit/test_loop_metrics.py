@@ -36,6 +36,8 @@ class Held(Future):
 class HeldGroup:
     """A group whose sums complete only when the test releases them."""
 
+    is_main, distributed, local_ranks = True, False, [0, 1]  # one process simulating both workers
+
     def __init__(self, workers: int = 2):
         self.started: list[tuple[list[float], Held]] = []
         self.summed_workers = workers  # the sum adds every worker's values
@@ -53,7 +55,7 @@ def fake_worker(rank):
         model=SimpleNamespace(state_dict=state), optimizer=SimpleNamespace(state_dict=state),
         scheduler=SimpleNamespace(state_dict=state, get_last_lr=lambda: [0.5]),
         algo=SimpleNamespace(state_dict=state, stats=SimpleNamespace(total_bytes=0, dp_equivalent_bytes=0, sync_events=0, num_parameters=0,
-                                                                      tokens=0)),
+                                                                      tokens=0), steps_trained=0, drain_events=list),
     )
 
 
@@ -62,41 +64,51 @@ def make_run(tmp_path, *args, group=None):
                               "--train.checkpoint_every=0", "--train.progress=false", *args])
     group = group or rendezvous.Group(0, 2, False, [], [0, 1])
     os.makedirs(tmp_path, exist_ok=True)
-    return loop.Run(cfg, group, torch.device("cpu"), str(tmp_path), None, [fake_worker(r) for r in range(2)],
-                    eval_model=None, eval_set=[], n_params=0)
+    return loop.Trainer(cfg, group, torch.device("cpu"), str(tmp_path), None, [fake_worker(r) for r in range(2)],
+                        eval_model=None, eval_set=[], n_params=0)
+
+
+def tokens_per_step(run):
+    """Tokens all workers train on in one step."""
+    return run.cfg.algo.workers * run.cfg.train.batch_size * run.cfg.model.seq_len
+
+
+def log_step(run, done):
+    run.step = done
+    run.log_step()
 
 
 def rows(run, wall=False):
-    with open(loop._metrics_path(run)) as f:
+    with open(run.metrics.path) as f:
         return [{k: v for k, v in json.loads(x).items() if wall or k != "wall_seconds"} for x in f]
 
 
 def test_log_step_starts_the_sum_and_writes_the_row_when_it_lands(tmp_path):
     group = HeldGroup()
     run = make_run(tmp_path, group=group)
-    run.metrics = open(loop._metrics_path(run), "a")
-    per = run.tokens_per_step // 2  # one worker's tokens a step
+    run.metrics.open(run.cfg, 0)
+    per = tokens_per_step(run) // 2  # one worker's tokens a step
     for w, loss in zip(run.workers, (1.0, 3.0)):
         w.last_loss, w.algo.stats.total_bytes, w.algo.stats.tokens = loss, 100, 2 * per
-    loop.log_step(run, 2)  # fails inside if it waits for the sum
+    log_step(run, 2)  # fails inside if it waits for the sum
     assert rows(run) == [] and len(group.started) == 1
     assert group.started[0][0] == [4.0, 0.0, 200.0, 4.0 * per]  # this process's share: losses, Ctrl-C, bytes, tokens
 
-    run.write_row({"kind": "eval", "step": 2, "eval_loss": 9.0})  # logged after the train row of step 2
+    run.metrics.write({"kind": "eval", "step": 2, "eval_loss": 9.0})  # logged after the train row of step 2
     assert rows(run) == []
     group.started[0][1].set_result([10.0, 0.0, 600.0, 4.0 * per])  # the other processes' shares added
-    loop.log_step(run, 4)  # lands step 2, starts step 4 (not waited for)
+    log_step(run, 4)  # lands step 2, starts step 4 (not waited for)
     got = rows(run, wall=True)
     assert [(r["kind"], r["step"]) for r in got] == [("train", 2), ("eval", 2)]
     assert list(got[0]) == ROW_KEYS
-    assert got[0]["train_loss"] == 5.0 and got[0]["bytes_sent_per_worker"] == 300.0 and run.train_loss == 5.0
-    assert got[0]["tokens"] == 2 * run.tokens_per_step and got[0]["lr"] == 0.5
+    assert got[0]["train_loss"] == 5.0 and got[0]["bytes_sent_per_worker"] == 300.0 and run.metrics.train_loss == 5.0
+    assert got[0]["tokens"] == 2 * tokens_per_step(run) and got[0]["lr"] == 0.5
 
     group.started[1][1].set_result([2.0, 0.0, 0.0, 0.0])
-    loop.land_metrics(run)  # a drain: before a checkpoint, at a stop, at the end
+    run.metrics.land()  # a drain: before a checkpoint, at a stop, at the end
     assert [(r["kind"], r["step"]) for r in rows(run)] == [("train", 2), ("eval", 2), ("train", 4)]
-    assert run.train_loss == 1.0 and run.pending is None
-    loop.land_metrics(run)  # nothing pending: nothing written
+    assert run.metrics.train_loss == 1.0 and run.metrics.pending is None
+    run.metrics.land()  # nothing pending: nothing written
     assert len(rows(run)) == 3
     run.close()
 
@@ -105,50 +117,52 @@ def test_ctrl_c_is_agreed_from_the_landed_sum_not_before(tmp_path):
     group = HeldGroup()
     run = make_run(tmp_path, group=group)
     run.stop.requested = True  # this process saw Ctrl-C
-    loop.log_step(run, 2)
-    assert group.started[0][0][1] == 1.0 and not run.stop.agreed
+    log_step(run, 2)
+    assert group.started[0][0][1] == 1.0 and not run.metrics.stop_agreed
     group.started[0][1].set_result([0.0, 1.0, 0.0, 0.0])
-    loop.log_step(run, 4)
-    assert run.stop.agreed
+    log_step(run, 4)
+    assert run.metrics.stop_agreed
 
     other = make_run(tmp_path, group=HeldGroup())  # another process, which saw nothing
-    loop.log_step(other, 2)
+    log_step(other, 2)
     other.group.started[0][1].set_result([0.0, 1.0, 0.0, 0.0])  # the same sum lands there
-    loop.log_step(other, 4)
-    assert other.stop.agreed
+    log_step(other, 4)
+    assert other.metrics.stop_agreed
 
 
 def fake_train_step(ctrl_c_at=None):
-    def train_step(run, step):
+    def train_step(run):
+        step = run.step
         for w in run.workers:
             w.last_loss = 1.0 / (step + 1) + 0.25 * w.rank
             w.algo.stats.total_bytes += 10 * (w.rank + 1)
             w.algo.stats.sync_events += 1
-            w.algo.stats.tokens += run.tokens_per_step // len(run.workers)
+            w.algo.stats.tokens += tokens_per_step(run) // len(run.workers)
         if step + 1 == ctrl_c_at:
             run.stop.requested = True
+        return True
 
     return train_step
 
 
 @pytest.fixture
 def fake_loop(monkeypatch):
-    """The real _loop, log_step, save and finish over stand-in steps, eval and summary;
+    """The real loop, log_step, save and finish over stand-in steps, eval and summary;
     ``blocking=True`` runs the loop as it was: each log step waits for its sum."""
     monkeypatch.setattr(loop, "finish_in_lockstep", lambda algos: None)
-    monkeypatch.setattr(loop, "eval_loss", lambda run: 7.0)
-    monkeypatch.setattr(loop, "_summary", lambda run, final_eval: {"final_train_loss": run.train_loss})
+    monkeypatch.setattr(loop.Trainer, "eval_loss", lambda run: 7.0)
+    monkeypatch.setattr(loop.Trainer, "summary", lambda run, final_eval: {"final_train_loss": run.metrics.train_loss})
     monkeypatch.setattr(plots, "plot_run", lambda run_dir: None)
-    deferred = loop.log_step
+    deferred = loop.Trainer.log_step
 
-    def waiting_log_step(run, done):
-        deferred(run, done)
-        loop.land_metrics(run)
+    def waiting_log_step(run):
+        deferred(run)
+        run.metrics.land()
 
     def go(run, ctrl_c_at=None, blocking=False):
-        monkeypatch.setattr(loop, "train_step", fake_train_step(ctrl_c_at))
-        monkeypatch.setattr(loop, "log_step", waiting_log_step if blocking else deferred)
-        return loop._loop(run)
+        monkeypatch.setattr(loop.Trainer, "train_step", fake_train_step(ctrl_c_at))
+        monkeypatch.setattr(loop.Trainer, "log_step", waiting_log_step if blocking else deferred)
+        return run.loop()
 
     return go
 
@@ -164,7 +178,7 @@ def test_rows_and_final_train_loss_equal_a_loop_that_waits(tmp_path, fake_loop, 
     got = rows(run)
     log_every = run.cfg.train.log_every
     assert [r["step"] for r in got if r["kind"] == "train"] == sorted({*range(log_every, 13, log_every), 12})
-    assert got[-1] == {"kind": "eval", "step": 12, "tokens": 12 * run.tokens_per_step, "eval_loss": 7.0}
+    assert got[-1] == {"kind": "eval", "step": 12, "tokens": 12 * tokens_per_step(run), "eval_loss": 7.0}
     assert ckpt.latest_step(run.run_dir) == 12
 
 

@@ -52,7 +52,7 @@ def test_slow_start_costs_round_trips_until_the_window_fills_the_link():
 @pytest.mark.parametrize("workers,method,phases", [(2, "all-gather", 2), (4, "reduce-scatter", 3)])
 def test_farsync_exchanges_pay_one_round_trip_per_phase(workers, method, phases):
     base = dict(model=MICRO, mode="diloco", workers=workers, codec="fp32", bandwidth_gbps=0.01, exchange="auto",
-                schedule="after-backward")
+                reductions="after-backward")
     fast = sim.SimConfig(**base, latency_s=0.0, latency_model="phases")
     slow = sim.SimConfig(**base, latency_s=0.005, latency_model="phases")
     ring = sim.SimConfig(**base, latency_s=0.005, latency_model="hops")
@@ -66,7 +66,7 @@ def test_farsync_exchanges_pay_one_round_trip_per_phase(workers, method, phases)
 def test_a_wait_at_every_sync_costs_utilization_that_overlap_cannot_hide():
     for tau, mode in ((0, "diloco"), (1, "streaming")):
         cfg = sim.SimConfig(MICRO, mode=mode, workers=2, inner_steps=20, fragments=1 if mode == "streaming" else None,
-                            sync_delay=tau, codec="fp4-e3m0", bandwidth_gbps=100.0, schedule="after-backward")
+                            sync_delay=tau, codec="fp4-e3m0", bandwidth_gbps=100.0, reductions="after-backward")
         free = sim.simulate(cfg).utilization
         waited = sim.simulate(sim.SimConfig(**{**cfg.__dict__, "sync_wait_s": 0.2})).utilization
         assert free > 0.999
@@ -184,7 +184,7 @@ def _cfg(tmp_path, *extra):
 
 
 def test_auto_in_one_process_plans_for_the_given_link_and_trains_with_the_choice(tmp_path, capsys):
-    from farsync.train.loop import train
+    from farsync.train import train
 
     cfg = _cfg(tmp_path, "--train.name=auto", "--algo.auto=true", "--plan.bandwidth_mbit=1000",
                "--plan.max_inner_steps=10", "--algo.inner_steps=4", "--algo.codec=fp32")

@@ -74,10 +74,10 @@ def test_fp4_moves_eight_times_fewer_bytes_than_fp32():
 
 
 @pytest.mark.parametrize("bw", [0.5, 3.0, 20.0, 200.0])
-@pytest.mark.parametrize("schedule", sim.SCHEDULES)
-def test_single_fragment_streaming_equals_diloco(bw, schedule):
-    s = simulate(cfg("streaming", bw, fragments=1, schedule=schedule))
-    d = simulate(cfg("diloco", bw, schedule=schedule))
+@pytest.mark.parametrize("reductions", sim.REDUCTIONS)
+def test_single_fragment_streaming_equals_diloco(bw, reductions):
+    s = simulate(cfg("streaming", bw, fragments=1, reductions=reductions))
+    d = simulate(cfg("diloco", bw, reductions=reductions))
     assert s.utilization == d.utilization
     assert s.bytes_per_step == d.bytes_per_step
 
@@ -205,7 +205,7 @@ def test_overlap_never_hurts_and_more_delay_helps():
 def test_reducing_after_backward_costs_utilization():
     for m in ("dp", "diloco", "streaming"):
         per_layer = utilization(cfg(m, 20.0))
-        after = utilization(cfg(m, 20.0, schedule="after-backward"))
+        after = utilization(cfg(m, 20.0, reductions="after-backward"))
         assert after < per_layer
 
 
@@ -251,7 +251,7 @@ def test_wall_clock_for_token_budget():
         (dict(sync_delay=13), "sync_delay"),  # H/P = 100/8 = 12.5
         (dict(latency_s=-1.0), "latency_s"),
         (dict(workers=0), "workers"),
-        (dict(schedule="eager"), "schedule"),
+        (dict(reductions="eager"), "reductions"),
     ],
 )
 def test_bad_config_names_the_option(kw, option):

@@ -29,19 +29,17 @@ Inner optimizer state never leaves the worker.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from farsync.algorithms.fragments import Fragment, build_fragments, flatten
+from farsync.algorithms.outer import OuterOptimizerFactory, OuterStep, outer_sgd, sample_participants
 from farsync.algorithms.strategy import Strategy
 from farsync.codecs import get_codec
 from farsync.comm.base import CompletedWork, Communicator, ExchangeResult, Work
 from farsync.comm.exchange import Aggregation
 from farsync.schedule import SettingError, check_schedule, default_mixing, due_fragments, fragment_offsets
-
-OuterOptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
 
 
 class DiLoCo(Strategy):
@@ -90,7 +88,8 @@ class DiLoCo(Strategy):
         exchange: ``"auto"``, ``"reduce-scatter"`` or ``"all-gather"``
             (see :mod:`farsync.comm.exchange`).
         outer_optimizer: factory ``params -> Optimizer`` for each fragment's outer
-            optimizer; default SGD(lr=outer_lr, momentum=outer_momentum, nesterov).
+            optimizer; default SGD(lr=outer_lr, momentum=outer_momentum, Nesterov unless
+            ``outer_nesterov`` is off; :func:`~farsync.algorithms.outer.outer_sgd`).
         final_average: how training ends. :meth:`finish` always sends every fragment
             trained since its last send (so θ_g holds every inner step, also the last
             ones of a Streaming fragment whose round had not come); with
@@ -168,14 +167,10 @@ class DiLoCo(Strategy):
         self.num_fragments = len(self.fragments)
         self.offsets = fragment_offsets(inner_steps, self.num_fragments)
 
-        # θ_g: the anchor (global) parameters, fp32, one list per fragment
-        self.anchors: list[list[torch.Tensor]] = [
-            [p.detach().to(torch.float32, copy=True) for p in f.params] for f in self.fragments
-        ]
-        factory = outer_optimizer or (
-            lambda ps: torch.optim.SGD(ps, lr=outer_lr, momentum=outer_momentum, nesterov=outer_nesterov and outer_momentum > 0)
-        )
-        self.outer_optimizers = [factory(a) for a in self.anchors]
+        # θ_g: the anchor (global) parameters, fp32, and the outer optimizer, per fragment
+        factory = outer_optimizer or outer_sgd(outer_lr, outer_momentum, outer_nesterov)
+        self.outer = [OuterStep([p.detach().to(torch.float32, copy=True) for p in f.params], factory)
+                      for f in self.fragments]
         # error feedback: per fragment, what the codec dropped from the last payload sent
         self.residuals: list[torch.Tensor | None] = [None] * self.num_fragments
 
@@ -194,11 +189,6 @@ class DiLoCo(Strategy):
         self.participation = participation
         self.participation_seed = participation_seed
         self._tokens = [0] * self.num_fragments  # per fragment: tokens trained on since its last send
-        #: contributions left out, as every worker saw them: worker, fragment, round, why
-        self.exclusions: list[dict] = []
-        #: rounds skipped for want of contributions: fragment, round, kept
-        self.skipped_rounds: list[dict] = []
-        self._landed: list[dict] = []  # syncs landed since the last drain_syncs()
 
     # ---- schedule -------------------------------------------------------------------
     def due_to_send(self, step: int) -> list[int]:
@@ -208,6 +198,15 @@ class DiLoCo(Strategy):
     @property
     def in_flight(self) -> list[int]:
         return sorted(self._pending)
+
+    @property
+    def anchors(self) -> list[list[torch.Tensor]]:
+        """θ_g: per fragment, its anchor parameters (fp32)."""
+        return [o.anchors for o in self.outer]
+
+    @property
+    def outer_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [o.optimizer for o in self.outer]
 
     # ---- phases ---------------------------------------------------------------------
     def inner_step(self, tokens: int | None = None) -> None:
@@ -219,11 +218,6 @@ class DiLoCo(Strategy):
         self.stats.tokens += n
         self._tokens = [t + n for t in self._tokens]
         self._advance()
-
-    @property
-    def steps_trained(self) -> int:
-        """Inner optimizer steps taken (``step_count`` also counts idle steps)."""
-        return self.stats.inner_steps
 
     def idle_step(self) -> None:
         """A schedule step this worker did not train (it is slower than the schedule):
@@ -243,12 +237,8 @@ class DiLoCo(Strategy):
     def participates(self, f: int, round: int, rank: int | None = None) -> bool:
         """Whether worker ``rank`` (default: this one) is sampled into round ``round`` of
         fragment ``f`` (see ``participation``)."""
-        K, M = self.participation, self.comm.world_size
-        if K is None or K >= M:
-            return True
-        g = torch.Generator().manual_seed(self.participation_seed * 1_000_003 + f * 10_007 + round)
-        chosen = torch.randperm(M, generator=g)[:K]
-        return bool((chosen == (self.comm.rank if rank is None else rank)).any())
+        chosen = sample_participants(self.participation, range(self.comm.world_size), self.participation_seed, f, round)
+        return (self.comm.rank if rank is None else rank) in chosen
 
     def complete(self) -> None:
         """Land every fragment sent τ steps ago (outer step + merge)."""
@@ -322,47 +312,26 @@ class DiLoCo(Strategy):
         res = self._wait(work)
         self.stats.record_event(res.bytes_sent, res.control_bytes)
         self._record(f, sent, res)
-        anchors, opt = self.anchors[f], self.outer_optimizers[f]
-        if res.skipped:  # too few contributions: θ_g stays; replicas return to it
-            for p, a in zip(self.fragments[f].params, anchors):
-                p.copy_(a)
-            return
-        mean = res.mean.to(anchors[0].device)
-        offset = 0
-        for a in anchors:
-            n = a.numel()
-            a.grad = mean[offset: offset + n].view_as(a)
-            offset += n
-        if final and self.final_average:
-            for a in anchors:
-                a.sub_(a.grad)  # θ_g,p ← θ_g,p − Δ̄_p: the workers' mean, no extrapolation
-            alpha = 0.0  # and every replica takes it
-        else:
-            opt.step()  # θ_g,p ← OuterOpt(θ_g,p, Δ_p)
-            alpha = self.mixing
-        for a in anchors:
-            a.grad = None
-        for p, a in zip(self.fragments[f].params, anchors):
+        outer = self.outer[f]
+        alpha = 0.0  # skipped: θ_g stays, replicas return to it; a final average: every replica takes it
+        if not res.skipped:
+            plain = final and self.final_average
+            outer.land(res.mean, plain_mean=plain)  # θ_g,p ← OuterOpt(θ_g,p, Δ_p), or θ_g,p − Δ̄_p
+            alpha = 0.0 if plain else self.mixing
+        for p, a in zip(self.fragments[f].params, outer.anchors):
             if alpha == 0.0:
                 p.copy_(a)  # exact copy: replicas become bit-identical
             else:
                 p.mul_(alpha).add_(a.to(p.dtype), alpha=1.0 - alpha)
-
-    def drain_syncs(self) -> list[dict]:
-        """The syncs landed since the last call, in order, as every worker saw them:
-        fragment, round, step, who contributed (``kept``), who sat out, who was left out,
-        whether it was skipped."""
-        out, self._landed = self._landed, []
-        return out
 
     def _record(self, f: int, sent: int, res: ExchangeResult) -> None:
         """Count this worker's part in the round; keep who was left out and why."""
         me, rnd = self.comm.rank, self.round_of(f, sent)
         excluded = dict(res.excluded)
         kept = list(res.kept) if res.kept is not None else list(range(self.comm.world_size))
-        self._landed.append({"fragment": f, "round": rnd, "step": sent, "kept": kept,
-                             "sat_out": [r for r, w in enumerate(res.weights) if w == 0],
-                             "excluded": sorted(excluded), "skipped": res.skipped})
+        self._note("sync", {"fragment": f, "round": rnd, "step": sent, "kept": kept,
+                            "sat_out": [r for r, w in enumerate(res.weights) if w == 0],
+                            "excluded": sorted(excluded), "skipped": res.skipped})
         if me in excluded:
             self.stats.rounds_excluded += 1
         elif res.weights[me] == 0:
@@ -370,10 +339,10 @@ class DiLoCo(Strategy):
         elif not res.skipped:
             self.stats.rounds_joined += 1
         for r, why in res.excluded:
-            self.exclusions.append({"worker": r, "fragment": f, "round": rnd, "step": sent, "why": why})
+            self._note("excluded", {"worker": r, "fragment": f, "round": rnd, "step": sent, "why": why})
         if res.skipped:
             self.stats.rounds_skipped += 1
-            self.skipped_rounds.append({"fragment": f, "round": rnd, "step": sent, "kept": kept})
+            self._note("skipped", {"fragment": f, "round": rnd, "step": sent, "kept": kept})
 
     # ---- state ----------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -399,8 +368,6 @@ class DiLoCo(Strategy):
             "generator": self.generator.get_state(),
             "residuals": [None if r is None else r.clone() for r in self.residuals],
             "tokens_since_sync": list(self._tokens),
-            "exclusions": list(self.exclusions),
-            "skipped_rounds": list(self.skipped_rounds),
         }
 
     @torch.no_grad()
@@ -426,12 +393,10 @@ class DiLoCo(Strategy):
         if state["mode"] != self.mode or state["fragment_names"] != [f.names for f in self.fragments]:
             raise ValueError("a live worker's state is for another model, mode or fragmentation than this run's")
         self._pending.clear()
-        for frag, fa, sa in zip(self.fragments, self.anchors, state["anchors"]):
-            for p, a, s in zip(frag.params, fa, sa):
-                a.copy_(s)
+        for frag, outer, anchors, opt in zip(self.fragments, self.outer, state["anchors"], state["outer_optimizers"]):
+            outer.load(anchors, opt)
+            for p, a in zip(frag.params, outer.anchors):
                 p.copy_(a)
-        for o, s in zip(self.outer_optimizers, state["outer_optimizers"]):
-            o.load_state_dict(s)
         self.step_count = int(state["step"])
         self.exclusions, self.skipped_rounds = list(state["exclusions"]), list(state["skipped_rounds"])
         self._tokens = [0] * self.num_fragments
@@ -448,11 +413,8 @@ class DiLoCo(Strategy):
         names = [f.names for f in self.fragments]
         if state["fragment_names"] != names:
             raise ValueError("checkpoint fragments differ from this run's (model or fragments changed)")
-        for fa, sa in zip(self.anchors, state["anchors"]):
-            for a, s in zip(fa, sa):
-                a.copy_(s)
-        for o, s in zip(self.outer_optimizers, state["outer_optimizers"]):
-            o.load_state_dict(s)
+        for outer, anchors, opt in zip(self.outer, state["anchors"], state["outer_optimizers"]):
+            outer.load(anchors, opt)
         for item in state["pending"]:
             res = ExchangeResult(item["mean"], tuple(item["weights"]), item["bytes_sent"], item["control_bytes"],
                                  item.get("kept"), tuple(tuple(e) for e in item.get("excluded", ())),
@@ -461,5 +423,3 @@ class DiLoCo(Strategy):
         self.generator.set_state(state["generator"])
         self.residuals = [None if r is None else r.clone() for r in state.get("residuals", self.residuals)]
         self._tokens = list(state.get("tokens_since_sync", self._tokens))
-        self.exclusions = list(state.get("exclusions", []))
-        self.skipped_rounds = list(state.get("skipped_rounds", []))

@@ -1,5 +1,5 @@
 """What every training method shares: the phases of a step, the exchange seam, the
-blocked-time clock, and checkpoint state.
+blocked-time clock, the events a driver logs, and checkpoint state.
 
 A :class:`Strategy` wraps one worker's model and *unchanged* inner optimizer. A training
 step is four phases, which :meth:`Strategy.step` runs in order; a driver that simulates
@@ -15,20 +15,25 @@ waits on it:
    due after it (DiLoCo: the fragments' pseudo-gradients).
 4. :meth:`~Strategy.complete` — land the exchanges due now (DiLoCo: outer step + merge).
 
+Everything a driver asks of a strategy is declared here, with a default: the schedule
+(:meth:`~Strategy.due_to_send`), progress (``step_count``, ``steps_trained``), what
+happened (:meth:`~Strategy.drain_events`, ``exclusions``, ``skipped_rounds``), state
+(:meth:`~Strategy.state_dict`) and, for methods with rounds, what a joining worker needs
+(:meth:`~Strategy.shared_state`, :meth:`~Strategy.adopt`).
+
 Time: the strategy adds the time it is blocked on an exchange to
 ``stats.blocked_seconds``; the driver, which alone knows where one worker's compute
 starts and stops, adds compute time with ``stats.add_compute`` (see
 :mod:`farsync.train.loop`).
 
-Two strategies: :class:`~farsync.algorithms.dp.DataParallel` and
+The methods are :class:`~farsync.algorithms.dp.DataParallel` and
 :class:`~farsync.algorithms.diloco.DiLoCo` (DiLoCo and Streaming DiLoCo);
-:func:`make_strategy` picks one by ``mode``.
+:func:`farsync.algorithms.make_strategy` picks one by ``mode``.
 """
 
 from __future__ import annotations
 
 import abc
-import inspect
 import time
 from collections.abc import Callable
 
@@ -38,7 +43,7 @@ from torch import nn
 from farsync.algorithms.accounting import CommStats
 from farsync.comm.base import Communicator, ExchangeRequest, ExchangeResult, Work
 from farsync.comm.exchange import PLAIN, Aggregation
-from farsync.schedule import EXCHANGES, MODES, SettingError, check_choice
+from farsync.schedule import EXCHANGES, SettingError, check_choice
 
 #: Version of :meth:`Strategy.state_dict`'s layout.
 STATE_FORMAT = 1
@@ -84,8 +89,13 @@ class Strategy(abc.ABC):
         stray = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in owned]
         if stray:
             raise ValueError(f"inner_optimizer does not update parameter '{stray[0]}' of the model; pass all model parameters to it")
-        self.step_count = 0  # inner steps completed
+        self.step_count = 0  # schedule steps completed (trained or sat out)
         self.stats = CommStats(comm.world_size, sum(p.numel() for p in self.params))
+        #: contributions left out, as every worker saw them: worker, fragment, round, step, why
+        self.exclusions: list[dict] = []
+        #: rounds skipped for want of contributions: fragment, round, step, kept
+        self.skipped_rounds: list[dict] = []
+        self._events: list[dict] = []  # since the last drain_events()
 
     # ---- phases ---------------------------------------------------------------------
     def launch(self) -> None:
@@ -132,6 +142,17 @@ class Strategy(abc.ABC):
     def finish(self) -> None:
         """Land whatever is still in flight (call once, at the end of training)."""
 
+    # ---- schedule and progress ------------------------------------------------------
+    def due_to_send(self, step: int) -> list[int]:
+        """What starts its exchange after schedule step ``step`` (fragment indices; none
+        by default: a method without rounds, whose exchange is every step's)."""
+        return []
+
+    @property
+    def steps_trained(self) -> int:
+        """Inner optimizer steps taken (``step_count`` counts the steps sat out too)."""
+        return self.stats.inner_steps
+
     @property
     def in_flight(self) -> list[int]:
         """Exchanges started and not yet landed (fragment indices for DiLoCo)."""
@@ -141,6 +162,24 @@ class Strategy(abc.ABC):
     def global_parameters(self) -> dict[str, torch.Tensor]:
         """θ_g by parameter name: the model to evaluate (the worker's own by default)."""
         return {n: p.detach() for n, p in self.model.named_parameters()}
+
+    # ---- what happened ----------------------------------------------------------------
+    def drain_events(self) -> list[dict]:
+        """What happened since the last call, in order, as every worker saw it: a dict per
+        event, ``kind`` one of ``sync`` (a sync landed: fragment, round, step, kept,
+        sat_out, excluded, skipped), ``excluded`` (a contribution left out: worker,
+        fragment, round, step, why) and ``skipped`` (a round without enough
+        contributions: fragment, round, step, kept). ``exclusions`` and
+        ``skipped_rounds`` keep the whole run's record of the last two."""
+        out, self._events = self._events, []
+        return out
+
+    def _note(self, kind: str, event: dict) -> None:
+        self._events.append({"kind": kind, **event})
+        if kind == "excluded":
+            self.exclusions.append(event)
+        elif kind == "skipped":
+            self.skipped_rounds.append(event)
 
     # ---- the seam ---------------------------------------------------------------------
     def _start(self, buf: torch.Tensor, codec, *, round: tuple, generator: torch.Generator | None = None,
@@ -164,7 +203,8 @@ class Strategy(abc.ABC):
     def state_dict(self) -> dict:
         """Everything needed to resume exactly (with the model's and inner optimizer's
         own state dicts)."""
-        return {"format": STATE_FORMAT, "mode": self.mode, "step": self.step_count, "stats": self.stats.to_dict()}
+        return {"format": STATE_FORMAT, "mode": self.mode, "step": self.step_count, "stats": self.stats.to_dict(),
+                "exclusions": list(self.exclusions), "skipped_rounds": list(self.skipped_rounds)}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("mode") != self.mode:
@@ -173,26 +213,16 @@ class Strategy(abc.ABC):
             raise RuntimeError("load_state_dict while exchanges are in flight")
         self.step_count = int(state["step"])
         self.stats.load_dict(state["stats"])
+        self.exclusions = list(state.get("exclusions", []))
+        self.skipped_rounds = list(state.get("skipped_rounds", []))
 
+    def shared_state(self) -> dict:
+        """What every worker holds alike, for a worker that joins mid-run (elastic runs)."""
+        raise NotImplementedError(f"{self.mode}: a worker cannot join mid-run (it needs rounds: diloco or streaming)")
 
-def make_strategy(
-    model: nn.Module, inner_optimizer: torch.optim.Optimizer, comm: Communicator, *, mode: str = "streaming", **kwargs
-) -> Strategy:
-    """The strategy for ``mode``: one flag chooses the method.
-
-    ``dp`` builds a :class:`~farsync.algorithms.dp.DataParallel` and drops the arguments
-    only DiLoCo has (H, P, τ, α, codec, outer optimizer, …); ``diloco`` and
-    ``streaming`` build a :class:`~farsync.algorithms.diloco.DiLoCo`.
-    """
-    from farsync.algorithms.diloco import DiLoCo
-    from farsync.algorithms.dp import DataParallel
-
-    check_choice("mode", mode, MODES)
-    if mode == "dp":
-        dp_args = inspect.signature(DataParallel).parameters
-        diloco_only = set(inspect.signature(DiLoCo).parameters) - set(dp_args)
-        return DataParallel(model, inner_optimizer, comm, **{k: v for k, v in kwargs.items() if k not in diloco_only})
-    return DiLoCo(model, inner_optimizer, comm, mode=mode, **kwargs)
+    def adopt(self, state: dict, landing=None) -> None:
+        """Continue from a live worker's :meth:`shared_state` (elastic runs)."""
+        raise NotImplementedError(f"{self.mode}: a worker cannot join mid-run (it needs rounds: diloco or streaming)")
 
 
 def finish_in_lockstep(strategies: list[Strategy]) -> None:

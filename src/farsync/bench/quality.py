@@ -321,7 +321,7 @@ class Job:
 
 
 @dataclass
-class Plan:
+class Stages:
     """Every job of every stage; stage 2+ depend on what stage 1 chose."""
 
     tune_dp: list[Job]
@@ -335,16 +335,16 @@ class Plan:
     seeds: list[Job] = field(default_factory=list)
 
 
-def tuning_jobs(spec: QualitySpec) -> Plan:
+def tuning_jobs(spec: QualitySpec) -> Stages:
     """Stage 1: DP over its lr at M = 1 (one optimisation at any M, in exact arithmetic) and
     DiLoCo over its grid at M = tune_workers."""
-    return Plan(
+    return Stages(
         tune_dp=[Job("dp", 1, Hparams(lr)) for lr in spec.dp_lrs],
         tune_diloco=[Job("diloco", spec.tune_workers, Hparams(lr, olr, mom, H)) for lr, olr, mom, H in spec.diloco_grid],
     )
 
 
-def later_jobs(spec: QualitySpec, plan: Plan, best_dp: Hparams, best_diloco: Hparams) -> Plan:
+def later_jobs(spec: QualitySpec, plan: Stages, best_dp: Hparams, best_diloco: Hparams) -> Stages:
     """Stages 2–5, given what tuning chose."""
     for M, olrs in spec.outer_lrs_by_workers:
         if M in spec.workers and M != spec.tune_workers:
@@ -361,7 +361,7 @@ def later_jobs(spec: QualitySpec, plan: Plan, best_dp: Hparams, best_diloco: Hpa
     return plan
 
 
-def overlap_jobs(spec: QualitySpec, plan: Plan, head: Job) -> Plan:
+def overlap_jobs(spec: QualitySpec, plan: Stages, head: Job) -> Stages:
     """Stage 3b/4: every codec and variant at the α the headline codec chose (``head``)."""
     plan.overlap = [head if c == spec.headline_codec else replace(head, codec=c) for c in spec.streaming_codecs]
     plan.variants = [replace(head, variant=v) for v in spec.variants]
@@ -381,7 +381,7 @@ def _train_job(name: str, overrides: list[str], work_dir: str, reuse: bool = Fal
     ``reuse``, a finished run already in ``work_dir`` whose resolved config is this one's
     is read back instead of trained again."""
     from farsync.train.config import build_config, to_toml
-    from farsync.train.loop import train
+    from farsync.train import train
 
     cfg = build_config(None, overrides + [f"--train.run_dir={work_dir}", f"--train.name={name}"])
     run_dir = os.path.join(work_dir, name)
@@ -547,7 +547,7 @@ def _sweep(jobs: list[Job], runs: dict[str, dict]) -> dict:
                                    "final_eval_loss": runs[best.name]["final_eval_loss"]}}
 
 
-def build_report(spec: QualitySpec, plan: Plan, runs: dict[str, dict], runtime_s: float, quick: bool,
+def build_report(spec: QualitySpec, plan: Stages, runs: dict[str, dict], runtime_s: float, quick: bool,
                  command: str, jobs: int = 2) -> dict:
     """Everything quality.json holds, from the finished runs."""
     dp = {1: best_of(plan.tune_dp, runs), **plan.dp_by_workers}
@@ -696,5 +696,5 @@ def spec_with(base: QualitySpec, **changes) -> QualitySpec:
     return replace(base, **{k: v for k, v in changes.items() if v is not None})
 
 
-__all__ = ["FULL", "QUICK", "VARIANTS", "QualitySpec", "Hparams", "Job", "Plan", "run_benchmark", "spec_with",
+__all__ = ["FULL", "QUICK", "VARIANTS", "QualitySpec", "Hparams", "Job", "Stages", "run_benchmark", "spec_with",
            "build_report", "scaling_law_gap_pct"]

@@ -38,7 +38,7 @@ _FLAGS = {
     "bandwidth_gbps": "--bandwidth",
     "latency_s": "--latency-ms",
     "latency_model": "--latency-model",
-    "schedule": "--schedule",
+    "reductions": "--reductions",
     "fragment_pattern": "--fragment-pattern",
     "exchange": "--exchange",
     "grid": "--grid",
@@ -110,7 +110,7 @@ class SimulateArgs:
     bandwidth: Optional[float] = None
     latency_ms: float = 0.0
     latency_model: str = "hops"
-    schedule: str = "per-layer"
+    reductions: str = "per-layer"
     fragment_pattern: str = "strided"
     exchange: str = "reduce-scatter"
     no_scales: bool = False
@@ -156,7 +156,7 @@ def simulate(
         "hops", "--latency-model",
         help="hops (a ring collective: each hop pays the latency; the paper's) or phases (farsync's exchange: a round trip per phase).",
     ),
-    schedule: str = typer.Option("per-layer", "--schedule", help="per-layer (paper) or after-backward."),
+    reductions: str = typer.Option("per-layer", "--reductions", help="When a sync's reductions start: per-layer (paper) or after-backward."),
     fragment_pattern: str = typer.Option("strided", "--fragment-pattern", help="strided (paper) or sequential."),
     exchange: str = typer.Option(
         "reduce-scatter", "--exchange", help="reduce-scatter (ring all-reduce bytes), all-gather, or auto (as farsync train)."),
@@ -188,7 +188,7 @@ def simulate(
 
 
 @dataclass
-class _Plan:
+class _Resolved:
     """What the options resolve to: the model, the methods' configs, what to report."""
 
     model: object  # sim.ModelSpec
@@ -261,7 +261,7 @@ def _model(a: SimulateArgs):
     return model, custom or a.compute_slowdown != 1.0, tps
 
 
-def _plan(a: SimulateArgs) -> _Plan:
+def _plan(a: SimulateArgs) -> _Resolved:
     """Check the options that are not SimConfig fields; build one config per method."""
     from farsync import sim
 
@@ -298,24 +298,24 @@ def _plan(a: SimulateArgs) -> _Plan:
             raise _BadOption("--tokens", a.tokens, "must be positive")
     settings = dict(
         codec=a.codec, workers=a.workers, inner_steps=a.inner_steps, fragments=a.fragments,
-        sync_delay=a.sync_delay, latency_s=a.latency_ms / 1e3, latency_model=a.latency_model, schedule=a.schedule,
+        sync_delay=a.sync_delay, latency_s=a.latency_ms / 1e3, latency_model=a.latency_model, reductions=a.reductions,
         fragment_pattern=a.fragment_pattern, exchange=a.exchange, count_scales=not a.no_scales,
     )
     if a.bandwidth is not None:
         settings["bandwidth_gbps"] = a.bandwidth
     configs = {m: sim.method_config(model, m, **settings) for m in methods}  # validates
-    return _Plan(model, derived, configs, settings, target_list, tps, token_budget)
+    return _Resolved(model, derived, configs, settings, target_list, tps, token_budget)
 
 
 #: SimConfig fields as `farsync simulate` sets them by default; the JSON report lists
 #: the settings that differ.
 _DEFAULT_SETTINGS = dict(
     codec=None, workers=2, inner_steps=100, fragments=None, sync_delay=None, latency_s=0.0, latency_model="hops",
-    schedule="per-layer", fragment_pattern="strided", exchange="reduce-scatter", count_scales=True,
+    reductions="per-layer", fragment_pattern="strided", exchange="reduce-scatter", count_scales=True,
 )
 
 
-def _json_report(a: SimulateArgs, plan: _Plan, table: dict, at_bw: Optional[dict]) -> dict:
+def _json_report(a: SimulateArgs, plan: _Resolved, table: dict, at_bw: Optional[dict]) -> dict:
     from farsync import sim
 
     model = plan.model
@@ -348,14 +348,14 @@ def _json_report(a: SimulateArgs, plan: _Plan, table: dict, at_bw: Optional[dict
     return out
 
 
-def _print_report(a: SimulateArgs, plan: _Plan, table: dict, at_bw: Optional[dict]) -> None:
+def _print_report(a: SimulateArgs, plan: _Resolved, table: dict, at_bw: Optional[dict]) -> None:
     from farsync import sim
 
     model = plan.model
     typer.echo(
         f"model {model.name}: {model.layers} layers, {model.params:.3g} parameters, "
         f"{model.step_time:.3g} s pure compute per step; M={a.workers}, H={a.inner_steps}, "
-        f"latency {a.latency_ms:g} ms, {a.schedule} reductions"
+        f"latency {a.latency_ms:g} ms, {a.reductions} reductions"
     )
     typer.echo(f"bandwidth (Gbit/s) needed for each compute utilization, {a.grid} grid (— = beyond the grid):\n")
     typer.echo(sim.markdown_table(table))

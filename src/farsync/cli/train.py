@@ -9,12 +9,17 @@ import typer
 from farsync.cli.common import echo_main, fail, user_errors
 from farsync.overrides import split_args
 
-HELP = """Train a model with DP, DiLoCo or Streaming DiLoCo.
+#: the config's sections (farsync.train.config.SECTIONS; listed here so that `--help` does
+#: not import the trainer)
+SECTION_NAMES = ("model", "data", "algo", "optim", "train", "elastic", "plan", "federated")
+
+HELP = f"""Train a model with DP, DiLoCo or Streaming DiLoCo.
 
 With no recipe: the `micro` model on 20 tokens per parameter of the Python standard
 library's source, 4 simulated workers, Streaming DiLoCo with overlap and FP4 exchange in
-the regime the quality benchmark validated — about 2 minutes on a laptop CPU. Override any key as --section.key=value (sections: model, data, algo, optim,
-train; `farsync train --keys` lists them). Under torchrun, each process is one worker.
+the regime the quality benchmark validated — about 2 minutes on a laptop CPU. Override
+any key as --section.key=value (sections: {', '.join(SECTION_NAMES)}; `farsync train
+--keys` lists every key). Under torchrun, each process is one worker.
 """
 
 
@@ -47,7 +52,7 @@ def train(
         return build_config(load_recipe(positional[0]) if positional else None, overrides)
 
     cfg = user_errors(configure)
-    from farsync.train.loop import train as run_training
+    from farsync.train import train as run_training
 
     from farsync.comm.elastic import ElasticError
 

@@ -1,13 +1,15 @@
 """The communication seam: every collective farsync's algorithms use goes through here.
 
-One call matters: :meth:`Communicator.exchange` — an *asynchronous* weighted mean of a flat
-fp32 buffer across the workers, sent under a codec, returning a :class:`Work` handle to
-wait on. What to exchange is an :class:`ExchangeRequest`: the buffer and codec, this
-worker's weight w_m (1, or e.g. the tokens it processed), the round it belongs to, and
-the members taking part. Two backends implement it: :mod:`farsync.comm.inprocess` (M simulated workers in
-one process, deterministic) and :mod:`farsync.comm.distributed` (``torch.distributed``,
-one process per worker). Both run the *same* exchange arithmetic from
-:mod:`farsync.comm.exchange`, so they produce bit-identical results for the same inputs.
+One door: :meth:`Communicator.exchange` — an *asynchronous* weighted mean of a flat fp32
+buffer across the workers, sent under a codec, returning a :class:`Work` handle to wait
+on. What to exchange is an :class:`ExchangeRequest`: the buffer and codec, this worker's
+weight w_m (1, or e.g. the tokens it processed) and the round it belongs to. Three
+backends implement it: :mod:`farsync.comm.inprocess` (M simulated workers in one
+process, deterministic), :mod:`farsync.comm.distributed` (``torch.distributed``, one
+process per worker) and :mod:`farsync.comm.elastic` (torchft). All run the *same*
+exchange arithmetic from :mod:`farsync.comm.exchange`, so they produce bit-identical
+results for the same inputs, and all refuse an exchange whose workers disagree on its
+round, size, codec, method or aggregation.
 """
 
 from __future__ import annotations
@@ -49,8 +51,6 @@ class ExchangeRequest:
     Aggregation`); every worker must pass the same.
     ``round`` identifies the sync this exchange belongs to (e.g. ``("fragment", 1, 40)``);
     a backend that sees two workers contribute different rounds to one exchange raises.
-    ``members`` are the ranks taking part, None for all of them; today every exchange
-    is among all workers, and a backend refuses any other membership.
     """
 
     buf: torch.Tensor  # 1-D fp32; the caller may reuse it as soon as the exchange starts
@@ -59,7 +59,6 @@ class ExchangeRequest:
     generator: torch.Generator | None = None  # stochastic rounding
     method: str = "auto"  # farsync.schedule.EXCHANGES
     round: tuple | None = None
-    members: tuple[int, ...] | None = None
     aggregation: Aggregation = PLAIN
 
 
@@ -73,10 +72,6 @@ class Work(abc.ABC):
     def wait(self) -> ExchangeResult:
         """Block until the exchange is done; return its result (idempotent)."""
 
-    @abc.abstractmethod
-    def is_completed(self) -> bool:
-        """True when :meth:`wait` would not block."""
-
 
 class CompletedWork(Work):
     """A Work whose result is already known (M = 1, or restored from a checkpoint)."""
@@ -87,9 +82,6 @@ class CompletedWork(Work):
 
     def wait(self) -> ExchangeResult:
         return self._result
-
-    def is_completed(self) -> bool:
-        return True
 
 
 class FutureWork(Work):
@@ -102,9 +94,6 @@ class FutureWork(Work):
 
     def wait(self) -> ExchangeResult:
         return self._future.result()
-
-    def is_completed(self) -> bool:
-        return self._future.done()
 
 
 def completed_future(value) -> Future:
@@ -120,41 +109,10 @@ class Communicator(abc.ABC):
     rank: int
     world_size: int
 
-    def exchange(self, request: ExchangeRequest) -> Work:
-        """Start the exchange ``request`` describes; return the handle to wait on."""
-        self.check_members(request.members)
-        return self.all_reduce_mean(request.buf, request.codec, weight=request.weight,
-                                    generator=request.generator, method=request.method,
-                                    aggregation=request.aggregation)
-
-    def check_members(self, members: tuple[int, ...] | None) -> None:
-        """Every worker takes part in every exchange (membership that changes between
-        rounds is a later backend's job); anything else is refused."""
-        if members is not None and tuple(sorted(members)) != tuple(range(self.world_size)):
-            raise NotImplementedError(
-                f"exchange among ranks {list(members)}: this backend exchanges among all "
-                f"{self.world_size} workers only"
-            )
-
     @abc.abstractmethod
-    def all_reduce_mean(
-        self,
-        buf: torch.Tensor,
-        codec: Codec,
-        *,
-        weight: float = 1.0,
-        generator: torch.Generator | None = None,
-        method: str = "auto",
-        aggregation: Aggregation = PLAIN,
-    ) -> Work:
-        """Start the weighted mean of ``buf`` (1-D fp32) over all workers.
-
-        ``weight`` is this worker's weight w_m (0: not in this round; NaN: flagged
-        invalid). ``method`` is ``"reduce-scatter"``, ``"all-gather"`` or ``"auto"``;
-        ``aggregation`` how receivers check and combine contributions; see
-        :mod:`farsync.comm.exchange`. ``buf`` may be reused by the caller as soon as
-        this returns.
-        """
+    def exchange(self, request: ExchangeRequest) -> Work:
+        """Start the exchange ``request`` describes; return the handle to wait on.
+        ``request.buf`` may be reused by the caller as soon as this returns."""
 
     def all_sum_floats_async(self, values: list[float]) -> Future:
         """Start the sum of a few floats over workers (metrics only; not counted); a

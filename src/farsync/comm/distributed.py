@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from farsync.codecs import Codec
 from farsync.comm import exchange as ex
-from farsync.comm.base import Communicator, ExchangeResult, FutureWork, Work
+from farsync.comm.base import Communicator, ExchangeRequest, ExchangeResult, FutureWork, Work
 
 
 class Transport:
@@ -73,15 +73,19 @@ class Transport:
 
 def run_exchange(t: Transport, plan: ex.ExchangePlan, codec: Codec, padded: torch.Tensor, weight: float,
                  generator: torch.Generator | None, agg: ex.Aggregation,
-                 buffers: ex.DecodeBuffers | None = None) -> ExchangeResult:
-    """One weighted-mean exchange among the members of ``t`` (``plan`` made for
-    ``t.size`` members); ranks in the result are members of ``t``."""
+                 buffers: ex.DecodeBuffers | None = None, round: tuple | None = None) -> ExchangeResult:
+    """One weighted-mean exchange of round ``round`` among the members of ``t`` (``plan``
+    made for ``t.size`` members); ranks in the result are members of ``t``. Members that
+    are not all in the same exchange raise RuntimeError (:func:`~farsync.comm.exchange.
+    exchange_tag`) before any payload moves."""
     m = t.size
     if m == 1:
         mean, d = ex.solo(agg, padded[: plan.numel], weight)
         return ExchangeResult(mean, (weight,), 0, 0, d.kept, d.excluded, d.skipped)
-    ws = t.all_gather(torch.tensor([weight], dtype=torch.float64, device=padded.device))
-    weights = [float(x.item()) for x in ws]
+    tag = ex.exchange_tag(round, plan, codec, agg)
+    hs = t.all_gather(torch.tensor([weight, tag], dtype=torch.float64, device=padded.device))
+    ex.check_tags([float(x[1]) for x in hs], t.rank, round)
+    weights = [float(x[0]) for x in hs]
     senders = ex.senders(weights)
     payloads = ex.encode_contribution(plan, codec, padded, generator) if weight > 0 else None
 
@@ -191,18 +195,18 @@ class TorchDistributedCommunicator(Communicator):
     def _metrics(self) -> ThreadPoolExecutor:
         return self._res.metrics
 
-    def all_reduce_mean(self, buf, codec, *, weight=1.0, generator=None, method="auto", aggregation=ex.PLAIN) -> Work:
-        ex.validate_weight(weight)
-        plan = ex.make_plan(buf.numel(), self.world_size, codec, method)
-        padded = ex.pad(plan, buf.detach())  # a private copy: the caller may reuse buf
-        future = self._executor.submit(self._run, plan, codec, padded, float(weight), generator, aggregation)
+    def exchange(self, request: ExchangeRequest) -> Work:
+        ex.validate_weight(request.weight)
+        plan = ex.make_plan(request.buf.numel(), self.world_size, request.codec, request.method)
+        padded = ex.pad(plan, request.buf.detach())  # a private copy: the caller may reuse buf
+        future = self._executor.submit(self._run, plan, request, padded)
         return FutureWork(future, plan.bytes_sent)
 
-    def _run(self, plan: ex.ExchangePlan, codec: Codec, padded: torch.Tensor, weight: float,
-             generator: torch.Generator | None, agg: ex.Aggregation) -> ExchangeResult:
+    def _run(self, plan: ex.ExchangePlan, r: ExchangeRequest, padded: torch.Tensor) -> ExchangeResult:
         if self.delay_s:
             time.sleep(self.delay_s)
-        return run_exchange(self.transport, plan, codec, padded, weight, generator, agg, self._buffers)
+        return run_exchange(self.transport, plan, r.codec, padded, float(r.weight), r.generator, r.aggregation,
+                            self._buffers, r.round)
 
     @functools.cached_property
     def transport(self) -> "Transport":

@@ -29,21 +29,21 @@ shared_state` (the inner optimizer state never is).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-import signal
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 
-from farsync.codecs import Codec
+from farsync.codecs import get_codec
 from farsync.comm import exchange as ex
-from farsync.comm.base import Communicator, ExchangeResult, FutureWork, Work
+from farsync.comm.base import Communicator, ExchangeRequest, ExchangeResult, FutureWork, Work
 from farsync.comm.distributed import Transport, run_exchange
+from farsync.comm.faults import DieAt
 
 
 def replica_id(worker: int) -> str:
@@ -69,17 +69,6 @@ class ElasticError(RuntimeError):
     one line."""
 
 
-@dataclass
-class _Call:
-    """One exchange as the caller asked for it (kept to retry it)."""
-
-    buf: torch.Tensor
-    codec: Codec
-    weight: float
-    generator: torch.Generator | None
-    method: str
-    agg: ex.Aggregation
-    round: tuple | None
 
 
 def _torchft():
@@ -108,13 +97,13 @@ class ElasticCommunicator(Communicator):
             waits (up to ``quorum_timeout_s``) for more.
         host: this worker's address as the others reach it (its store and torchft's
             manager server); default: its hostname.
-        state_fn: the state a joining peer needs (called on the exchange thread while
-            the training loop waits for the exchange; must return copies).
+
+    A worker that can give its state to a joining peer says so with :meth:`serve`.
     """
 
     def __init__(self, worker: int, workers: int, *, lighthouse: str, timeout_s: float = 300.0,
                  connect_timeout_s: float = 15.0, quorum_timeout_s: float = 900.0, min_workers: int = 1,
-                 host: str | None = None, state_fn=None):
+                 host: str | None = None):
         torchft, PGTransport = _torchft()
         from torch.distributed import TCPStore
 
@@ -122,14 +111,10 @@ class ElasticCommunicator(Communicator):
             raise ValueError(f"elastic.worker must be in [0, {workers - 1}] (got {worker})")
         self.rank, self.world_size = worker, workers
         self.timeout_s, self.quorum_timeout_s = float(timeout_s), float(quorum_timeout_s)
-        self.state_fn = state_fn
+        self._state_fn = None
         self.min_workers = min_workers
-        #: (codec, method, aggregation) of this run's exchanges: what a joining worker
-        #: uses for the sync it joins (every worker's are the same)
-        self.settings: tuple | None = None
         self._last_ids: list[int] = []
-        self.die_in_round = 0  # test hook: signal this process inside the sync sent after this step
-        self.die_signal = signal.SIGKILL
+        self._die = DieAt.from_env()  # a test hook (farsync.comm.faults)
         host = host or socket.gethostname()
         logging.getLogger("torchft").setLevel(logging.ERROR)  # torchft logs every quorum at INFO, and warns of NCCL on CPU
         # torchft's manager meets the other replica groups through a store of its own group's
@@ -157,23 +142,28 @@ class ElasticCommunicator(Communicator):
         #: membership changes, retries and heals, in order: dicts with "event", "time", ...
         self.events: list[dict] = []
 
+    def serve(self, state_fn) -> None:
+        """Give joining peers ``state_fn()``: what they need to continue with this
+        worker's θ_g (called on the exchange thread while the training loop waits for the
+        exchange; must return copies)."""
+        self._state_fn = state_fn
+
     # ---- the exchange ---------------------------------------------------------------
-    def all_reduce_mean(self, buf, codec, *, weight=1.0, generator=None, method="auto",
-                        aggregation=ex.PLAIN, round=None) -> Work:
-        ex.validate_weight(weight)
-        call = _Call(buf.detach().clone(), codec, float(weight), generator, method, aggregation, round)
-        plan = ex.make_plan(buf.numel(), self.world_size, codec, method)  # the full group's, for the estimate
+    def exchange(self, request: ExchangeRequest) -> Work:
+        ex.validate_weight(request.weight)
+        # kept whole to retry it: a private copy of the buffer
+        call = dataclasses.replace(request, buf=request.buf.detach().clone(), weight=float(request.weight))
+        plan = ex.make_plan(call.buf.numel(), self.world_size, call.codec, call.method)  # the full group's, for the estimate
         return FutureWork(self._executor.submit(self._run, call), plan.bytes_sent)  # wait() raises Rejoined
 
-    def exchange(self, request) -> Work:
-        self.check_members(request.members)
-        return self.all_reduce_mean(request.buf, request.codec, weight=request.weight, generator=request.generator,
-                                    method=request.method, aggregation=request.aggregation, round=request.round)
-
-    def _run(self, call: _Call) -> ExchangeResult:
+    def _run(self, call: ExchangeRequest) -> ExchangeResult:
         """Quorum, exchange, commit; again among the survivors until a round commits."""
-        self.settings = (call.codec, call.method, call.agg)
-        self._current = {"round": call.round, "numel": call.buf.numel()}
+        # what a joining peer needs to take part in this sync (plain data)
+        c = call.codec
+        self._current = {"round": call.round, "numel": call.buf.numel(), "method": call.method,
+                         "codec": {"name": c.name, "block_size": getattr(c, "block_size", None),
+                                   "stochastic_rounding": c.stochastic_rounding},
+                         "aggregation": dataclasses.asdict(call.aggregation)}
         deadline = time.monotonic() + self.quorum_timeout_s
         try:
             while True:
@@ -222,8 +212,7 @@ class ElasticCommunicator(Communicator):
             e, result = state["exchange"], None
             try:
                 if e is not None:  # the sync the peers are in: ours too, with nothing to add
-                    codec, method, agg = self.settings
-                    result = self._exchange_once(_Call(torch.zeros(e["numel"]), codec, 0.0, None, method, agg, e["round"]))
+                    result = self._exchange_once(_joining_call(e))
             except Exception as err:  # a peer failed: they retry this sync, or commit it and move on
                 self.manager.report_error(err)
             if self.manager.should_commit():
@@ -237,7 +226,7 @@ class ElasticCommunicator(Communicator):
         self.events.append({"event": "healed", "time": time.time(), "step": state["farsync"]["step"], "behind": behind})
         return Rejoined(state["farsync"], result, behind=behind, round=tuple(e["round"]) if e else None)
 
-    def _exchange_once(self, call: _Call) -> ExchangeResult:
+    def _exchange_once(self, call: ExchangeRequest) -> ExchangeResult:
         """One exchange among this quorum's members; the result by worker id."""
         n, me = self.manager.num_participants(), self.manager.participating_rank()
         if me is None:
@@ -247,11 +236,11 @@ class ElasticCommunicator(Communicator):
         if sorted(ids) != ids or len(set(ids)) != n:
             raise ElasticError(f"quorum members {ids}: two workers run with the same elastic.worker")
         self._last_ids = ids
-        if self.die_in_round and call.weight > 0 and call.round is not None and call.round[-1] == self.die_in_round:
-            os.kill(os.getpid(), self.die_signal)  # test hook (train.die_at_step): lost or hung mid-sync
+        if self._die is not None:
+            self._die.in_sync(call.round, call.weight)  # test hook: lost or hung mid-sync
         plan = ex.make_plan(call.buf.numel(), n, call.codec, call.method)
-        res = run_exchange(t, plan, call.codec, ex.pad(plan, call.buf), call.weight, call.generator, call.agg,
-                           self._buffers)
+        res = run_exchange(t, plan, call.codec, ex.pad(plan, call.buf), call.weight, call.generator, call.aggregation,
+                           self._buffers, call.round)
         return _by_worker(res, ids, self.world_size)
 
     def _post(self, sends, recvs):
@@ -307,9 +296,9 @@ class ElasticCommunicator(Communicator):
 
     def _save(self) -> dict:
         """What a healed peer receives: the loop's state and the exchange in progress."""
-        if self.state_fn is None:
-            raise ElasticError("no state to give a joining worker (ElasticCommunicator.state_fn is unset)")
-        return {"farsync": self.state_fn(), "exchange": self._current}
+        if self._state_fn is None:
+            raise ElasticError("no state to give a joining worker (ElasticCommunicator.serve was not called)")
+        return {"farsync": self._state_fn(), "exchange": self._current}
 
     def _load(self, state: dict) -> None:
         self._loaded = state
@@ -330,6 +319,15 @@ class _Timed:
 
     def wait(self):
         return self.work.wait(self.timeout)
+
+
+def _joining_call(e: dict) -> ExchangeRequest:
+    """A joining worker's part in the peers' sync ``e`` (what :meth:`ElasticCommunicator._run`
+    records): the same codec, method and aggregation, with nothing to add."""
+    c = e["codec"]
+    codec = get_codec(c["name"], block_size=c["block_size"], stochastic_rounding=c["stochastic_rounding"])
+    return ExchangeRequest(torch.zeros(e["numel"]), codec, 0.0, None, e["method"], round=tuple(e["round"]),
+                           aggregation=ex.Aggregation(**e["aggregation"]))
 
 
 def _by_worker(res: ExchangeResult, ids: list[int], workers: int) -> ExchangeResult:

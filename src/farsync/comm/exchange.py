@@ -20,8 +20,10 @@ Two ways to average an fp32 buffer of N values across M workers under a codec:
 ``auto`` picks whichever sends fewer bytes (all-gather on ties, since it quantizes
 once): all-gather for M = 2, reduce-scatter for M ≥ 3.
 
-Before the data, workers exchange their weights (one float64 each, an all-gather):
-this gives the weighted mean Σ w_m x_m / Σ w_m (w_m: e.g. the tokens worker m trained on
+Before the data, workers exchange their weights and the exchange's tag (two float64
+each, an all-gather; the tag is a hash of the round, the size, the codec, the method and
+the aggregation, so that workers in different exchanges stop with an error instead of
+mixing their payloads). The weights give the weighted mean Σ w_m x_m / Σ w_m (w_m: e.g. the tokens worker m trained on
 since its last sync). A worker of weight 0 takes no part in the round (partial
 participation): it sends no payload, and still receives the result. NaN flags a
 contribution its sender knows to be invalid; it sends nothing either.
@@ -42,16 +44,19 @@ line up; the padding travels and is counted.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
 from farsync.codecs import Codec
 from farsync.schedule import EXCHANGES
 
-#: bytes of one worker's weight in the control exchange
-WEIGHT_NBYTES = 8
+#: bytes one worker sends each peer before the payloads: its weight and the exchange's
+#: tag (:func:`exchange_tag`), a float64 each
+HANDSHAKE_NBYTES = 16
 #: bytes of one (sum of squares, finite) pair of a shard's statistics
 STAT_NBYTES = 16
 #: how contributions are combined (see :class:`Aggregation`)
@@ -201,12 +206,30 @@ def make_plan(numel: int, world_size: int, codec: Codec, method: str = "auto") -
     ag_bytes = (m - 1) * codec.encoded_nbytes(ag_padded)
     if method == "auto":
         method = "all-gather" if ag_bytes <= rs_bytes else "reduce-scatter"
-    control = (m - 1) * WEIGHT_NBYTES
+    control = (m - 1) * HANDSHAKE_NBYTES
     if method == "all-gather":
         return ExchangePlan(numel, m, method, ag_padded, ag_padded,
                             codec.encoded_nbytes(ag_padded), ag_bytes, control)
     return ExchangePlan(numel, m, method, rs_padded, rs_shard,
                         codec.encoded_nbytes(rs_shard), rs_bytes, control)
+
+
+def exchange_tag(round: tuple | None, plan: ExchangePlan, codec: Codec, agg: Aggregation) -> float:
+    """What every worker of one exchange computes alike: a 48-bit hash (exact as a
+    float64) of the round, the number of values, the codec, the method and the
+    aggregation. Workers whose tags differ are not in the same exchange."""
+    what = [list(round) if round is not None else None, plan.numel, plan.method, codec.name, codec.alignment,
+            codec.stochastic_rounding, asdict(agg)]
+    return float(int.from_bytes(hashlib.blake2b(json.dumps(what).encode(), digest_size=6).digest(), "little"))
+
+
+def check_tags(tags: list[float], me: int, round: tuple | None) -> None:
+    """Refuse an exchange whose members' tags differ (RuntimeError naming the members)."""
+    others = [j for j, t in enumerate(tags) if t != tags[me]]
+    if others:
+        raise RuntimeError(f"mismatched exchange: member(s) {others} are not in this member's exchange (round "
+                           f"{round}, or another size, codec, method or aggregation): every worker must make the same "
+                           "exchanges in the same order")
 
 
 def _round_up(n: int, k: int) -> int:

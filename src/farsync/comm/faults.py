@@ -1,24 +1,38 @@
-"""Fault injection: a worker whose pseudo-gradients go wrong on the way out.
+"""Fault injection: the home of every fault farsync can inject, for tests and benchmarks.
 
-:class:`FaultyCommunicator` wraps a worker's communicator and corrupts what it sends —
-non-finite values, or the buffer scaled by a large factor — without the worker knowing:
-its own model and optimizer stay clean, and nothing flags the contribution. It is what
-the receivers' checks (:class:`~farsync.comm.exchange.Aggregation`) must catch, in tests
-and in ``farsync train --train.fault=...`` (see :func:`parse_fault`). A third kind,
-``leave:STEP``, is a worker that stops contributing from the sync sent after schedule
-step STEP on (weight 0): in one process, what an elastic run computes when that worker
-dies in the round that sync closes.
+* A worker whose pseudo-gradients go wrong on the way out: :class:`FaultyCommunicator`
+  wraps a worker's communicator and corrupts what it sends — non-finite values, or the
+  buffer scaled by a large factor — without the worker knowing: its own model and
+  optimizer stay clean, and nothing flags the contribution. It is what the receivers'
+  checks (:class:`~farsync.comm.exchange.Aggregation`) must catch, in tests and in
+  ``farsync train --train.fault=...`` (see :func:`parse_fault`). A third kind,
+  ``leave:STEP``, is a worker that stops contributing from the sync sent after schedule
+  step STEP on (weight 0): in one process, what an elastic run computes when that worker
+  dies in the round that sync closes. The federated client corrupts its reply with the
+  same :func:`corrupt`.
+* A process that dies or hangs at a given step (:class:`DieAt`): a test hook, never a
+  configuration key. It is set by the environment variable ``FARSYNC_DIE_AT`` =
+  ``STEP`` or ``STEP:SIGNAL`` (SIGKILL, the default: a lost worker; SIGSTOP: a hung one):
+  the process signals itself inside the exchange of the sync sent after schedule step
+  STEP (1-based) if one is due then, else right after that step's forward and backward.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import signal
 from concurrent.futures import Future
-from dataclasses import replace
+from dataclasses import dataclass, replace
+
+import torch
 
 from farsync.comm.base import Communicator, ExchangeRequest, Work
 
 FAULT_KINDS = ("nan", "scale", "leave")
+#: the test hook's environment variable (see :class:`DieAt`)
+DIE_AT_ENV = "FARSYNC_DIE_AT"
+DIE_SIGNALS = ("SIGKILL", "SIGSTOP")
 
 
 def parse_fault(spec: str) -> tuple[str, float]:
@@ -34,6 +48,19 @@ def parse_fault(spec: str) -> tuple[str, float]:
     except ValueError:
         raise ValueError(f"fault {kind}:{'STEP' if kind == 'leave' else 'FACTOR'} needs a number (got {spec!r})") from None
     return kind, factor
+
+
+def corrupt(buf: torch.Tensor, kind: str, factor: float) -> torch.Tensor:
+    """A corrupted copy of ``buf``: NaN at every 7th of its length (``nan``), or ×
+    ``factor`` (``scale``)."""
+    out = buf.detach().clone()
+    if kind == "nan":
+        out[:: max(1, out.numel() // 7)] = math.nan
+    elif kind == "scale":
+        out.mul_(factor)
+    else:
+        raise ValueError(f"{kind!r} does not corrupt a buffer (nan or scale:FACTOR)")
+    return out
 
 
 class FaultyCommunicator(Communicator):
@@ -54,20 +81,49 @@ class FaultyCommunicator(Communicator):
                 self.corrupted += 1
             return self.inner.exchange(request)
         if self.rounds is None or request.round in self.rounds:
-            buf = request.buf.detach().clone()
-            if self.kind == "nan":
-                buf[:: max(1, buf.numel() // 7)] = math.nan
-            else:
-                buf.mul_(self.factor)
-            request = replace(request, buf=buf)
+            request = replace(request, buf=corrupt(request.buf, self.kind, self.factor))
             self.corrupted += 1
         return self.inner.exchange(request)
-
-    def all_reduce_mean(self, buf, codec, **kw) -> Work:
-        return self.exchange(ExchangeRequest(buf, codec, **kw))
 
     def all_sum_floats_async(self, values: list[float]) -> Future:
         return self.inner.all_sum_floats_async(values)
 
     def close(self) -> None:
         self.inner.close()
+
+
+@dataclass(frozen=True)
+class DieAt:
+    """The test hook of ``FARSYNC_DIE_AT`` (see the module docstring): this process
+    sends itself ``signal`` at schedule step ``step``."""
+
+    step: int
+    signal: str = "SIGKILL"
+
+    @classmethod
+    def from_env(cls) -> DieAt | None:
+        """The hook ``FARSYNC_DIE_AT`` asks for, or None; ValueError naming a bad value."""
+        spec = os.environ.get(DIE_AT_ENV, "")
+        if not spec:
+            return None
+        step, _, sig = spec.partition(":")
+        sig = sig or "SIGKILL"
+        if not step.isdigit() or int(step) < 1 or sig not in DIE_SIGNALS:
+            raise ValueError(f"{DIE_AT_ENV} must be STEP or STEP:SIGNAL with STEP >= 1 and SIGNAL one of "
+                             f"{', '.join(DIE_SIGNALS)} (got {spec!r})")
+        return cls(int(step), sig)
+
+    def _die(self) -> None:
+        os.kill(os.getpid(), getattr(signal, self.signal))
+
+    def after_backward(self, step: int, sync_due: bool) -> None:
+        """Schedule step ``step`` (1-based) computed its gradients: die now if it is the
+        hook's step and no sync is due after it (else :meth:`in_sync` does, mid-sync)."""
+        if step == self.step and not sync_due:
+            self._die()
+
+    def in_sync(self, round: tuple | None, weight: float) -> None:
+        """Inside the exchange of ``round`` (its last entry the schedule step it was sent
+        after), for a worker that contributes: die if it is the hook's step."""
+        if weight > 0 and round is not None and round[-1] == self.step:
+            self._die()

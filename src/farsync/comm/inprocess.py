@@ -39,6 +39,10 @@ class _Op:
         self.ready_at = math.inf
 
 
+def _identity(codec: Codec) -> tuple:
+    return codec.name, codec.alignment, codec.stochastic_rounding
+
+
 class InProcessGroup:
     """The shared state of M simulated workers; hand one communicator to each."""
 
@@ -68,7 +72,7 @@ class InProcessGroup:
         op = self._ops.get(op_id)
         if op is None:
             op = self._ops[op_id] = _Op(op_id, plan, codec, agg, self.world_size, round)
-        elif op.plan != plan or op.codec.name != codec.name:
+        elif op.plan != plan or _identity(op.codec) != _identity(codec):
             raise RuntimeError(
                 f"mismatched exchange #{op_id}: rank {rank} sent {plan.numel} values under "
                 f"{codec.name!r}, others {op.plan.numel} under {op.codec.name!r}"
@@ -121,10 +125,6 @@ class _InProcessWork(Work):
         self.bytes_sent = op.plan.bytes_sent
         self._result: ExchangeResult | None = None
 
-    def is_completed(self) -> bool:
-        op = self._op
-        return op.arrived == len(op.weights) and time.perf_counter() >= op.ready_at
-
     def wait(self) -> ExchangeResult:
         if self._result is not None:
             return self._result
@@ -155,7 +155,6 @@ class InProcessCommunicator(Communicator):
         self.world_size = group.world_size
 
     def exchange(self, request: ExchangeRequest) -> Work:
-        self.check_members(request.members)
         buf, codec, weight, method = request.buf, request.codec, request.weight, request.method
         ex.validate_weight(weight)
         if self.world_size == 1:
@@ -163,6 +162,3 @@ class InProcessCommunicator(Communicator):
             return CompletedWork(ExchangeResult(mean, (float(weight),), 0, 0, d.kept, d.excluded, d.skipped))
         return self._group._contribute(self.rank, buf.detach().reshape(-1), codec, weight, request.generator,
                                        method, request.round, request.aggregation)
-
-    def all_reduce_mean(self, buf, codec, *, weight=1.0, generator=None, method="auto", aggregation=ex.PLAIN) -> Work:
-        return self.exchange(ExchangeRequest(buf, codec, weight, generator, method, aggregation=aggregation))

@@ -14,9 +14,12 @@ worker's summary). The loop never imports ``torch.distributed``.
 
 from __future__ import annotations
 
+import json
 import os
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+
+import torch
 
 from farsync.comm.base import Communicator, completed_future
 from farsync.comm.inprocess import InProcessGroup
@@ -56,6 +59,17 @@ class Group:
         return self.distributed and not self.elastic
 
     @property
+    def backend(self) -> str:
+        """How the workers meet, for the summary."""
+        return "elastic (torchft)" if self.elastic else "torch.distributed" if self.distributed else "in-process"
+
+    @property
+    def checkpoint_workers(self) -> list[int]:
+        """The workers whose files make this run directory's checkpoint complete: all of
+        them, but for an elastic worker, which keeps its own."""
+        return list(self.local_ranks) if self.elastic else list(range(self.workers))
+
+    @property
     def summed_workers(self) -> int:
         """How many workers a metrics sum (:meth:`all_sum_async`) adds up."""
         return len(self.local_ranks) if self.elastic else self.workers
@@ -66,29 +80,36 @@ class Group:
         worker reports its own): already done."""
         return self.comms[0].all_sum_floats_async(values) if self._shared else completed_future(list(values))
 
-    def all_sum(self, values: list[float]) -> list[float]:
-        """Blocking sum over processes."""
-        return self.all_sum_async(values).result()
-
     def broadcast(self, obj):
-        """Rank 0's ``obj`` on every process."""
+        """Rank 0's ``obj`` (plain data: what JSON holds) on every process."""
         if not self._shared:
             return obj
         import torch.distributed as dist
 
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+        dev = _device()
+        data = _to_json_tensor(obj if self.rank == 0 else None, dev)
+        size = torch.tensor([data.numel()], dtype=torch.int64, device=dev)
+        dist.broadcast(size, src=0)
+        if self.rank != 0:
+            data = torch.empty(int(size), dtype=torch.uint8, device=dev)
+        dist.broadcast(data, src=0)
+        return _from_json_tensor(data)
 
-    def gather(self, obj) -> list:
-        """Every process's ``obj``, by rank (in-process and elastic: the one object, as a list)."""
+    def gather_workers(self, local: list) -> list:
+        """One object per local worker (``local``, in ``local_ranks`` order; plain data) →
+        every worker's, by worker: in-process and elastic, ``local`` itself."""
         if not self._shared:
-            return [obj]
+            return list(local)
         import torch.distributed as dist
 
-        out: list = [None] * self.workers
-        dist.all_gather_object(out, obj)
-        return out
+        dev, n = _device(), dist.get_world_size()
+        data = _to_json_tensor(local, dev)
+        sizes = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(n)]
+        dist.all_gather(sizes, torch.tensor([data.numel()], dtype=torch.int64, device=dev))
+        longest = max(int(s) for s in sizes)
+        got = [torch.empty(longest, dtype=torch.uint8, device=dev) for _ in range(n)]
+        dist.all_gather(got, torch.nn.functional.pad(data, (0, longest - data.numel())))
+        return [x for g, s in zip(got, sizes) for x in _from_json_tensor(g[: int(s)])]
 
     def barrier(self) -> None:
         if self._shared:
@@ -112,15 +133,30 @@ class Group:
             self.owns_process_group = False
 
 
-def join(workers: int, *, device_type: str = "cpu", delay_s: float = 0.0) -> Group:
+def _device() -> torch.device:
+    """Where the default group's tensors live (NCCL: this process's GPU)."""
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _to_json_tensor(obj, dev: torch.device) -> torch.Tensor:
+    """``obj`` as the bytes of its JSON text, in a uint8 tensor: what crosses between
+    processes is data, never a pickle."""
+    return torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8).to(dev)
+
+
+def _from_json_tensor(t: torch.Tensor):
+    return json.loads(bytes(t.cpu().numpy()).decode())
+
+
+def join(workers: int, *, device_type: str = "cpu") -> Group:
     """The group of a run of M = ``workers``: under torchrun, this process's worker
     (creating the default process group if needed); otherwise all M, in-process.
-
-    ``delay_s`` makes every exchange take at least that long (a slow-link stand-in).
     ValueError when torchrun started another number of processes than M.
     """
     if not launched_by_torchrun():
-        group = InProcessGroup(workers, delay_s=delay_s)
+        group = InProcessGroup(workers)
         return Group(0, workers, False, group.communicators(), list(range(workers)))
     import torch.distributed as dist
 
@@ -136,7 +172,7 @@ def join(workers: int, *, device_type: str = "cpu", delay_s: float = 0.0) -> Gro
     if owns:
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     rank = dist.get_rank()
-    return Group(rank, workers, True, [TorchDistributedCommunicator(delay_s=delay_s)], [rank], owns)
+    return Group(rank, workers, True, [TorchDistributedCommunicator()], [rank], owns)
 
 
 def join_elastic(workers: int, worker: int, *, lighthouse: str, timeout_s: float, connect_timeout_s: float,

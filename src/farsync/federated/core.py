@@ -1,14 +1,17 @@
 """Federated DiLoCo (Photon): one server holds θ_g and the outer optimizer; clients train.
 
 No transport here: :class:`Server` and :class:`Client` exchange plain Python objects
-(:class:`Work`, :class:`Reply`), so the same code runs in one process
-(:func:`simulate`) and under Flower (:mod:`farsync.federated.apps`), and the two give the
-same θ_g bit for bit (tested).
+(:class:`Task`, :class:`Reply`), so the same code runs in one process
+(:func:`simulate_federation`) and under Flower (:mod:`farsync.federated.flower`), and the
+two give the same θ_g bit for bit (tested). The outer step and the participation sample
+are those of every farsync run (:mod:`farsync.algorithms.outer`), so a federation equals
+the all-to-all DiLoCo run of the same schedule (tested, with an fp32 codec: the server
+re-encodes the mean it sends back, which all-to-all all-gather does not).
 
 A round r:
 
 1. the server samples K of the clients online (seeded by (seed, r)) and sends each a
-   :class:`Work`: the round, the inner steps to train, and the *downlink* that brings the
+   :class:`Task`: the round, the inner steps to train, and the *downlink* that brings the
    client's copy of θ_g up to date: the encoded mean pseudo-gradients of the rounds it
    missed (each a codec payload, replayed through the same outer step the server took),
    or, for a client further behind than the server keeps (or new), θ_g and the outer
@@ -28,18 +31,20 @@ A round r:
 
 from __future__ import annotations
 
-import math
 import os
-import random
 import shutil
+import time
 from dataclasses import dataclass, field
 
 import torch
 
 from farsync.algorithms.fragments import flatten, unflatten_into
+from farsync.algorithms.outer import OuterStep, outer_sgd, sample_participants
 from farsync.codecs import get_codec
 from farsync.comm import exchange as ex
+from farsync.comm.faults import corrupt, parse_fault
 from farsync.files import atomic_write
+from farsync.train import components
 
 
 def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -58,40 +63,33 @@ def load_flat(model: torch.nn.Module, vec: torch.Tensor) -> None:
 
 
 class GlobalModel:
-    """θ_g and its outer optimizer, the same object on the server and in every client's
-    copy: applying the same decoded means in the same order gives the same bits."""
+    """θ_g and its outer optimizer (an :class:`~farsync.algorithms.outer.OuterStep` over
+    one flat vector), the same object on the server and in every client's copy: applying
+    the same decoded means in the same order gives the same bits. ``version`` counts the
+    rounds applied."""
 
-    def __init__(self, theta: torch.Tensor, *, outer_lr: float, outer_momentum: float):
+    def __init__(self, theta: torch.Tensor, *, outer_lr: float, outer_momentum: float, outer_nesterov: bool = True):
         self.theta = theta.clone().float()
-        self.version = 0  # rounds applied
-        self._opt = torch.optim.SGD([self.theta], lr=outer_lr, momentum=outer_momentum,
-                                    nesterov=outer_momentum > 0)
+        self.version = 0
+        self.outer = OuterStep([self.theta], outer_sgd(outer_lr, outer_momentum, outer_nesterov))
 
-    @torch.no_grad()
     def apply(self, mean: torch.Tensor | None, final: bool = False) -> None:
         """One round: the outer step with pseudo-gradient ``mean`` (None: a skipped round,
         θ_g unchanged); ``final``: θ_g ← θ_g − mean, no extrapolation."""
         if mean is not None:
-            if final:
-                self.theta.sub_(mean)
-            else:
-                self.theta.grad = mean.clone()
-                self._opt.step()
-                self.theta.grad = None
+            self.outer.land(mean, plain_mean=final)
         self.version += 1
 
     def state_dict(self) -> dict:
-        return {"theta": self.theta.clone(), "version": self.version, "opt": self._opt.state_dict()}
+        return {"theta": self.theta.clone(), "version": self.version, "opt": self.outer.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        with torch.no_grad():
-            self.theta.copy_(state["theta"])
+        self.outer.load([state["theta"]], state["opt"])
         self.version = state["version"]
-        self._opt.load_state_dict(state["opt"])
 
 
 @dataclass
-class Work:
+class Task:
     """What the server sends a client for one round."""
 
     round: int
@@ -133,8 +131,9 @@ def from_bytes(b: bytes, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
     return torch.frombuffer(bytearray(b), dtype=dtype)
 
 
-class Codec:
-    """A farsync codec over a fixed-length fp32 vector: pads to the codec's alignment."""
+class FlatCodec:
+    """A farsync codec over a fixed-length fp32 vector, to and from ``bytes``: pads to the
+    codec's alignment."""
 
     def __init__(self, name: str, numel: int, block_size: int | None = None):
         self.codec = get_codec(name, block_size=block_size)
@@ -151,23 +150,15 @@ class Codec:
         return self.codec.encoded_nbytes(self.padded)
 
 
-def sample(seed: int, round_: int, online: list[int], k: int) -> list[int]:
-    """K of the online clients for round ``round_`` (all when k is 0 or ≥ their number);
-    the same answer wherever it is computed."""
-    ids = sorted(online)
-    if not k or k >= len(ids):
-        return ids
-    return sorted(random.Random(f"{seed}:{round_}").sample(ids, k))
-
-
 class Server:
     """θ_g, the outer optimizer, the log of encoded means, and what each client holds."""
 
     def __init__(self, theta: torch.Tensor, *, rounds: int, steps: int, codec: str, outer_lr: float,
                  outer_momentum: float, aggregation: ex.Aggregation, per_round: int = 0, seed: int = 0,
-                 keep_rounds: int = 8, final_average: bool = True, codec_block_size: int | None = None):
-        self.model = GlobalModel(theta, outer_lr=outer_lr, outer_momentum=outer_momentum)
-        self.codec = Codec(codec, theta.numel(), codec_block_size)
+                 keep_rounds: int = 8, final_average: bool = True, codec_block_size: int | None = None,
+                 outer_nesterov: bool = True):
+        self.model = GlobalModel(theta, outer_lr=outer_lr, outer_momentum=outer_momentum, outer_nesterov=outer_nesterov)
+        self.codec = FlatCodec(codec, theta.numel(), codec_block_size)
         self.rounds, self.steps, self.per_round, self.seed = rounds, steps, per_round, seed
         self.aggregation, self.keep_rounds, self.final_average = aggregation, keep_rounds, final_average
         self.log: dict[int, bytes | None] = {}  # round -> the encoded mean applied (None: skipped)
@@ -178,14 +169,19 @@ class Server:
     def round(self) -> int:
         return self.model.version
 
-    def work_for(self, client: int) -> Work:
+    def sample(self, online: list[int]) -> list[int]:
+        """The clients of this round: ``algo.participation`` of those ``online``, drawn as
+        every farsync run draws them (:func:`~farsync.algorithms.outer.sample_participants`)."""
+        return sample_participants(self.per_round, online, self.seed, 0, self.round)
+
+    def work_for(self, client: int) -> Task:
         """The round's work for ``client``, with the downlink that brings it to θ_g."""
         have = self.held.get(client)
         r = self.round
         if have is not None and all(v in self.log for v in range(have, r)):
-            w = Work(r, self.steps, self.rounds, deltas=[(v, self.log[v]) for v in range(have, r)])
+            w = Task(r, self.steps, self.rounds, deltas=[(v, self.log[v]) for v in range(have, r)])
         else:
-            w = Work(r, self.steps, self.rounds, full=self.model.state_dict())
+            w = Task(r, self.steps, self.rounds, full=self.model.state_dict())
         self.held[client] = r  # once it has run this, it holds θ_g at version r
         return w
 
@@ -240,19 +236,18 @@ class Client:
     ClientApp may be a new process for every message)."""
 
     def __init__(self, cfg, client: int, state_dir: str, corpus, device: torch.device | None = None):
-        from farsync.train.loop import build_model, inner_optimizer
-
         self.cfg, self.id, self.state_dir, self.corpus = cfg, client, state_dir, corpus
         self.device = device or torch.device("cpu")
-        self.model = build_model(cfg, corpus.vocab_size, self.device)  # seeded: θ_0 is the same everywhere
-        self.opt = inner_optimizer(cfg, self.model)
+        self.model = components.build_model(cfg, corpus.vocab_size, self.device)  # seeded: θ_0 is the same everywhere
+        self.opt = components.inner_optimizer(cfg, self.model)
         a = cfg.algo
-        self.global_model = GlobalModel(flat(self.model), outer_lr=a.outer_lr, outer_momentum=a.outer_momentum)
-        self.codec = Codec(a.codec, self.global_model.theta.numel(), a.codec_block_size)
+        self.global_model = GlobalModel(flat(self.model), outer_lr=a.outer_lr, outer_momentum=a.outer_momentum,
+                                        outer_nesterov=a.outer_nesterov)
+        self.codec = FlatCodec(a.codec, self.global_model.theta.numel(), a.codec_block_size)
         self.position = 0  # batches of its shard trained so far
         self.path = os.path.join(state_dir, f"client-{client}.pt")
         if os.path.exists(self.path):
-            s = torch.load(self.path, map_location=self.device, weights_only=False)
+            s = torch.load(self.path, map_location=self.device, weights_only=True)
             self.opt.load_state_dict(s["opt"])
             self.global_model.load_state_dict(s["global"])
             self.position = s["position"]
@@ -261,7 +256,7 @@ class Client:
         state = {"opt": self.opt.state_dict(), "global": self.global_model.state_dict(), "position": self.position}
         atomic_write(self.path, lambda f: torch.save(state, f))
 
-    def catch_up(self, work: Work) -> None:
+    def catch_up(self, work: Task) -> None:
         """Apply the downlink: θ_g of the round ``work.round``."""
         if work.full is not None:
             self.global_model.load_state_dict(work.full)
@@ -275,19 +270,16 @@ class Client:
             raise ValueError(f"client {self.id}: at round {self.global_model.version} after the downlink, "
                              f"expected {work.round}")
 
-    def train(self, work: Work, *, fault=None, speed: float = 1.0) -> Reply:
-        """Catch up, train ``work.steps`` inner steps from θ_g, reply with Δ. ``speed`` < 1
-        (a test/benchmark hook, as ``algo.worker_speeds`` under torchrun): after each step
-        the client sleeps (1/speed − 1) × that step's time."""
-        import time
-
-        from farsync.train.loop import local_step, lr_lambda
-
+    def train(self, work: Task, *, fault: str = "", speed: float = 1.0) -> Reply:
+        """Catch up, train ``work.steps`` inner steps from θ_g, reply with Δ. ``fault``
+        (``nan`` or ``scale:F``, :mod:`farsync.comm.faults`) corrupts the reply; ``speed`` <
+        1 (a test/benchmark hook, as ``algo.worker_speeds`` under torchrun): after each
+        step the client sleeps (1/speed − 1) × that step's time."""
         cfg = self.cfg
         t0 = time.perf_counter()
         self.catch_up(work)
         load_flat(self.model, self.global_model.theta)
-        sched = lr_lambda(cfg)
+        sched = components.lr_lambda(cfg)
         M, B, T = cfg.algo.workers, cfg.train.batch_size, cfg.model.seq_len
         losses = []
         t1 = time.perf_counter()
@@ -297,14 +289,14 @@ class Client:
             for g in self.opt.param_groups:
                 g["lr"] = cfg.optim.lr * sched(work.round * work.steps + i)
             x, y = self.corpus.worker_batch(self.id, M, self.position, B, T, cfg.train.seed)
-            losses.append(local_step(cfg, self.model, self.opt, x.to(self.device), y.to(self.device)))
+            losses.append(components.local_step(cfg, self.model, self.opt, x.to(self.device), y.to(self.device)))
             self.position += 1
             if speed < 1.0:
                 time.sleep((time.perf_counter() - ts) * (1.0 / speed - 1.0))
         t2 = time.perf_counter()
         delta = self.global_model.theta - flat(self.model)
-        if fault is not None:
-            delta = fault(delta)
+        if fault:
+            delta = corrupt(delta, *parse_client_fault(fault))
         payload = self.codec.encode(delta)
         tokens = work.steps * B * T
         self.save()
@@ -313,40 +305,44 @@ class Client:
                      {"catch_up": t1 - t0, "train": t2 - t1, "encode_save": t3 - t2})
 
 
-def parse_fault(text: str):
-    """A test/benchmark fault for a client's Δ: 'nan' or 'scale:F'."""
-    if text == "nan":
-        return lambda d: torch.full_like(d, math.nan)
-    if text.startswith("scale:"):
-        f = float(text.split(":", 1)[1])
-        return lambda d: d * f
-    raise ValueError(f"federated fault must be 'nan' or 'scale:F' (got {text!r})")
+def parse_client_fault(spec: str) -> tuple[str, float]:
+    """A client's fault: ``nan`` or ``scale:F`` (:func:`farsync.comm.faults.parse_fault`;
+    ``leave`` is for all-to-all runs: a federated client that leaves is one that does not
+    reply)."""
+    kind, factor = parse_fault(spec)
+    if kind == "leave":
+        raise ValueError(f"a federated client's fault must be nan or scale:FACTOR (got {spec!r})")
+    return kind, factor
 
 
-def simulate(cfg, run_dir: str, *, rounds: int, online=None, fault: str = "", faulty_client: int = -1,
-             log=print) -> Server:
+def make_server(cfg, theta: torch.Tensor, rounds: int) -> Server:
+    """The server of a federation of ``rounds`` rounds per ``cfg``, starting from ``theta``."""
+    a = cfg.algo
+    return Server(theta, rounds=rounds, steps=a.inner_steps, codec=a.codec, outer_lr=a.outer_lr,
+                  outer_momentum=a.outer_momentum, outer_nesterov=a.outer_nesterov,
+                  aggregation=a.make_aggregation(), per_round=a.participation, seed=cfg.train.seed,
+                  keep_rounds=cfg.federated.keep_rounds, final_average=a.final_average,
+                  codec_block_size=a.codec_block_size)
+
+
+def simulate_federation(cfg, run_dir: str, *, rounds: int, online=None, fault: str = "", faulty_client: int = -1,
+                        log=print) -> Server:
     """The federation in one process: the same Server and Client code, each client's
     state through its state file, a new Client object every round as a new ClientApp
     process would be. ``online(round)``: the clients online in that round (default all)."""
     from farsync.data import Corpus
-    from farsync.train.loop import build_model
 
     a = cfg.algo
     corpus = Corpus.build(cfg.data, log=lambda m: None)
-    theta = flat(build_model(cfg, corpus.vocab_size, torch.device("cpu")))
-    server = Server(theta, rounds=rounds, steps=a.inner_steps, codec=a.codec, outer_lr=a.outer_lr,
-                    outer_momentum=a.outer_momentum, aggregation=a.make_aggregation(), per_round=a.participation,
-                    seed=cfg.train.seed, final_average=a.final_average, codec_block_size=a.codec_block_size)
+    server = make_server(cfg, flat(components.build_model(cfg, corpus.vocab_size, torch.device("cpu"))), rounds)
     state_dir = os.path.join(run_dir, "clients")
     shutil.rmtree(state_dir, ignore_errors=True)  # a new federation: no client state from an earlier one
-    bad = parse_fault(fault) if fault else None
     for r in range(rounds):
-        ids = sorted(online(r)) if online else list(range(a.workers))
-        chosen = sample(cfg.train.seed, r, ids, a.participation)
+        chosen = server.sample(sorted(online(r)) if online else list(range(a.workers)))
         replies = {}
         for c in chosen:
             work = server.work_for(c)
-            replies[c] = Client(cfg, c, state_dir, corpus).train(work, fault=bad if c == faulty_client else None)
+            replies[c] = Client(cfg, c, state_dir, corpus).train(work, fault=fault if c == faulty_client else "")
         row = server.finish_round(replies, chosen)
         log(f"round {r}: clients {row['kept']} kept" + (f", excluded {row['excluded']}" if row["excluded"] else ""))
     return server

@@ -1,5 +1,5 @@
 """The ServerApp's round loop over a Flower ``Grid`` (see :mod:`farsync.federated.core`
-for the arithmetic and :mod:`farsync.federated.flower` for the messages).
+for the arithmetic and :mod:`farsync.federated.messages` for the messages).
 
 Never waits forever: every message carries a TTL of ``federated.round_timeout_s`` and the
 round closes at that deadline with whatever came back; a client that missed it (crashed,
@@ -19,7 +19,8 @@ import time
 
 import torch
 
-from farsync.federated.core import Server, flat, load_flat, sample
+from farsync.federated.core import flat, load_flat, make_server
+from farsync.federated.messages import record_to_reply, task_to_record
 
 #: seconds between two polls for replies
 POLL_S = 0.05
@@ -58,8 +59,7 @@ def run_server(grid, cfg, run_dir: str) -> dict:
     from flwr.app import Message, MessageType
 
     from farsync.data import Corpus
-    from farsync.federated.flower import record_to_reply, work_to_record
-    from farsync.train.loop import build_model, evaluate
+    from farsync.train.components import build_model, evaluate
 
     a, fed = cfg.algo, cfg.federated
     os.makedirs(run_dir, exist_ok=True)
@@ -67,15 +67,12 @@ def run_server(grid, cfg, run_dir: str) -> dict:
     device = torch.device("cpu")
     model = build_model(cfg, corpus.vocab_size, device)
     rounds = fed.rounds or cfg.train.steps // a.inner_steps
-    server = Server(flat(model), rounds=rounds, steps=a.inner_steps, codec=a.codec, outer_lr=a.outer_lr,
-                    outer_momentum=a.outer_momentum, aggregation=a.make_aggregation(), per_round=a.participation,
-                    seed=cfg.train.seed, keep_rounds=fed.keep_rounds, final_average=a.final_average,
-                    codec_block_size=a.codec_block_size)
+    server = make_server(cfg, flat(model), rounds)
     ckpt = os.path.join(run_dir, "server.pt")
     stats_path = os.path.join(run_dir, "clients.json")
     stats: dict[str, dict] = {}
     if os.path.exists(ckpt):
-        server.load_state_dict(torch.load(ckpt, weights_only=False))
+        server.load_state_dict(torch.load(ckpt, weights_only=True))
         if os.path.exists(stats_path):
             with open(stats_path) as f:
                 stats = json.load(f)
@@ -85,8 +82,7 @@ def run_server(grid, cfg, run_dir: str) -> dict:
 
     def eval_loss() -> float:
         load_flat(model, server.model.theta)
-        params = dict(model.named_parameters())
-        return evaluate(model, _Global(params), eval_set, device)
+        return evaluate(model, dict(model.named_parameters()), eval_set, device)
 
     rows_path = os.path.join(run_dir, "rounds.jsonl")
     cooling: dict[int, float] = {}
@@ -94,10 +90,10 @@ def run_server(grid, cfg, run_dir: str) -> dict:
     while server.round < rounds:
         r = server.round
         eligible = _wait_for_clients(grid, fed.min_clients, fed.wait_clients_s, cooling, fed.cooldown_s)
-        chosen = sample(cfg.train.seed, r, eligible, a.participation)
+        chosen = server.sample(eligible)
         t0 = time.time()
         works = {n: server.work_for(n) for n in chosen}
-        messages = {n: Message(work_to_record(w), dst_node_id=n, message_type=MessageType.TRAIN, group_id=str(r),
+        messages = {n: Message(task_to_record(w), dst_node_id=n, message_type=MessageType.TRAIN, group_id=str(r),
                                ttl=fed.round_timeout_s) for n, w in works.items()}
         got, failed = _exchange(grid, messages, t0 + fed.round_timeout_s)
         wall = time.time() - t0
@@ -145,16 +141,6 @@ def run_server(grid, cfg, run_dir: str) -> dict:
     torch.save(server.model.theta, os.path.join(run_dir, "theta.pt"))
     _log(f"done: {rounds} rounds, eval loss {summary['final_eval_loss']:.4f}; {run_dir}/summary.json")
     return summary
-
-
-class _Global:
-    """What :func:`farsync.train.loop.evaluate` asks of a strategy: θ_g by name."""
-
-    def __init__(self, params):
-        self._p = params
-
-    def global_parameters(self):
-        return {k: v.detach() for k, v in self._p.items()}
 
 
 def _sha(t: torch.Tensor) -> str:

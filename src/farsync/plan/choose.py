@@ -4,7 +4,7 @@ Every setting inside the *safe region* (bounds on H, τ, P and the codecs; the d
 what the quality benchmark validated, see docs/PLANNING.md) is simulated with
 :mod:`farsync.sim` as farsync runs it: the model's blocks and parameters, the measured
 step time, the measured bandwidth, one exchange per fragment started after the inner
-step (``schedule="after-backward"``), farsync's exchange method and codec sizes, one
+step (``reductions="after-backward"``), farsync's exchange method and codec sizes, one
 round trip per exchange phase (``latency_model="phases"``) and TCP's ramp-up after an
 idle link when the kernel restarts it (``tcp_slow_start``).
 
@@ -167,7 +167,7 @@ def _simulate(model: sim.ModelSpec, link: LinkMeasurement, workers: int, mode: s
     cfg = sim.SimConfig(
         model=model, mode=mode, workers=workers, inner_steps=H, fragments=P if mode == "streaming" else None,
         sync_delay=tau, codec=codec, bandwidth_gbps=link.bandwidth_bps / 1e9, latency_s=link.rtt_s / 2,
-        schedule="after-backward", fragment_pattern=fragment_pattern, exchange=exchange,
+        reductions="after-backward", fragment_pattern=fragment_pattern, exchange=exchange,
         latency_model="phases", tcp_slow_start=slow_start,
         sync_wait_s=waits.at(sync_gap(mode, H, P)) if waits else 0.0,
     )

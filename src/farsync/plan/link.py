@@ -139,7 +139,7 @@ def _agreed_max(t, value: float, device="cpu") -> float:
     return max(float(x.item()) for x in t.all_gather(torch.tensor([value], dtype=torch.float64, device=device)))
 
 
-def _sync(t, device="cpu") -> None:
+def meet(t, device="cpu") -> None:
     """Return once every member has got here (give or take one crossing)."""
     t.all_gather(torch.zeros(1, dtype=torch.float64, device=device))
 
@@ -178,7 +178,7 @@ def _ping(t, peer: int, repeats: int, device) -> list[float]:
 def _all_to_all_seconds(t, nbytes: int, device) -> float:
     """One exchange of ``nbytes`` to and from every other member; the slowest member's time."""
     me, m = t.rank, t.size
-    _sync(t, device)
+    meet(t, device)
     buf = torch.zeros(nbytes, dtype=torch.uint8, device=device)
     recvs = [None if j == me else torch.empty(nbytes, dtype=torch.uint8, device=device) for j in range(m)]
     sends = [None if j == me else buf for j in range(m)]
@@ -198,11 +198,11 @@ def measure_link(t, *, min_seconds: float = 0.25, start_bytes: int = 32 * 1024, 
     if m < 2:
         raise ValueError("measuring a link needs at least 2 workers")
     t_start = time.perf_counter()
-    _sync(t, device)
+    meet(t, device)
     rtt_by_peer: dict[int, list[float]] = {}
     for peer in range(1, m):
         got = _ping(t, peer, PING_REPEATS, device)
-        _sync(t, device)
+        meet(t, device)
         rtt_by_peer[peer] = got
     # worker 0 timed the round trips: every member takes its figures
     mine = [x for p in range(1, m) for x in rtt_by_peer[p]] if t.rank == 0 else [0.0] * (PING_REPEATS * (m - 1))

@@ -22,7 +22,7 @@ import time
 import torch
 
 from farsync.plan.choose import Plan, SyncWait, choose, describe
-from farsync.plan.link import LinkMeasurement, _sync, gathered, given_link, measure_link
+from farsync.plan.link import LinkMeasurement, gathered, given_link, meet, measure_link
 from farsync.sim import ModelSpec
 
 PLAN_FILE = "plan.json"
@@ -40,7 +40,7 @@ def rehearse(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg, meet
     ``model`` on the batch (x, y), and of each wait in ``meet()`` (called after the warm-up
     and after every ``gap`` timed steps; None: no meetings, one round of gap × syncs
     steps). The model itself is left as it was."""
-    from farsync.train.loop import inner_optimizer, local_step
+    from farsync.train.components import inner_optimizer, local_step
 
     m = copy.deepcopy(model)
     opt = inner_optimizer(cfg, m)
@@ -93,7 +93,7 @@ def make_plan(cfg, group, model: torch.nn.Module, batch: tuple[torch.Tensor, tor
         log("plan: measuring the link between the workers ...")
         link = measure_link(transport, min_seconds=p.probe_seconds, device=batch[0].device)
     dev = batch[0].device
-    own, waited = rehearse(model, *batch, cfg, None if transport is None else lambda: _sync(transport, dev))
+    own, waited = rehearse(model, *batch, cfg, None if transport is None else lambda: meet(transport, dev))
     if transport is not None:  # every worker's figures, by worker
         every, waits_by = gathered(transport, own, dev), gathered(transport, waited, dev)
         waits = SyncWait(REHEARSAL_GAP, statistics.fmean(statistics.fmean(w) for w in waits_by))
@@ -144,50 +144,41 @@ def plan_run(cfg, group, model: torch.nn.Module, batch, run_dir: str, log, *, ke
     if keep:  # its checkpoints follow the schedule in its config: planning anew could change it
         log(f"plan: {path} is missing; the resumed run keeps the algo settings of its config.toml")
         return cfg, None
+    doc = shared_plan(cfg, group, model, batch, run_dir, log)
+    return apply(cfg, doc["chosen"]), doc
+
+
+def shared_plan(cfg, group, model: torch.nn.Module, batch, run_dir: str, log) -> dict:
+    """Measure and choose (:func:`make_plan`); rank 0's plan document, on every worker
+    (the same plan everywhere, whatever float noise might do), written by rank 0 to
+    ``run_dir/plan.json``."""
     _, doc = make_plan(cfg, group, model, batch, log)
-    doc = group.broadcast(doc)  # the same plan everywhere, whatever float noise might do
+    doc = group.broadcast(doc)
     if group.is_main:
+        path = os.path.join(run_dir, PLAN_FILE)
         os.makedirs(run_dir, exist_ok=True)
         with open(path, "w") as f:
             json.dump(doc, f, indent=2)
         log(f"plan: written to {path}")
-    return apply(cfg, doc["chosen"]), doc
+    return doc
 
 
 def plan_only(cfg) -> tuple[dict, str]:
     """``farsync plan``: join the workers as training would, measure, choose; the plan
     document and where rank 0 wrote it. Nothing is trained."""
-    import sys
-
-    from farsync.comm import rendezvous
     from farsync.data import Corpus
-    from farsync.train.loop import _device, build_model
+    from farsync.train.components import build_model
+    from farsync.train.metrics import log_main
+    from farsync.train.session import session
 
-    def log(msg: str) -> None:
-        if group.is_main:
-            print(msg, file=sys.stderr, flush=True)
+    with session(cfg) as (group, dev):
+        def log(msg: str) -> None:
+            log_main(group, msg)
 
-    threads = torch.get_num_threads()
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    try:
-        device = _device(cfg)
-        group = rendezvous.join(cfg.algo.workers, device_type=device.type)
-        try:
-            name = cfg.train.name or group.broadcast(f"plan-{time.strftime('%Y%m%d-%H%M%S')}")
-            run_dir = os.path.join(cfg.train.run_dir, name)
-            corpus = Corpus.build(cfg.data, log=log)
-            x, y = corpus.worker_batch(group.local_ranks[0], cfg.algo.workers, 0, cfg.train.batch_size,
-                                       cfg.model.seq_len, cfg.train.seed)
-            _, doc = make_plan(cfg, group, build_model(cfg, corpus.vocab_size, device), (x.to(device), y.to(device)), log)
-            doc = group.broadcast(doc)
-            path = os.path.join(run_dir, PLAN_FILE)
-            if group.is_main:
-                os.makedirs(run_dir, exist_ok=True)
-                with open(path, "w") as f:
-                    json.dump(doc, f, indent=2)
-            return doc, path
-        finally:
-            group.close()
-    finally:
-        torch.set_num_threads(threads)
+        name = cfg.train.name or group.broadcast(f"plan-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir = os.path.join(cfg.train.run_dir, name)
+        corpus = Corpus.build(cfg.data, log=log)
+        x, y = corpus.worker_batch(group.local_ranks[0], cfg.algo.workers, 0, cfg.train.batch_size,
+                                   cfg.model.seq_len, cfg.train.seed)
+        doc = shared_plan(cfg, group, build_model(cfg, corpus.vocab_size, dev), (x.to(dev), y.to(dev)), run_dir, log)
+        return doc, os.path.join(run_dir, PLAN_FILE)

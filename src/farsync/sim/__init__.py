@@ -16,7 +16,7 @@ from farsync.sim.engine import (
     LATENCY_MODELS,
     METHOD_LABELS,
     METHODS,
-    SCHEDULES,
+    REDUCTIONS,
     SimConfig,
     SimResult,
     exchange_phases,
@@ -53,7 +53,7 @@ from farsync.sim.wire import WIRE_FORMATS, WireFormat, wire_format
 __all__ = [
     "DEFAULT_CODEC", "DEFAULT_WORKERS", "FINE_GRID", "GRIDS",
     "LATENCY_MODELS", "LAYERS_PER_FRAGMENT", "METHOD_LABELS", "METHODS", "PAPER_GRID", "PAPER_INNER_STEPS",
-    "PAPER_TABLE4_1B", "PRESETS", "SCHEDULES", "TARGETS", "WIRE_FORMATS",
+    "PAPER_TABLE4_1B", "PRESETS", "REDUCTIONS", "TARGETS", "WIRE_FORMATS",
     "ModelSpec", "SimConfig", "SimInputError", "SimResult", "WireFormat", "exchange_phases", "grid_index",
     "grid_step_errors", "json_table", "markdown_table", "method_config", "preset",
     "required_bandwidth", "required_table", "simulate", "slow_start_extra_s", "utilization", "utilization_curve",

@@ -62,7 +62,8 @@ from farsync.sim.wire import WIRE_FORMATS, WireFormat, wire_format
 
 #: When a block's reduction starts: as soon as its parameter gradient is ready, or
 #: after the whole backward pass.
-SCHEDULES = ("per-layer", "after-backward")
+#: when a sync's reductions start: per block as its gradient is ready, or after the backward pass
+REDUCTIONS = ("per-layer", "after-backward")
 
 #: Wire codec for every method except the FP4 one. bf16, not fp32: see BENCHMARKS.md —
 #: with fp32 every cell of the paper's 1B row is 4-6 grid steps too high, with bf16 all
@@ -119,7 +120,7 @@ class SimConfig:
     codec: wire format of the exchanged values (see farsync.sim.wire).
     bandwidth_gbps: link bandwidth between workers, Gbit/s (10^9 bit/s), each direction.
     latency_s: one-way latency per hop of a collective, seconds.
-    schedule: 'per-layer' (a collective per block, started when its parameter gradient is
+    reductions: 'per-layer' (a collective per block, started when its parameter gradient is
         ready; the paper's choice) or 'after-backward' (one collective per sync event,
         started when the step's backward pass ends).
     fragment_pattern: 'strided' (block l in fragment l mod P; the paper's default) or
@@ -150,7 +151,7 @@ class SimConfig:
     codec: str = DEFAULT_CODEC
     bandwidth_gbps: float = 1.0
     latency_s: float = 0.0
-    schedule: str = "per-layer"
+    reductions: str = "per-layer"
     fragment_pattern: str = "strided"
     exchange: str = "reduce-scatter"
     count_scales: bool = True
@@ -176,7 +177,7 @@ class SimConfig:
             raise SimInputError("latency_s", self.latency_s, "must be >= 0 seconds")
         if not (self.sync_wait_s >= 0 and math.isfinite(self.sync_wait_s)):
             raise SimInputError("sync_wait_s", self.sync_wait_s, "must be >= 0 seconds")
-        check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("reductions", self.reductions, REDUCTIONS)
         check_choice("fragment_pattern", self.fragment_pattern, FRAGMENT_PATTERNS)
         check_choice("exchange", self.exchange, EXCHANGES)
         check_choice("latency_model", self.latency_model, LATENCY_MODELS)
@@ -309,7 +310,7 @@ def simulate(config: SimConfig, max_periods: int = 64) -> SimResult:
     unit = T / (3 * L - 1)  # one compute node
     period = config.period
     tau = config.tau
-    per_layer = config.schedule == "per-layer"
+    per_layer = config.reductions == "per-layer"
     table = config.sync_table()
     layer_values = config.model.params / L
     layer_seconds = config.collective_seconds(layer_values)

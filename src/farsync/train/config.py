@@ -20,15 +20,38 @@ from farsync.codec_names import CODEC_NAMES
 from farsync.data import DataConfig
 from farsync.models import MODEL_SIZES
 from farsync.overrides import parse_override
-from farsync.schedule import EXCHANGES, FRAGMENT_PATTERNS, SettingError, check_schedule, wire_codec
+from farsync.schedule import EXCHANGES, FRAGMENT_PATTERNS, SettingError, check_choice, check_schedule, wire_codec
 
 
 class ConfigError(ValueError):
     """A recipe or override is wrong; the message names the key and value."""
 
 
-#: algo.schedule: how workers of unequal speed share a round
-SCHEDULES = ("lockstep", "steps", "time-budget")
+#: algo.schedule: how workers of unequal speed are paced through a round (not to be
+#: confused with the sync schedule of :mod:`farsync.schedule`, which says when each
+#: fragment syncs)
+PACINGS = ("lockstep", "steps", "time-budget")
+
+
+def _choice(key: str, value, choices) -> None:
+    """:func:`farsync.schedule.check_choice`, as a ConfigError."""
+    try:
+        check_choice(key, value, choices)
+    except SettingError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _at_least(pairs) -> None:
+    """(key, value, low): value >= low (None: unset, an optional key)."""
+    for key, value, low in pairs:
+        if value is not None and value < low:
+            raise ConfigError(f"{key} must be >= {low} (got {value})")
+
+
+def _positive(pairs) -> None:
+    for key, value in pairs:
+        if not value > 0:
+            raise ConfigError(f"{key} must be > 0 (got {value})")
 
 
 @dataclass
@@ -46,6 +69,12 @@ class ModelConfig:
     """A transformers config.json (or a folder with one): train that causal-LM architecture
     instead of model.size, from random weights, its vocabulary set to the tokenizer's
     (pip install 'farsync[hf]'). z_loss and qk_norm do not apply."""
+
+    def __post_init__(self) -> None:
+        _choice("model.size", self.size, tuple(MODEL_SIZES))
+        if self.hf_config and not os.path.exists(self.hf_config):
+            raise ConfigError(f"model.hf_config: no such file or directory: {self.hf_config!r}")
+        _at_least([("model.seq_len", self.seq_len, 8)])
 
 
 @dataclass
@@ -79,6 +108,8 @@ class AlgoConfig:
     """Outer SGD learning rate."""
     outer_momentum: float = 0.8
     """Outer Nesterov momentum (the papers' 0.9 lost 4 % to 0.8 in the quality benchmark)."""
+    outer_nesterov: bool = True
+    """Nesterov's form of the outer momentum (false: plain heavy-ball momentum)."""
     compensate_weight_decay: bool = True
     """Divide the inner weight decay by the outer optimizer's steady-state gain
     outer_lr / (1 - outer_momentum): the outer momentum multiplies a pseudo-gradient that
@@ -120,6 +151,36 @@ class AlgoConfig:
     mode, inner_steps, fragments, sync_delay and codec to the setting the simulator
     predicts sends the fewest bytes at plan.target_utilization, inside the plan.* bounds
     (the choice and the alternatives go to RUN/plan.json; a resumed run keeps its plan)."""
+
+    def __post_init__(self) -> None:
+        _choice("algo.codec", self.codec, CODEC_NAMES)
+        _choice("algo.exchange", self.exchange, EXCHANGES)
+        _choice("algo.fragment_pattern", self.fragment_pattern, FRAGMENT_PATTERNS)
+        _choice("algo.schedule", self.schedule, PACINGS)
+        try:  # the schedule rules the simulator applies too (farsync.schedule)
+            check_schedule(self.mode, inner_steps=self.inner_steps, fragments=self.fragments,
+                           sync_delay=self.sync_delay, mixing=self.mixing, prefix="algo.")
+        except SettingError as e:
+            raise ConfigError(str(e)) from None
+        _at_least([("algo.workers", self.workers, 1), ("algo.codec_block_size", self.codec_block_size, 1)])
+        _positive([("algo.outer_lr", self.outer_lr)])
+        if not 0.0 <= self.outer_momentum < 1.0:
+            raise ConfigError(f"algo.outer_momentum must be in [0, 1) (got {self.outer_momentum})")
+        if self.error_feedback and self.stochastic_rounding:
+            raise ConfigError("algo.error_feedback needs round-to-nearest: set algo.stochastic_rounding=false")
+        speeds = self.speeds()
+        if self.mode == "dp" and (len(set(speeds)) > 1 or self.schedule != "lockstep"):
+            raise ConfigError("algo.worker_speeds / algo.schedule need rounds: use mode diloco or streaming")
+        if self.round_seconds < 0:
+            raise ConfigError(f"algo.round_seconds must be >= 0 (got {self.round_seconds})")
+        if not 0 <= self.participation <= self.workers:
+            raise ConfigError(f"algo.participation must be in [0, {self.workers}] (0 = all workers; got {self.participation})")
+        if self.outlier_factor and self.outlier_factor <= 1:
+            raise ConfigError(f"algo.outlier_factor must be > 1, or 0 for no norm rule (got {self.outlier_factor})")
+        try:
+            self.make_aggregation()
+        except ValueError as e:
+            raise ConfigError(f"algo.{e}") from None
 
     def speeds(self) -> list[float]:
         """worker_speeds as numbers, one per worker (all 1.0 when empty)."""
@@ -163,6 +224,13 @@ class OptimConfig:
     grad_clip: float = 1.0
     """Clip the gradient norm to this (0 disables)."""
 
+    def __post_init__(self) -> None:
+        _positive([("optim.lr", self.lr)])
+        _at_least([("optim.warmup_steps", self.warmup_steps, 0), ("optim.weight_decay", self.weight_decay, 0.0),
+                   ("optim.grad_clip", self.grad_clip, 0.0)])
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio})")
+
 
 @dataclass
 class TrainConfig:
@@ -190,20 +258,12 @@ class TrainConfig:
     """torch intra-op threads; 0 = torch's default. 1 by default: the small CPU models' matmuls
     do not scale (the default run took 117 s on 1 thread and ran ~4× slower on 2 threads
     while another process used the second core); set 0 for larger models."""
-    exchange_delay_s: float = 0.0
-    """Test hook: every exchange takes at least this long (emulates a slow link)."""
     fault: str = ""
     """Fault injection: train.faulty_worker's pseudo-gradients go out corrupted every
     round, unknown to it: nan, or scale:FACTOR (e.g. scale:1000); or leave:STEP, it
     stops contributing from the sync after schedule step STEP on. Empty = none."""
     faulty_worker: int = 1
     """Which worker train.fault corrupts."""
-    die_at_step: int = 0
-    """Test hook (elastic runs): this process sends itself train.die_signal at schedule
-    step N (1-based) — inside the exchange of the sync sent after step N if one is due
-    then, else after step N's forward/backward. 0 = never."""
-    die_signal: str = "SIGKILL"
-    """The signal train.die_at_step sends: SIGKILL (a lost worker) or SIGSTOP (a hung one)."""
     progress: bool = True
     """Show a progress bar (rank 0 only)."""
     tensorboard: bool = False
@@ -212,6 +272,28 @@ class TrainConfig:
     wandb: str = ""
     """Also log them to Weights & Biases: offline (files under RUN_DIR/wandb, sync later)
     or online; empty = off (rank 0; pip install 'farsync[wandb]')."""
+
+    def __post_init__(self) -> None:
+        from farsync.train.loggers import WANDB_MODES, check_available
+
+        _choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        _at_least([("train.steps", self.steps, 1), ("train.batch_size", self.batch_size, 1),
+                   ("train.eval_every", self.eval_every, 1), ("train.eval_batches", self.eval_batches, 1),
+                   ("train.log_every", self.log_every, 1), ("train.checkpoint_every", self.checkpoint_every, 0),
+                   ("train.threads", self.threads, 0)])
+        if self.wandb not in WANDB_MODES:
+            raise ConfigError(f"train.wandb must be offline, online, or empty for off (got {self.wandb!r})")
+        try:
+            check_available(self.tensorboard, self.wandb)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.fault:
+            from farsync.comm.faults import parse_fault
+
+            try:
+                parse_fault(self.fault)
+            except ValueError as e:
+                raise ConfigError(f"train.{e}") from None
 
 
 @dataclass
@@ -245,6 +327,10 @@ class ElasticConfig:
     """At start-up, how long to wait for all algo.workers workers before starting
     with those present (the others join when they come)."""
 
+    def __post_init__(self) -> None:
+        _positive([(f"elastic.{k}", getattr(self, k)) for k in ("timeout_s", "connect_timeout_s", "quorum_timeout_s",
+                                                                 "join_timeout_s")])
+
 
 @dataclass
 class PlanConfig:
@@ -266,6 +352,16 @@ class PlanConfig:
     """algo.auto with plan.bandwidth_mbit: the link's round-trip time, ms."""
     probe_seconds: float = 0.25
     """algo.auto: the link probe doubles its exchange size until one lasts this long."""
+
+    def __post_init__(self) -> None:
+        try:
+            self.region()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if not 0 < self.target_utilization <= 1:
+            raise ConfigError(f"plan.target_utilization must be in (0, 1] (got {self.target_utilization})")
+        _at_least([("plan.bandwidth_mbit", self.bandwidth_mbit, 0.0), ("plan.rtt_ms", self.rtt_ms, 0.0)])
+        _positive([("plan.probe_seconds", self.probe_seconds)])
 
     def region(self):
         """The bounds as a :class:`farsync.plan.SafeRegion` (ValueError naming a bad key)."""
@@ -291,6 +387,11 @@ class FederatedConfig:
     keep_rounds: int = 8
     """Encoded means the server keeps for clients that catch up; one further behind gets θ_g in full."""
 
+    def __post_init__(self) -> None:
+        _at_least([("federated.rounds", self.rounds, 0), ("federated.min_clients", self.min_clients, 1),
+                   ("federated.keep_rounds", self.keep_rounds, 1), ("federated.cooldown_s", self.cooldown_s, 0.0)])
+        _positive([("federated.round_timeout_s", self.round_timeout_s), ("federated.wait_clients_s", self.wait_clients_s)])
+
 
 @dataclass
 class Config:
@@ -304,116 +405,11 @@ class Config:
     federated: FederatedConfig = field(default_factory=FederatedConfig)
 
     def validate(self) -> None:
-        """Cross-field checks; messages name the flag to change."""
-        a = self.algo
-        _choice("model.size", self.model.size, tuple(MODEL_SIZES))
-        if self.model.hf_config and not os.path.exists(self.model.hf_config):
-            raise ConfigError(f"model.hf_config: no such file or directory: {self.model.hf_config!r}")
-        _choice("algo.codec", a.codec, CODEC_NAMES)
-        _choice("algo.exchange", a.exchange, EXCHANGES)
-        _choice("algo.fragment_pattern", a.fragment_pattern, FRAGMENT_PATTERNS)
-        _choice("train.device", self.train.device, ("auto", "cpu", "cuda"))
-        try:  # the schedule rules the simulator applies too (farsync.schedule)
-            check_schedule(a.mode, inner_steps=a.inner_steps, fragments=a.fragments, sync_delay=a.sync_delay,
-                           mixing=a.mixing, prefix="algo.")
-        except SettingError as e:
-            raise ConfigError(str(e)) from None
-        for key, value, low in [
-            ("algo.workers", a.workers, 1), ("algo.codec_block_size", a.codec_block_size, 1),
-            ("model.seq_len", self.model.seq_len, 8), ("train.steps", self.train.steps, 1),
-            ("train.batch_size", self.train.batch_size, 1), ("train.eval_every", self.train.eval_every, 1),
-            ("train.eval_batches", self.train.eval_batches, 1), ("train.log_every", self.train.log_every, 1),
-            ("train.checkpoint_every", self.train.checkpoint_every, 0), ("optim.warmup_steps", self.optim.warmup_steps, 0),
-            ("train.threads", self.train.threads, 0),
-        ]:
-            if value is not None and value < low:
-                raise ConfigError(f"{key} must be >= {low} (got {value})")
-        for key, value in [("optim.lr", self.optim.lr), ("algo.outer_lr", a.outer_lr)]:
-            if not value > 0:
-                raise ConfigError(f"{key} must be > 0 (got {value})")
-        if not 0.0 <= a.outer_momentum < 1.0:
-            raise ConfigError(f"algo.outer_momentum must be in [0, 1) (got {a.outer_momentum})")
-        if not 0.0 <= self.optim.min_lr_ratio <= 1.0:
-            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1] (got {self.optim.min_lr_ratio})")
-        if a.error_feedback and a.stochastic_rounding:
-            raise ConfigError("algo.error_feedback needs round-to-nearest: set algo.stochastic_rounding=false")
-        _choice("algo.schedule", a.schedule, SCHEDULES)
-        speeds = a.speeds()
-        if a.mode == "dp" and (len(set(speeds)) > 1 or a.schedule != "lockstep"):
-            raise ConfigError("algo.worker_speeds / algo.schedule need rounds: use mode diloco or streaming")
-        if a.round_seconds < 0:
-            raise ConfigError(f"algo.round_seconds must be >= 0 (got {a.round_seconds})")
-        if not 0 <= a.participation <= a.workers:
-            raise ConfigError(f"algo.participation must be in [0, {a.workers}] (0 = all workers; got {a.participation})")
-        if a.outlier_factor and a.outlier_factor <= 1:
-            raise ConfigError(f"algo.outlier_factor must be > 1, or 0 for no norm rule (got {a.outlier_factor})")
-        try:
-            a.make_aggregation()
-        except ValueError as e:
-            raise ConfigError(f"algo.{e}") from None
-        from farsync.train.loggers import WANDB_MODES, check_available
-
-        if self.train.wandb not in WANDB_MODES:
-            raise ConfigError(f"train.wandb must be offline, online, or empty for off (got {self.train.wandb!r})")
-        try:
-            check_available(self.train.tensorboard, self.train.wandb)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if self.train.fault:
-            from farsync.comm.faults import parse_fault
-
-            try:
-                parse_fault(self.train.fault)
-            except ValueError as e:
-                raise ConfigError(f"train.{e}") from None
-            if not 0 <= self.train.faulty_worker < a.workers:
-                raise ConfigError(f"train.faulty_worker must be a worker in [0, {a.workers - 1}] (got {self.train.faulty_worker})")
-
-        if self.elastic.enabled:
-            e = self.elastic
-            if a.mode == "dp":
-                raise ConfigError("elastic.enabled needs rounds: use mode diloco or streaming")
-            if a.sync_delay:
-                raise ConfigError(f"elastic.enabled needs algo.sync_delay = 0 (got {a.sync_delay}): a worker "
-                                  "joins at a sync with nothing else in flight")
-            if a.schedule == "time-budget":
-                raise ConfigError("elastic.enabled works with algo.schedule lockstep or steps")
-            _choice("train.die_signal", self.train.die_signal, ("SIGKILL", "SIGSTOP"))
-            if e.worker >= a.workers:
-                raise ConfigError(f"elastic.worker must be in [0, {a.workers - 1}] (got {e.worker})")
-            for key, value in [("timeout_s", e.timeout_s), ("connect_timeout_s", e.connect_timeout_s),
-                               ("quorum_timeout_s", e.quorum_timeout_s)]:
-                if not value > 0:
-                    raise ConfigError(f"elastic.{key} must be > 0 (got {value})")
-            if not 1 <= e.min_workers <= a.workers:
-                raise ConfigError(f"elastic.min_workers must be in [1, {a.workers}] (got {e.min_workers})")
-        p = self.plan
-        try:
-            p.region()
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if not 0 < p.target_utilization <= 1:
-            raise ConfigError(f"plan.target_utilization must be in (0, 1] (got {p.target_utilization})")
-        for key, value in [("bandwidth_mbit", p.bandwidth_mbit), ("rtt_ms", p.rtt_ms)]:
-            if not (value >= 0 and math.isfinite(value)):
-                raise ConfigError(f"plan.{key} must be >= 0 (got {value})")
-        if not p.probe_seconds > 0:
-            raise ConfigError(f"plan.probe_seconds must be > 0 (got {p.probe_seconds})")
-        f = self.federated
-        for key, value, low in [("rounds", f.rounds, 0), ("min_clients", f.min_clients, 1), ("keep_rounds", f.keep_rounds, 1)]:
-            if value < low:
-                raise ConfigError(f"federated.{key} must be >= {low} (got {value})")
-        for key, value in [("round_timeout_s", f.round_timeout_s), ("wait_clients_s", f.wait_clients_s)]:
-            if not value > 0:
-                raise ConfigError(f"federated.{key} must be > 0 (got {value})")
-        if f.cooldown_s < 0:
-            raise ConfigError(f"federated.cooldown_s must be >= 0 (got {f.cooldown_s})")
-        if a.auto:
-            if self.elastic.enabled:
-                raise ConfigError("algo.auto does not work with elastic.enabled: plan once (farsync plan), "
-                                  "then set algo.inner_steps/fragments/sync_delay/codec yourself")
-            if a.workers < 2:
-                raise ConfigError("algo.auto needs algo.workers >= 2: one worker has no link to plan for")
+        """The checks across sections (each section checks its own keys when it is made);
+        messages name the flag to change."""
+        _check_fault(self)
+        _check_elastic(self)
+        _check_auto(self)
 
     def inner_weight_decay(self) -> float:
         """The inner optimizer's weight decay: optim.weight_decay, compensated for the
@@ -432,13 +428,52 @@ class Config:
             inner_steps=a.inner_steps, fragments=a.fragments, fragment_pattern=a.fragment_pattern,
             sync_delay=a.sync_delay, mixing=a.mixing, codec=a.codec, codec_block_size=a.codec_block_size,
             stochastic_rounding=a.stochastic_rounding, error_feedback=a.error_feedback, outer_lr=a.outer_lr,
-            outer_momentum=a.outer_momentum, final_average=a.final_average, total_steps=self.train.steps,
+            outer_momentum=a.outer_momentum, outer_nesterov=a.outer_nesterov, final_average=a.final_average,
+            total_steps=self.train.steps,
             aggregation=a.make_aggregation(), token_weighting=a.token_weighting,
             participation=a.participation or None, participation_seed=self.train.seed,
         )
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+def _check_fault(cfg: Config) -> None:
+    """train.fault names a worker of the run."""
+    if cfg.train.fault and not 0 <= cfg.train.faulty_worker < cfg.algo.workers:
+        raise ConfigError(f"train.faulty_worker must be a worker in [0, {cfg.algo.workers - 1}] "
+                          f"(got {cfg.train.faulty_worker})")
+
+
+def _check_elastic(cfg: Config) -> None:
+    """An elastic run has rounds, nothing in flight at a sync, and a worker id and
+    quorum that fit algo.workers."""
+    a, e = cfg.algo, cfg.elastic
+    if not e.enabled:
+        return
+    if a.mode == "dp":
+        raise ConfigError("elastic.enabled needs rounds: use mode diloco or streaming")
+    if a.sync_delay:
+        raise ConfigError(f"elastic.enabled needs algo.sync_delay = 0 (got {a.sync_delay}): a worker "
+                          "joins at a sync with nothing else in flight")
+    if a.schedule == "time-budget":
+        raise ConfigError("elastic.enabled works with algo.schedule lockstep or steps")
+    if e.worker >= a.workers:
+        raise ConfigError(f"elastic.worker must be in [0, {a.workers - 1}] (got {e.worker})")
+    if not 1 <= e.min_workers <= a.workers:
+        raise ConfigError(f"elastic.min_workers must be in [1, {a.workers}] (got {e.min_workers})")
+
+
+def _check_auto(cfg: Config) -> None:
+    """algo.auto plans a link between workers, once, before training."""
+    if not cfg.algo.auto:
+        return
+    if cfg.elastic.enabled:
+        raise ConfigError("algo.auto does not work with elastic.enabled: plan once (farsync plan), "
+                          "then set algo.inner_steps/fragments/sync_delay/codec yourself")
+    if cfg.algo.workers < 2:
+        raise ConfigError("algo.auto needs algo.workers >= 2: one worker has no link to plan for")
+
+
+#: section name -> its dataclass
+SECTIONS: dict[str, type] = typing.get_type_hints(Config)
 
 
 def outer_gain(outer_lr: float, outer_momentum: float) -> float:
@@ -450,16 +485,6 @@ def outer_gain(outer_lr: float, outer_momentum: float) -> float:
 #: How the command line spells "the default" for an optional key (TOML omits the key).
 AUTO = "auto"
 
-
-def _choice(key: str, value: str, choices) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key} must be one of {', '.join(choices)} (got {value!r})")
-
-
-def _section_class(name: str) -> type:
-    return {"model": ModelConfig, "data": DataConfig, "algo": AlgoConfig,
-            "optim": OptimConfig, "train": TrainConfig, "elastic": ElasticConfig, "plan": PlanConfig,
-            "federated": FederatedConfig}[name]
 
 
 def _coerce(key: str, raw: Any, typ: Any, from_text: bool) -> Any:
@@ -492,14 +517,19 @@ def _coerce(key: str, raw: Any, typ: Any, from_text: bool) -> Any:
                 pass
         raise ConfigError(f"{key} must be an integer (got {raw!r})")
     if typ is float:
+        value = None
         if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-            return float(raw)
-        if from_text:
+            value = float(raw)
+        elif from_text:
             try:
-                return float(raw)
+                value = float(raw)
             except ValueError:
                 pass
-        raise ConfigError(f"{key} must be a number (got {raw!r})")
+        if value is None:
+            raise ConfigError(f"{key} must be a number (got {raw!r})")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number (got {raw!r})")
+        return value
     if typ is str:
         if isinstance(raw, str):
             return raw
@@ -520,7 +550,7 @@ def build_config(recipe: dict[str, Any] | None = None, overrides: list[str] | No
             raise ConfigError(f"unknown recipe section [{section}]; sections are: {', '.join(SECTIONS)}")
         if not isinstance(body, dict):
             raise ConfigError(f"[{section}] must be a table of keys (got {body!r})")
-        types_ = _field_types(_section_class(section))
+        types_ = _field_types(SECTIONS[section])
         for key, raw in body.items():
             if key not in types_:
                 raise ConfigError(f"unknown key {section}.{key}; [{section}] has: {', '.join(types_)}")
@@ -533,12 +563,12 @@ def build_config(recipe: dict[str, Any] | None = None, overrides: list[str] | No
         dotted = f"{section}.{key}"
         if section not in SECTIONS:
             raise ConfigError(f"unknown key {dotted} (sections are: {', '.join(SECTIONS)})")
-        types_ = _field_types(_section_class(section))
+        types_ = _field_types(SECTIONS[section])
         if key not in types_:
             raise ConfigError(f"unknown key {dotted}; [{section}] has: {', '.join(types_)}")
         values[section][key] = _coerce(dotted, raw, types_[key], from_text=True)
     try:
-        cfg = Config(**{s: _section_class(s)(**v) for s, v in values.items()})
+        cfg = Config(**{s: SECTIONS[s](**v) for s, v in values.items()})
     except ConfigError:
         raise
     except ValueError as e:  # section __post_init__ checks (data.*)
@@ -567,16 +597,11 @@ def to_toml(cfg: Config) -> str:
     return tomli_w.dumps(d)
 
 
-def from_dict(d: dict[str, Any]) -> Config:
-    """Rebuild a saved (resolved) config."""
-    return build_config(d)
-
-
 def field_help() -> dict[str, str]:
     """``section.key`` → the attribute docstring written under the field."""
     out: dict[str, str] = {}
     for section in SECTIONS:
-        cls = _section_class(section)
+        cls = SECTIONS[section]
         tree = ast.parse(inspect.getsource(cls))
         body = tree.body[0].body  # type: ignore[attr-defined]
         for node, nxt in zip(body, body[1:]):

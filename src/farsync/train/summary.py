@@ -1,0 +1,71 @@
+"""A finished run's figures: ``summary.json``."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def summarize(trainer, final_eval: float, elastic: dict | None = None) -> dict:
+    """The summary of ``trainer``'s run (a :class:`farsync.train.loop.Trainer` at its end):
+    every worker's accounting gathered, data-parallel's bytes for the same steps, compute
+    utilization, unequal workers, exclusions; ``elastic``: what an elastic worker saw of
+    failures."""
+    cfg, wall_s, group = trainer.cfg, trainer.wall(), trainer.group
+    per_worker = group.gather_workers([w.algo.stats.to_dict() for w in trainer.workers])
+    algo = trainer.workers[0].algo
+    sent = [s["total_bytes"] for s in per_worker]
+    dp = max(s["dp_equivalent_bytes"] for s in per_worker)  # the workers that trained every step
+    compute = sum(s["compute_seconds"] for s in per_worker)
+    blocked = sum(s["blocked_seconds"] for s in per_worker)
+    tokens = sum(s["tokens"] for s in per_worker)
+    plan = trainer.plan
+    return {
+        "run_dir": trainer.run_dir,
+        "mode": cfg.algo.mode,
+        "workers": cfg.algo.workers,
+        "backend": group.backend,
+        "model": trainer.model_name,
+        "parameters": trainer.n_params,
+        "steps": cfg.train.steps,
+        "tokens": tokens,
+        "wall_seconds": wall_s,
+        "tokens_per_second": tokens / wall_s if wall_s > 0 else None,
+        "final_eval_loss": final_eval,
+        "final_train_loss": trainer.metrics.train_loss,
+        "codec": cfg.algo.wire_codec,
+        "bytes_sent_per_worker": sent,
+        "bytes_sent_total": sum(sent),
+        "dp_equivalent_bytes_per_worker": dp,
+        "dp_bytes_ratio": dp / max(sent) if max(sent) else None,
+        "peak_bytes_per_sync": max(s["peak_event_bytes"] for s in per_worker),
+        "sync_events": per_worker[0]["sync_events"],
+        "compute_seconds": compute,
+        "blocked_seconds": blocked,
+        "compute_utilization": compute / (compute + blocked) if compute + blocked > 0 else 1.0,
+        "worker_speeds": trainer.pacing.speeds,
+        "schedule": cfg.algo.schedule,
+        # in-process with unequal speeds: the wall clock real workers of those speeds would take
+        "simulated_wall_seconds": trainer.pacing.sim_seconds or None,
+        "per_worker": [
+            {k: s[k] for k in ("tokens", "inner_steps", "idle_steps", "rounds_joined", "rounds_sat_out",
+                               "rounds_excluded", "rounds_skipped", "total_bytes", "compute_seconds", "blocked_seconds")}
+            for s in per_worker
+        ],
+        "exclusions": algo.exclusions,
+        "skipped_rounds": algo.skipped_rounds,
+        # elastic: what this worker saw of failures (every event is a metrics.jsonl row)
+        "elastic": elastic,
+        # algo.auto: what was chosen and predicted (measured figures beside it above; all in plan.json)
+        "plan": None if plan is None else {
+            "chosen": plan["chosen_label"], "target_utilization": plan["target_utilization"],
+            "predicted_utilization": plan["predicted_utilization"],
+            "predicted_dp_bytes_ratio": plan["predicted_dp_bytes_ratio"],
+            "measured_mbit": plan["link"]["measured_mbit"], "rtt_ms": plan["link"]["rtt_ms"],
+            "link_given": plan["link"]["given"], "step_time_s": plan["step_time_s"]["used"]},
+    }
+
+
+def write_summary(run_dir: str, summary: dict) -> None:
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
