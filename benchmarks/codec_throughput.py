@@ -1,12 +1,17 @@
 """Codec throughput and accuracy on CPU.
 
 For every codec (round-to-nearest, plus the stochastic-rounding variants of the lossy
-ones) this measures encode, decode and encode+decode throughput on ``--numel`` fp32
-values, in GB/s of fp32 input (4 bytes x numel / seconds; median of ``--repeats`` timed
-runs after one warm-up run), the payload size in bits per value (scales included) and the
-relative RMS error ||decode(encode(x)) - x|| / ||x|| on standard-normal x.
+dense ones; the sparse ``topk*`` codecs are round-to-nearest only) this measures encode,
+decode and encode+decode throughput on ``--numel`` fp32 values, in GB/s of fp32 input
+(4 bytes x numel / seconds; median of ``--repeats`` timed runs after one warm-up run), the
+payload size in bits per value (scales and, for the sparse codecs, positions included) and
+the relative RMS error ||decode(encode(x)) - x|| / ||x|| on standard-normal x. For the
+sparse codecs that error is mostly the values they drop (about sqrt(1 - kept energy));
+``kept_rel_rms_error`` is the same ratio over the kept positions only (the quantization
+error of what is sent).
 
     python benchmarks/codec_throughput.py [--numel 16777216] [--repeats 7] [--threads 1] [--out benchmarks/results]
+    python benchmarks/codec_throughput.py --codecs sparse --out /tmp/codecs   # or dense, all, or a list
     python benchmarks/codec_throughput.py --replot   # redraw the PNG from the JSON
 
 Writes ``<out>/codecs.json`` and ``<out>/codecs.png``. The figures are only meaningful on
@@ -31,7 +36,7 @@ matplotlib.use("Agg")  # headless: no display on CI / dev boxes
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from farsync.codecs import CODEC_NAMES, get_codec  # noqa: E402
+from farsync.codecs import ALL_CODEC_NAMES, CODEC_NAMES, SPARSE_CODEC_NAMES, get_codec  # noqa: E402
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -51,6 +56,12 @@ def bench_codec(name: str, stochastic: bool, x: torch.Tensor, repeats: int) -> d
     payload = codec.encode(x, gen)
     y = codec.decode(payload, n)
     rel_rms = ((y.double() - x.double()).norm() / x.double().norm()).item()
+    kept_rel_rms = None
+    if codec.sparse:  # error over the kept positions: the top 1/D of |x| of each chunk
+        xb = x.view(-1, codec.block_size)
+        idx = xb.abs().topk(codec.block_size // codec.keep_every, dim=1).indices
+        xk, yk = xb.gather(1, idx).double(), y.view_as(xb).gather(1, idx).double()
+        kept_rel_rms = ((yk - xk).norm() / xk.norm()).item()
 
     t_enc = _median_seconds(lambda: codec.encode(x, gen), repeats)
     t_dec = _median_seconds(lambda: codec.decode(payload, n), repeats)
@@ -64,6 +75,8 @@ def bench_codec(name: str, stochastic: bool, x: torch.Tensor, repeats: int) -> d
         "codec": name,
         "stochastic_rounding": stochastic,
         "block_size": getattr(codec, "block_size", None),
+        "sparse": codec.sparse,
+        "density": codec.density,
         "payload_bytes": payload.numel(),
         "bits_per_value": 8 * payload.numel() / n,
         "encode_gbps": gb / t_enc,
@@ -75,13 +88,14 @@ def bench_codec(name: str, stochastic: bool, x: torch.Tensor, repeats: int) -> d
         "decode_ms": 1e3 * t_dec,
         "roundtrip_ms": 1e3 * t_rt,
         "rel_rms_error": rel_rms,
+        "kept_rel_rms_error": kept_rel_rms,
     }
 
 
 def plot(results: list[dict], path: Path, title: str) -> None:
     labels = [r["codec"] + (" +SR" if r["stochastic_rounding"] else "") for r in results]
     xs = range(len(results))
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(10, 0.6 * len(results)), 7), sharex=True)
     width = 0.2
     for k, (key, label) in enumerate(
         [("encode_gbps", "encode"), ("decode_gbps", "decode"), ("roundtrip_gbps", "encode+decode"),
@@ -103,7 +117,7 @@ def plot(results: list[dict], path: Path, title: str) -> None:
             ax2.annotate("0 (bit-exact)", (i, 0.03), xycoords=("data", "axes fraction"), ha="center")
     ax2.set_ylabel("relative RMS error\n(Gaussian input)")
     ax2.set_xticks(list(xs))
-    ax2.set_xticklabels(labels, rotation=20)
+    ax2.set_xticklabels(labels, rotation=20 if len(results) <= 12 else 60)
     ax2.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -124,7 +138,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output folder")
     ap.add_argument("--replot", action="store_true", help="only redraw codecs.png from <out>/codecs.json")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--codecs", default="all",
+                    help="all, dense, sparse, or a comma-separated list of codec names")
     args = ap.parse_args()
+    groups = {"all": ALL_CODEC_NAMES, "dense": CODEC_NAMES, "sparse": SPARSE_CODEC_NAMES}
+    names = groups.get(args.codecs) or tuple(c.strip() for c in args.codecs.split(",") if c.strip())
+    unknown = [c for c in names if c not in ALL_CODEC_NAMES]
+    if unknown:
+        ap.error(f"unknown codec(s) {', '.join(unknown)}; choose from {', '.join(ALL_CODEC_NAMES)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.replot:
@@ -134,23 +155,25 @@ def main() -> None:
 
     x = torch.randn(args.numel, generator=torch.Generator().manual_seed(0))
     # Pad to a multiple of every default block size (what the comm layer does).
-    align = max(get_codec(n).alignment for n in CODEC_NAMES)
+    align = max(get_codec(n).alignment for n in names)
     if x.numel() % align:
         x = torch.cat([x, x.new_zeros(align - x.numel() % align)])
 
     load_before = os.getloadavg()  # the dev box is shared: record how busy it was
     results = []
-    for name in CODEC_NAMES:
+    for name in names:
         for stochastic in (False, True):
-            if stochastic and name == "fp32":
+            if stochastic and (name == "fp32" or name in SPARSE_CODEC_NAMES):
                 continue
             r = bench_codec(name, stochastic, x, args.repeats)
             results.append(r)
+            kept = f"  kept rel RMS {r['kept_rel_rms_error']:.3e}" if r["sparse"] else ""
             print(
-                f"{name:9s} {'SR ' if stochastic else 'RTN'} {r['bits_per_value']:6.3f} bit/value  "
+                f"{name:12s} {'SR ' if stochastic else 'RTN'} {r['bits_per_value']:6.3f} bit/value  "
                 f"enc {r['encode_gbps']:6.2f}  dec {r['decode_gbps']:6.2f}  "
-                f"rt {r['roundtrip_gbps']:6.2f}  rt reused {r['roundtrip_reuse_gbps']:6.2f} GB/s  "
-                f"rel RMS {r['rel_rms_error']:.3e}",
+                f"rt {r['roundtrip_gbps']:6.2f}  dec reused {r['decode_reuse_gbps']:6.2f}  "
+                f"rt reused {r['roundtrip_reuse_gbps']:6.2f} GB/s  "
+                f"rel RMS {r['rel_rms_error']:.3e}{kept}",
                 flush=True,
             )
 
@@ -167,7 +190,8 @@ def main() -> None:
     report = {
         "benchmark": "codec_throughput",
         "command": "python benchmarks/codec_throughput.py "
-        f"--numel {args.numel} --repeats {args.repeats} --threads {args.threads} --out {args.out}",
+        f"--numel {args.numel} --repeats {args.repeats} --threads {args.threads} --codecs {args.codecs} "
+        f"--out {args.out}",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "numel": x.numel(),
         "repeats": args.repeats,
