@@ -28,6 +28,12 @@ Log = Callable[[str], None]
 # Bump when the token-array layout changes, so stale caches are not reused.
 TOKENS_FORMAT = "tokens-v1"
 
+# Token ids are held as int32.
+MAX_TOKEN_ID = 2**31 - 1
+# data.vocab_size = 0 infers max id + 1 up to this (the largest vocabularies in use are
+# ~260k): a larger id is far more likely a damaged file than a vocabulary.
+MAX_INFERRED_VOCAB = 1 << 21
+
 
 def _seed(*parts: object) -> int:
     """A 63-bit generator seed from any tuple of values, the same on every platform."""
@@ -167,8 +173,14 @@ class Corpus:
         if src.lower().endswith(".bin"):
             arr = np.fromfile(src, dtype=np.uint16)
         else:
-            arr = np.load(src, mmap_mode="r")
-            if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+            try:  # allow_pickle=False: an object array (a pickle) is refused, never loaded
+                arr = np.load(src, mmap_mode="r", allow_pickle=False)
+            except (ValueError, OSError, EOFError) as e:
+                why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+                raise ValueError(f"data.source: {src!r} is not a NumPy .npy array file ({why})") from None
+            if not isinstance(arr, np.ndarray) or arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+                if not isinstance(arr, np.ndarray):
+                    raise ValueError(f"data.source: {src!r} is not a NumPy .npy array file (an .npz archive?)")
                 raise ValueError(
                     f"data.source: {src!r} must hold a 1-D integer array "
                     f"(got shape {arr.shape}, dtype {arr.dtype})"
@@ -178,6 +190,13 @@ class Corpus:
         lo, hi = int(arr.min()), int(arr.max())
         if lo < 0:
             raise ValueError(f"data.source: {src!r} contains negative token ids (min {lo})")
+        if hi > MAX_TOKEN_ID:  # ids are held as int32
+            raise ValueError(f"data.source: {src!r} holds token id {hi:,} (at index {int(np.argmax(arr)):,}), "
+                             f"above the largest farsync takes ({MAX_TOKEN_ID:,}): a damaged file, or not token ids?")
+        if not cfg.vocab_size and hi + 1 > MAX_INFERRED_VOCAB:
+            raise ValueError(f"data.source: {src!r} holds token id {hi:,} (at index {int(np.argmax(arr)):,}): "
+                             f"data.vocab_size = 0 would make a {hi + 1:,}-entry embedding; set data.vocab_size "
+                             f"yourself if that is meant, or fix the file (0 infers at most {MAX_INFERRED_VOCAB:,})")
         vocab = cfg.vocab_size or hi + 1
         if hi >= vocab:
             raise ValueError(

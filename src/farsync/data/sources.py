@@ -68,15 +68,29 @@ def _folder_files(root: str) -> list[str]:
     return found
 
 
+class NotText(ValueError):
+    """A file that is not UTF-8 text (a binary, or another encoding)."""
+
+
 def _read_text(path: str, limit: int = 0) -> str:
+    """The file's text, UTF-8 (NotText if it is not: NUL bytes, or bytes UTF-8 cannot be)."""
     with open(path, "rb") as fh:
         data = fh.read(limit) if limit else fh.read()
-    if limit and len(data) == limit:
+    cut = bool(limit) and len(data) == limit
+    if cut:
         # Cut at the last line break so the text does not end in a broken character.
-        cut = data.rfind(b"\n")
-        if cut > 0:
-            data = data[: cut + 1]
-    return data.decode("utf-8", errors="replace")
+        at = data.rfind(b"\n")
+        if at > 0:
+            data = data[: at + 1]
+    if b"\0" in data:
+        raise NotText(f"{path!r} is not text (it holds NUL bytes: a binary file?)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if cut and e.reason == "unexpected end of data":  # a character cut at the byte limit
+            return data[: e.start].decode("utf-8", errors="strict")
+        raise NotText(f"{path!r} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}: a binary "
+                      "file, or another encoding?)") from None
 
 
 def _split_lines(name: str, text: str, pieces: int) -> list[Document]:
@@ -125,18 +139,30 @@ def load_documents(source: str, max_bytes: int, text_field: str = "text") -> tup
 
     docs: list[Document] = []
     total = 0
+    skipped: list[str] = []  # a folder's files that are not UTF-8 text
+    single = len(names) == 1 and not os.path.isdir(source) and source != "stdlib"
     for name in names:
         path = os.path.join(root, name)
         size = os.path.getsize(path)
-        if max_bytes and total + size > max_bytes:
-            if not docs:  # first file alone exceeds the cap: take a cut of it
-                docs.append(Document(name.replace(os.sep, "/"), _read_text(path, max_bytes)))
-            break
-        docs.append(Document(name.replace(os.sep, "/"), _read_text(path)))
+        try:
+            if max_bytes and total + size > max_bytes:
+                if not docs:  # first file alone exceeds the cap: take a cut of it
+                    docs.append(Document(name.replace(os.sep, "/"), _read_text(path, max_bytes)))
+                break
+            docs.append(Document(name.replace(os.sep, "/"), _read_text(path)))
+        except NotText as e:
+            if single:
+                raise ValueError(f"data.source: {e}; farsync reads text sources as UTF-8") from None
+            skipped.append(name.replace(os.sep, "/"))
+            continue
         total += size
+    if skipped:
+        what += (f" (skipped {len(skipped)} file{'s' if len(skipped) > 1 else ''} that are not UTF-8 text: "
+                 f"{', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''})")
     docs = [d for d in docs if d.text]
     if not docs:
-        raise ValueError(f"data.source: {source!r} contains no text")
+        raise ValueError(f"data.source: {source!r} contains no text"
+                         + (f" (skipped {len(skipped)} files that are not UTF-8 text)" if skipped else ""))
 
     if len(names) == 1 and source != "stdlib":
         docs = _split_lines(docs[0].name, docs[0].text, SINGLE_FILE_PIECES)
@@ -164,8 +190,12 @@ def load_records(source: str, max_bytes: int, text_field: str) -> tuple[list[Doc
 
 
 def _jsonl_texts(source: str, field: str):
-    with open(source, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
+    with open(source, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"data.source: {source!r} line {n} is not UTF-8 text (a binary file?)") from None
             if not line.strip():
                 continue
             try:
