@@ -145,7 +145,7 @@ def test_a_failed_checkpoint_write_leaves_the_last_good_one(tmp_path, monkeypatc
     assert [f for f in os.listdir(ckpt.step_dir(run, 20)) if not f.startswith(".tmp")] == []
     with pytest.raises(RuntimeError, match="lacks worker files"):
         ckpt.commit(run, 20, 1)
-    assert torch.equal(ckpt.load_worker(run, 10, 0)["x"], torch.ones(3))
+    assert torch.equal(ckpt.load_file(ckpt.worker_path(run, 10, 0))["x"], torch.ones(3))
 
 
 @pytest.mark.parametrize("args,message", [

@@ -6,7 +6,7 @@ import os
 
 import typer
 
-from farsync.cli.common import echo_main, fail, user_errors
+from farsync.cli.common import echo_main, fail, is_main_process, user_errors
 from farsync.overrides import split_args
 
 #: the config's sections (farsync.train.config.SECTIONS; listed here so that `--help` does
@@ -42,28 +42,40 @@ def train(
         raise fail(f"at most one recipe file (got {positional}); overrides look like --section.key=value")
 
     def configure():
+        from farsync.train.rundir import check_resume, read_recipe
+
         if resume:
             path = os.path.join(resume, "config.toml")
             if not os.path.isfile(path):
                 raise ConfigError(f"--resume {resume!r}: no config.toml there (not a run directory)")
             if positional:
                 raise ConfigError("--resume takes the run's own config; give no recipe")
-            return build_config(load_recipe(path), overrides)
-        return build_config(load_recipe(positional[0]) if positional else None, overrides)
+            saved = build_config(read_recipe(path))
+            cfg = build_config(read_recipe(path), overrides)
+            check_resume(saved, cfg, resume)  # before anything is written
+            return cfg
+        return build_config(read_recipe(positional[0]) if positional else None, overrides)
 
     cfg = user_errors(configure)
     from farsync.train import train as run_training
 
     from farsync.comm.elastic import ElasticError
+    from farsync.comm.rendezvous import WorkerLost
 
     try:
-        summary = user_errors(lambda: run_training(cfg, run_dir=resume, resume=bool(resume)))
-    except ElasticError as e:  # an elastic run this worker cannot go on with: one line, exit code 1
+        summary = user_errors(lambda: run_training(cfg, run_dir=resume, resume=bool(resume), refuse_existing=True))
+    except (ElasticError, WorkerLost) as e:  # a run this worker cannot go on with: one line, exit code 1
+        if os.environ.get("FARSYNC_DEBUG"):
+            raise
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(code=1) from None
     if "stopped_at" in summary:
         raise typer.Exit(code=130)
     _print_summary(summary)
+    if summary.get("failure"):  # trained to the end, but the model is no good: say why, exit code 1
+        if is_main_process():
+            typer.echo(f"error: {summary['failure']}", err=True)
+        raise typer.Exit(code=1)
 
 
 def _print_summary(s: dict) -> None:

@@ -25,6 +25,32 @@ from farsync.comm.base import Communicator, completed_future
 from farsync.comm.inprocess import InProcessGroup
 
 
+class WorkerLost(RuntimeError):
+    """Under torchrun, this worker lost the others: one died or its link broke (the
+    torchrun path has no fault tolerance); `farsync train` prints it as one line."""
+
+
+#: what gloo and NCCL say when a peer's connection goes
+_LOST = ("Connection reset", "Connection closed", "Connection refused", "Broken pipe", "closed by peer", "Gloo", "gloo",
+         "NCCL", "Socket Timeout", "timed out", "Timed out")
+
+
+def lost_peer(e: BaseException) -> str | None:
+    """The gist of ``e`` if it is a collective failing because a peer went (one line),
+    else None."""
+    import re
+
+    import torch.distributed as dist
+
+    msg = str(e).strip()
+    dist_error = getattr(dist, "DistError", ())
+    if not (isinstance(e, dist_error) or any(s in msg for s in _LOST)):
+        return None
+    first = msg.splitlines()[0] if msg else type(e).__name__
+    first = re.sub(r"^(\[[^\]]*\]\s*)+", "", first)  # gloo's [file.cc:line] prefix
+    return first.split(". This is typically")[0].rstrip(". ")[:200]
+
+
 def launched_by_torchrun() -> bool:
     """True when this process is one worker of a ``torchrun`` launch."""
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ

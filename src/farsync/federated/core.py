@@ -247,7 +247,9 @@ class Client:
         self.position = 0  # batches of its shard trained so far
         self.path = os.path.join(state_dir, f"client-{client}.pt")
         if os.path.exists(self.path):
-            s = torch.load(self.path, map_location=self.device, weights_only=True)
+            from farsync.train.checkpoint import load_file  # tensors and plain data only; a bad file is named
+
+            s = load_file(self.path, self.device, keys=("opt", "global", "position"))
             self.opt.load_state_dict(s["opt"])
             self.global_model.load_state_dict(s["global"])
             self.position = s["position"]

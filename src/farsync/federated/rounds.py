@@ -21,6 +21,7 @@ import torch
 
 from farsync.federated.core import flat, load_flat, make_server
 from farsync.federated.messages import record_to_reply, task_to_record
+from farsync.train.checkpoint import load_file
 
 #: seconds between two polls for replies
 POLL_S = 0.05
@@ -72,7 +73,7 @@ def run_server(grid, cfg, run_dir: str) -> dict:
     stats_path = os.path.join(run_dir, "clients.json")
     stats: dict[str, dict] = {}
     if os.path.exists(ckpt):
-        server.load_state_dict(torch.load(ckpt, weights_only=True))
+        server.load_state_dict(load_file(ckpt, keys=("model", "log", "held", "history")))  # tensors and plain data
         if os.path.exists(stats_path):
             with open(stats_path) as f:
                 stats = json.load(f)

@@ -15,17 +15,33 @@
 from __future__ import annotations
 
 
-def train(cfg, *, run_dir: str | None = None, resume: bool = False) -> dict:
+def train(cfg, *, run_dir: str | None = None, resume: bool = False, refuse_existing: bool = False) -> dict:
     """Train per ``cfg`` (a :class:`farsync.train.config.Config`); write the run directory;
     return the summary (or, for a run stopped by Ctrl-C, where it stopped). ``run_dir``
-    with ``resume=True`` continues the run saved there."""
+    with ``resume=True`` continues the run saved there. ``refuse_existing`` (what
+    ``farsync train`` asks): a run directory that already holds a run is refused unless
+    ``train.overwrite``; without it, a new run writes over it (the benchmarks' own work
+    directories). Under torchrun, a worker that loses the others (one died, or its link
+    broke) raises :class:`farsync.comm.rendezvous.WorkerLost`."""
+    from farsync.comm.rendezvous import WorkerLost, lost_peer
     from farsync.train.elastic import ElasticTrainer
     from farsync.train.loop import Trainer
     from farsync.train.session import session
 
     with session(cfg) as (group, dev):
-        trainer = (ElasticTrainer if group.elastic else Trainer).build(cfg, group, dev, run_dir, resume=resume)
+        where = run_dir
         try:
-            return trainer.run(resume)
-        finally:
-            trainer.close()
+            trainer = (ElasticTrainer if group.elastic else Trainer).build(cfg, group, dev, run_dir, resume=resume,
+                                                                           refuse_existing=refuse_existing)
+            where = trainer.run_dir
+            try:
+                return trainer.run(resume)
+            finally:
+                trainer.close()
+        except RuntimeError as e:
+            why = lost_peer(e) if group.distributed and not group.elastic else None
+            if why is None:
+                raise
+            raise WorkerLost(f"lost the other workers ({why}): one died or the link to it broke; a torchrun run has "
+                             "no fault tolerance: start every worker again with --resume "
+                             f"{where or 'RUN_DIR'} (from its last checkpoint), or run elastic (elastic.enabled)") from None

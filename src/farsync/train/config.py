@@ -247,11 +247,21 @@ class TrainConfig:
     log_every: int = 20
     """Write a metrics.jsonl row every this many steps."""
     checkpoint_every: int = 520
-    """Checkpoint every this many steps (and at the end, and on Ctrl-C); 0 = only then."""
+    """Checkpoint every this many steps (and at the end, and on Ctrl-C); 0 = only then.
+    A run of train.steps or fewer steps checkpoints once half-way instead (so that a
+    killed short run can still be resumed)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept: the newest and the ones before it, so a resume that finds the
+    newest damaged falls back to the previous one."""
     run_dir: str = "runs"
     """Parent folder of run directories."""
     name: str = ""
-    """Run name (default: mode-codec-timestamp)."""
+    """Run name: a folder under train.run_dir, not a path (default: mode-codec-timestamp).
+    farsync train refuses a name whose folder already holds a run (see train.overwrite)."""
+    overwrite: bool = False
+    """farsync train: replace what the run directory train.run_dir/train.name holds (by
+    default an existing run directory is refused: resume it with --resume, or choose
+    another train.name). Never saved in config.toml."""
     device: str = "auto"
     """auto (cuda if available), cpu or cuda."""
     threads: int = 1
@@ -280,7 +290,8 @@ class TrainConfig:
         _at_least([("train.steps", self.steps, 1), ("train.batch_size", self.batch_size, 1),
                    ("train.eval_every", self.eval_every, 1), ("train.eval_batches", self.eval_batches, 1),
                    ("train.log_every", self.log_every, 1), ("train.checkpoint_every", self.checkpoint_every, 0),
-                   ("train.threads", self.threads, 0)])
+                   ("train.threads", self.threads, 0), ("train.keep_checkpoints", self.keep_checkpoints, 1)])
+        self._check_name()
         if self.wandb not in WANDB_MODES:
             raise ConfigError(f"train.wandb must be offline, online, or empty for off (got {self.wandb!r})")
         try:
@@ -294,6 +305,22 @@ class TrainConfig:
                 parse_fault(self.fault)
             except ValueError as e:
                 raise ConfigError(f"train.{e}") from None
+
+    def checkpoint_interval(self) -> int:
+        """Steps between two regular checkpoints (0: none but the last and Ctrl-C's):
+        train.checkpoint_every, or half the run when that is not shorter than the run."""
+        every, steps = self.checkpoint_every, self.steps
+        if every and every >= steps:
+            return steps // 2
+        return every
+
+    def _check_name(self) -> None:
+        """train.name is one folder under train.run_dir: no separators, no . or .."""
+        name = self.name
+        if name and (name in (".", "..") or "/" in name or "\\" in name or os.sep in name or name != name.strip()
+                     or "\0" in name):
+            raise ConfigError(f"train.name must be a plain folder name under train.run_dir, not a path (got {name!r}); "
+                              "set train.run_dir to put runs elsewhere")
 
 
 @dataclass
@@ -591,10 +618,22 @@ def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
     return dataclasses.asdict(cfg)
 
 
+#: the [algo] keys data-parallel uses; mode dp's config.toml omits the others (H, P, τ,
+#: the codec, the outer optimizer, ...: what only DiLoCo has), as they do not apply
+DP_ALGO_KEYS = ("mode", "workers", "exchange", "worker_speeds", "schedule", "auto")
+
+
 def to_toml(cfg: Config) -> str:
-    """The config as TOML; keys left at None ("auto") are omitted, as a recipe would."""
+    """The config as TOML; keys left at None ("auto") are omitted, as a recipe would, and
+    so are train.overwrite (a saved config never replaces a run) and, for mode dp, the
+    [algo] keys only DiLoCo uses."""
     d = {s: {k: v for k, v in body.items() if v is not None} for s, body in to_dict(cfg).items()}
-    return tomli_w.dumps(d)
+    d["train"].pop("overwrite", None)
+    head = ""
+    if cfg.algo.mode == "dp":
+        d["algo"] = {k: v for k, v in d["algo"].items() if k in DP_ALGO_KEYS}
+        head = "# mode dp: the [algo] keys only DiLoCo uses (inner_steps, fragments, codec, ...) do not apply; omitted\n"
+    return head + tomli_w.dumps(d)
 
 
 def field_help() -> dict[str, str]:

@@ -23,6 +23,7 @@ import torch
 from farsync.comm import rendezvous
 from farsync.comm.elastic import ElasticError, Rejoined
 from farsync.train import checkpoint as ckpt
+from farsync.train import rundir
 from farsync.train.config import Config
 from farsync.train.loop import Trainer
 from farsync.train.summary import summarize
@@ -40,11 +41,25 @@ class ElasticTrainer(Trainer):
     def run_dir_for(cfg: Config, group: rendezvous.Group) -> str:
         return os.path.join(Trainer.run_dir_for(cfg, group), f"worker-{group.rank}")
 
-    def resumes(self, resume: bool) -> bool:
-        """A restarted worker: its inner optimizer and data position from its checkpoint."""
-        return resume or ckpt.latest_step(self.run_dir) is not None
+    @classmethod
+    def resumes(cls, run_dir: str, resume: bool, cfg: Config) -> bool:
+        """A restarted worker (started with the same command): its inner optimizer and
+        data position from its checkpoint; with train.overwrite, a new run."""
+        return resume or (not cfg.train.overwrite and ckpt.has_checkpoint(run_dir))
 
-    def keep_rows(self, step: int) -> None:
+    @classmethod
+    def check_run_dir(cls, cfg: Config, run_dir: str, *, resume: bool, resuming: bool,
+                      refuse_existing: bool) -> str | None:
+        """A worker restarted with the same command resumes its run directory, so only
+        a finished run there is refused (when ``refuse_existing``); a restart must use
+        the run's settings (:func:`farsync.train.rundir.check_resume`)."""
+        if refuse_existing and not resume and not cfg.train.overwrite:
+            problem = rundir.fresh_problem(run_dir, finished_only=True)
+            if problem:
+                return rundir.refusal(problem, run_dir)
+        return super().check_run_dir(cfg, run_dir, resume=resume, resuming=resuming, refuse_existing=False)
+
+    def keep_rows(self, step: int, rows: int | None) -> None:
         """Its rows stay: it rejoins the others where they are, and the syncs it took part
         in after this checkpoint happened (a resume redoes them)."""
 

@@ -17,19 +17,29 @@ import os
 import torch
 
 from farsync.train import checkpoint as ckpt
-from farsync.train.config import Config, build_config, load_recipe
+from farsync.train.config import Config, build_config
+from farsync.train.rundir import read_recipe
 
 
-def global_parameters(run_dir: str) -> tuple[Config, dict[str, torch.Tensor], int]:
-    """The run's resolved config, θ_g by parameter name (from its latest checkpoint) and
-    the step it holds."""
+def _exported_worker(run_dir: str) -> int:
+    """Whose θ_g is exported: worker 0's (every worker holds the same θ_g), or in an
+    elastic worker's run directory (RUN/worker-K) worker K's, its only file."""
+    base = os.path.basename(os.path.normpath(run_dir))
+    return int(base[7:]) if base.startswith("worker-") and base[7:].isdigit() else 0
+
+
+def global_parameters(run_dir: str, log=None) -> tuple[Config, dict[str, torch.Tensor], int]:
+    """The run's resolved config, θ_g by parameter name (from its newest usable
+    checkpoint: a damaged newer one is named to ``log`` and passed over) and the step it
+    holds. The checkpoint is read as tensors and plain data only: nothing in it runs."""
     if not os.path.isfile(os.path.join(run_dir, "config.toml")):
         raise ValueError(f"{run_dir!r} has no config.toml (not a farsync run directory)")
-    cfg = build_config(load_recipe(os.path.join(run_dir, "config.toml")))
-    step = ckpt.latest_step(run_dir)
+    cfg = build_config(read_recipe(os.path.join(run_dir, "config.toml")))
+    worker = _exported_worker(run_dir)
+    step = ckpt.resume_step(run_dir, [worker], log=log)
     if step is None:
         raise ValueError(f"{run_dir!r} has no complete checkpoint to export")
-    state = ckpt.load_worker(run_dir, step, 0, map_location="cpu")
+    state = ckpt.load_worker(run_dir, step, worker, map_location="cpu")
     params = {k: v for k, v in state["model"].items()}
     algo = state["algo"]
     if "anchors" in algo:  # DiLoCo: θ_g is the anchors, fragment by fragment
@@ -74,14 +84,26 @@ def _llama_to_hf(cfg: Config, params: dict[str, torch.Tensor]):
     return hf_cfg, out
 
 
-def export(run_dir: str, out_dir: str) -> str:
+def check_out_dir(out_dir: str, overwrite: bool) -> None:
+    """``out_dir`` is a folder to create, or an empty one (``overwrite``: one whose files
+    may be replaced); ValueError naming it otherwise."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"export: {out_dir!r} is a file, not a folder: give a folder to write the model into")
+    if not overwrite and os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise ValueError(f"export: {out_dir!r} is not empty: give a new or empty folder, or pass --overwrite to "
+                         "write over the files there")
+
+
+def export(run_dir: str, out_dir: str, *, overwrite: bool = False, log=None) -> str:
     """Write the run's θ_g (and tokenizer) to ``out_dir`` as a Hugging Face folder;
-    returns a one-line description."""
+    returns a one-line description. ``out_dir`` must be new or empty unless
+    ``overwrite``."""
+    check_out_dir(out_dir, overwrite)
     try:
         import transformers
     except ImportError:
         raise ValueError("farsync export needs the transformers package: pip install 'farsync[hf]'") from None
-    cfg, params, step = global_parameters(run_dir)
+    cfg, params, step = global_parameters(run_dir, log=log)
     if cfg.model.hf_config:
         from farsync.models.hf import load_hf_config
 

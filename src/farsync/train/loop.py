@@ -35,7 +35,7 @@ from farsync.comm.base import Communicator
 from farsync.comm.faults import DieAt, FaultyCommunicator, parse_fault
 from farsync.data import Corpus
 from farsync.train import checkpoint as ckpt
-from farsync.train import components
+from farsync.train import components, rundir
 from farsync.train.config import Config, ConfigError, to_toml
 from farsync.train.metrics import Metrics, log_main
 from farsync.train.pacing import make_pacing
@@ -105,14 +105,22 @@ class Trainer:
         self.prior_wall = 0.0  # wall seconds of the run before a resume
         self.t_start = time.perf_counter()
         self.die = DieAt.from_env()  # a test hook (farsync.comm.faults)
+        self.resuming = False  # continues from a checkpoint (build decides)
 
     # ---- build and restore -----------------------------------------------------------
     @classmethod
     def build(cls, cfg: Config, group: rendezvous.Group, dev: torch.device, run_dir: str | None, *,
-              resume: bool = False) -> Trainer:
+              resume: bool = False, refuse_existing: bool = False) -> Trainer:
         """Run directory and resolved config (with ``algo.auto``, the plan: a resumed run
-        keeps its own), corpus, the local workers, the eval model."""
+        keeps its own), corpus, the local workers, the eval model. Nothing is written
+        before :meth:`check_run_dir` accepts the run directory."""
         run_dir = run_dir or cls.run_dir_for(cfg, group)
+        resuming = cls.resumes(run_dir, resume, cfg)
+        problem = cls.check_run_dir(cfg, run_dir, resume=resume, resuming=resuming,
+                                    refuse_existing=refuse_existing) if group.is_main else None
+        problem = group.broadcast(problem)  # every process refuses alike
+        if problem:
+            raise ConfigError(problem)
         if group.is_main:
             os.makedirs(run_dir, exist_ok=True)
         log = functools.partial(log_main, group)
@@ -128,7 +136,7 @@ class Trainer:
                                      (x.to(dev), y.to(dev)), run_dir, log, keep=resume)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
-        if group.is_main:
+        if group.is_main and not resuming:  # a resumed run keeps its own
             with open(os.path.join(run_dir, "config.toml"), "w") as f:
                 f.write(to_toml(cfg))
         comms = list(group.comms)
@@ -141,6 +149,7 @@ class Trainer:
                       eval_model=components.build_model(cfg, corpus.vocab_size, dev),
                       eval_set=corpus.eval_batches(cfg.train.batch_size, cfg.model.seq_len, cfg.train.eval_batches),
                       n_params=model.num_parameters(), plan=plan)
+        trainer.resuming = resuming
         a, algo = cfg.algo, workers[0].algo
         log(f"model: {components.model_name(cfg, model)}, {trainer.n_params:,} parameters "
             f"({model.num_parameters(non_embedding=True):,} non-embedding); {a.workers} workers, mode {a.mode}" + (
@@ -158,16 +167,53 @@ class Trainer:
     def model_name(self) -> str:
         return components.model_name(self.cfg, self.workers[0].model)
 
-    def resumes(self, resume: bool) -> bool:
+    @classmethod
+    def resumes(cls, run_dir: str, resume: bool, cfg: Config) -> bool:
         """Whether the run continues from its checkpoint (asked for with --resume)."""
         return resume
 
+    @classmethod
+    def check_run_dir(cls, cfg: Config, run_dir: str, *, resume: bool, resuming: bool,
+                      refuse_existing: bool) -> str | None:
+        """Why this run may not use ``run_dir`` (None: it may; main process). A resume
+        may change nothing of the run's trajectory (:func:`farsync.train.rundir.check_resume`);
+        a new run refuses a run directory holding a run when ``refuse_existing`` (what
+        ``farsync train`` asks), and with ``train.overwrite`` empties it first."""
+        try:
+            if resuming:
+                if resume and os.path.exists(os.path.join(run_dir, "summary.json")):
+                    return f"--resume {run_dir}: the run is finished (it has its summary.json); nothing to resume"
+                if os.path.isfile(os.path.join(run_dir, "config.toml")):
+                    rundir.check_resume(rundir.saved_config(run_dir), cfg, run_dir)
+                return None
+            if cfg.train.overwrite:
+                rundir.empty(run_dir)
+                return None
+            problem = rundir.fresh_problem(run_dir) if refuse_existing else None
+        except ConfigError as e:
+            return str(e)
+        return rundir.refusal(problem, run_dir) if problem else None
+
     def restore(self) -> None:
-        """Load the latest complete checkpoint into every local worker; drop the metrics
-        rows past it."""
-        step = ckpt.latest_step(self.run_dir)
+        """Load the newest usable checkpoint into every local worker (a damaged newer one
+        is named and passed over: :func:`farsync.train.checkpoint.resume_step`); drop the
+        metrics rows written after it."""
+        found = {"step": None, "error": None}
+        if self.group.is_main:  # it sees every worker's file of this run directory
+            try:
+                found["step"] = ckpt.resume_step(self.run_dir, self.group.checkpoint_workers, log=self.metrics.log)
+            except ckpt.CheckpointError as e:
+                found["error"] = str(e)
+        found = self.group.broadcast(found)
+        if found["error"]:
+            raise ConfigError(f"--resume: {found['error']}")
+        step = found["step"]
         if step is None:
             raise ConfigError(f"--resume {self.run_dir}: no checkpoint found there")
+        if step >= self.cfg.train.steps:  # its final syncs have landed: training it again would change it
+            raise ConfigError(f"--resume {self.run_dir}: the run is finished (its checkpoint is of step {step}, "
+                              f"train.steps = {self.cfg.train.steps}); nothing to resume")
+        rows = None
         for w in self.workers:
             state = ckpt.load_worker(self.run_dir, step, w.rank, map_location=self.device)
             w.model.load_state_dict(state["model"])
@@ -175,18 +221,24 @@ class Trainer:
             w.scheduler.load_state_dict(state["scheduler"])
             w.algo.load_state_dict(state["algo"])
             self.prior_wall = state["wall_seconds"]
+            rows = state.get("metrics_rows", rows)
         self.step = step
-        self.keep_rows(step)
+        self.keep_rows(step, rows)
         self.metrics.log(f"resumed {self.run_dir} at step {step}")
 
-    def keep_rows(self, step: int) -> None:
-        """metrics.jsonl after a resume from ``step``: the rows up to it."""
-        self.metrics.drop_rows_after(step)
+    def keep_rows(self, step: int, rows: int | None) -> None:
+        """metrics.jsonl after a resume from ``step``: the ``rows`` written before its
+        checkpoint (a sync row of step ``step`` may land, and be written, after it;
+        checkpoints of older farsync versions: the rows up to ``step``)."""
+        if rows is None:
+            self.metrics.drop_rows_after(step)
+        else:
+            self.metrics.keep_first_rows(rows)
 
     # ---- the loop ---------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict:
         """Restore or start afresh, train every step, finish."""
-        if self.resumes(resume):
+        if self.resuming:
             self.restore()
         else:
             self.metrics.fresh()
@@ -194,6 +246,7 @@ class Trainer:
 
     def loop(self) -> dict:
         cfg, steps = self.cfg, self.cfg.train.steps
+        every = cfg.train.checkpoint_interval()
         self.metrics.open(cfg, self.step)
         self.t_start = time.perf_counter() - self.prior_wall
         self.pacing.start(self.step, [a.steps_trained for a in self.algos])
@@ -213,7 +266,7 @@ class Trainer:
                     self.metrics.bar.update(1)
                 if last:
                     break
-                if self.metrics.stop_agreed or (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0):
+                if self.metrics.stop_agreed or (every and done % every == 0):
                     self.save(done)  # lands the pending metrics first, which may agree a stop
                 if self.metrics.stop_agreed:
                     return self.stopped()
@@ -303,10 +356,12 @@ class Trainer:
                 "model": w.model.state_dict(), "optimizer": w.optimizer.state_dict(),
                 "scheduler": w.scheduler.state_dict(), "algo": w.algo.state_dict(),
                 "step": step, "wall_seconds": self.wall(),
+                "metrics_rows": self.metrics.rows,  # metrics.jsonl's rows before this checkpoint (main process)
             })
         self.group.barrier()
         if self.group.is_main:
-            ckpt.commit(self.run_dir, step, self.cfg.algo.workers, self.group.checkpoint_workers)
+            ckpt.commit(self.run_dir, step, self.cfg.algo.workers, self.group.checkpoint_workers,
+                        keep=self.cfg.train.keep_checkpoints)
 
     def stopped(self) -> dict:
         """Ctrl-C, agreed by every process: the checkpoint is written; say how to resume."""

@@ -53,11 +53,15 @@ class Metrics:
         self.pending: _Pending | None = None
         self.train_loss: float | None = None  # set when a log step's sum lands
         self.stop_agreed = False  # a landed sum says some process saw Ctrl-C
+        self.rows = 0  # rows in metrics.jsonl (main process): a checkpoint records it
 
     def open(self, cfg, start: int) -> None:
         """Append to metrics.jsonl; start the trackers and the progress bar (main process)."""
         if not self.group.is_main:
             return
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                self.rows = sum(1 for _ in f)
         self.file = open(self.path, "a")
         if cfg.train.tensorboard or cfg.train.wandb:
             import dataclasses
@@ -81,6 +85,7 @@ class Metrics:
             return
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
+        self.rows += 1
         if self.trackers is not None:
             self.trackers.log(row)
 
@@ -134,6 +139,15 @@ class Metrics:
         if self.group.is_main and os.path.exists(self.path):
             with open(self.path) as f:
                 rows = [r for r in f if json.loads(r)["step"] <= step]
+            with open(self.path, "w") as f:
+                f.writelines(rows)
+
+    def keep_first_rows(self, count: int) -> None:
+        """A resume from a checkpoint taken when metrics.jsonl had ``count`` rows: the
+        rows written after it belong to steps that will run again."""
+        if self.group.is_main and os.path.exists(self.path):
+            with open(self.path) as f:
+                rows = f.readlines()[:count]
             with open(self.path, "w") as f:
                 f.writelines(rows)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 
@@ -20,7 +21,7 @@ def summarize(trainer, final_eval: float, elastic: dict | None = None) -> dict:
     blocked = sum(s["blocked_seconds"] for s in per_worker)
     tokens = sum(s["tokens"] for s in per_worker)
     plan = trainer.plan
-    return {
+    summary = {
         "run_dir": trainer.run_dir,
         "mode": cfg.algo.mode,
         "workers": cfg.algo.workers,
@@ -64,6 +65,23 @@ def summarize(trainer, final_eval: float, elastic: dict | None = None) -> dict:
             "measured_mbit": plan["link"]["measured_mbit"], "rtt_ms": plan["link"]["rtt_ms"],
             "link_given": plan["link"]["given"], "step_time_s": plan["step_time_s"]["used"]},
     }
+    summary["failure"] = failure(summary)
+    return summary
+
+
+def failure(s: dict) -> str | None:
+    """Why a run that trained to its end produced nothing usable (None: it did): its
+    final eval loss is not a finite number, or every one of its rounds was skipped (θ_g
+    never moved). `farsync train` then exits with code 1, the summary written."""
+    loss = s["final_eval_loss"]
+    if loss is None or not math.isfinite(loss):
+        return (f"the final eval loss is {loss}: training diverged (try a lower optim.lr or algo.outer_lr); "
+                f"see {os.path.join(s['run_dir'], 'summary.json')}")
+    rounds, skipped = s["sync_events"], len(s["skipped_rounds"])
+    if s["mode"] != "dp" and rounds and skipped >= rounds:
+        return (f"every round of the run was skipped ({skipped} of {rounds}: fewer than algo.min_contributions "
+                "pseudo-gradients kept), so θ_g is the initial model; see the skipped rows in metrics.jsonl")
+    return None
 
 
 def write_summary(run_dir: str, summary: dict) -> None:
