@@ -52,14 +52,16 @@ def lighthouse(tmp_path):
         p.wait(10)
 
 
-def start(tmp_path, lighthouse, worker, *extra, die: str = ""):
-    """Worker ``worker``; ``die``: the test hook FARSYNC_DIE_AT (farsync.comm.faults), STEP or STEP:SIGNAL."""
+def start(tmp_path, lighthouse, worker, *extra, die: str = "", secret: str = ""):
+    """Worker ``worker``; ``die``: the test hook FARSYNC_DIE_AT (farsync.comm.faults), STEP or STEP:SIGNAL;
+    ``secret``: $FARSYNC_ELASTIC_SECRET."""
     log = open(tmp_path / f"worker-{worker}-{time.monotonic_ns()}.log", "w")
     return subprocess.Popen(
         [sys.executable, "-m", "farsync", "train", *ARGS, f"--train.run_dir={tmp_path}", "--elastic.enabled=true",
          f"--elastic.worker={worker}", f"--elastic.lighthouse={lighthouse}", f"--elastic.timeout_s={TIMEOUT_S}",
          "--elastic.host=localhost", "--elastic.join_timeout_s=60", *extra],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", "FARSYNC_DIE_AT": die})
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", "FARSYNC_DIE_AT": die,
+                                                   "FARSYNC_ELASTIC_SECRET": secret})
 
 
 def finish(procs, tmp_path, timeout=180):
@@ -80,7 +82,7 @@ def theta_g(run_dir):
     """θ_g (every fragment's anchors) and the outer optimizer state of the last checkpoint."""
     step = json.load(open(os.path.join(run_dir, "checkpoints", "latest.json")))["step"]
     files = [f for f in os.listdir(os.path.join(run_dir, "checkpoints", f"step-{step:06d}")) if f.endswith(".pt")]
-    state = torch.load(os.path.join(run_dir, "checkpoints", f"step-{step:06d}", files[0]), weights_only=False)["algo"]
+    state = torch.load(os.path.join(run_dir, "checkpoints", f"step-{step:06d}", files[0]), weights_only=True)["algo"]
     momentum = [[s["momentum_buffer"] for s in o["state"].values()] for o in state["outer_optimizers"]]
     return step, state["anchors"], momentum
 
@@ -112,7 +114,8 @@ def test_worker_killed_in_a_sync_survivors_equal_a_run_without_it(tmp_path, ligh
     syncs = [r for r in rows(tmp_path, 0) if r["kind"] == "sync"]
     assert [s["kept"] for s in syncs] == [[0, 1, 2]] * 3 + [[0, 1]] * 5
     summary = json.loads((tmp_path / "run" / "worker-0" / "summary.json").read_text())
-    assert summary["elastic"] == {"syncs_retried": 1, "workers_lost": 1, "workers_joined": 0, "healed": 0}
+    assert summary["elastic"] == {"syncs_retried": 1, "workers_lost": 1, "workers_joined": 0, "healed": 0,
+                                  "authenticated": False}
     step, anchors0, mom0 = theta_g(tmp_path / "run" / "worker-0")
     _, anchors1, mom1 = theta_g(tmp_path / "run" / "worker-1")
     ref_step, ref_anchors, ref_mom = reference(tmp_path, 20)
@@ -153,6 +156,39 @@ def test_killed_worker_restarts_and_rejoins_with_identical_theta_g(tmp_path, lig
     summaries = [json.loads((tmp_path / "run" / f"worker-{k}" / "summary.json").read_text()) for k in range(3)]
     assert len({s["final_eval_loss"] for s in summaries}) == 1
     assert summaries[2]["elastic"]["healed"] == 1 and summaries[0]["elastic"]["healed"] == 0
+
+
+def test_a_worker_without_the_secret_is_refused_in_syncs_and_heals(tmp_path, lighthouse):
+    """Workers 0 and 1 hold the run's secret; worker 2 does not. It is refused at the
+    first sync (it stops, exit code 1, one line; the others redo the sync without it),
+    refused again when it comes back to be healed, and healed once it has the secret
+    (elastic.secret_file): then all three finish with the same θ_g, and no sync ever
+    held a contribution of the worker without the secret."""
+    key = "s3cret-" * 4
+    (tmp_path / "secret").write_text(key + "\n")
+    three = "--elastic.min_workers=3"  # the others wait at their next sync for a third worker
+    procs = [start(tmp_path, lighthouse, k, three, secret=key) for k in (0, 1)]
+    intruders = []
+    for _ in range(2):  # at the first sync, then at a heal
+        intruders.append(start(tmp_path, lighthouse, 2, three))
+        intruders[-1].wait(120)
+    procs.append(start(tmp_path, lighthouse, 2, three, f"--elastic.secret_file={tmp_path / 'secret'}"))
+    logs = finish(procs, tmp_path)
+    assert [p.returncode for p in intruders] == [1, 1] and [p.returncode for p in procs] == [0, 0, 0], logs
+    errors = [ln for f in sorted(tmp_path.glob("worker-2-*.log"))[:2] for ln in f.read_text().splitlines()
+              if ln.startswith(("error", "Traceback"))]
+    assert len(errors) == 2 and "this worker has none" in errors[0] and "refused this worker" in errors[1], errors
+    why = [e["why"] for e in rows(tmp_path, 0) + rows(tmp_path, 1) if e["kind"] == "membership" and "why" in e]
+    assert any(w.startswith("refused worker 2 in sync") for w in why), why
+    assert any(w.startswith("refused worker 2 (quorum rank 2) asked for the run's state") for w in why), why
+    mine = rows(tmp_path, 2)
+    back = [r for r in mine if r["kind"] == "rejoined"][0]["step"]
+    syncs = [r for r in rows(tmp_path, 0) if r["kind"] == "sync"]
+    assert all(2 not in s["kept"] for s in syncs if s["step"] <= back) and all(2 in s["kept"] for s in syncs if s["step"] > back)
+    states = [theta_g(tmp_path / "run" / f"worker-{k}") for k in range(3)]
+    assert {s[0] for s in states} == {40} and all(same(states[0][1], s[1]) for s in states[1:])
+    summaries = [json.loads((tmp_path / "run" / f"worker-{k}" / "summary.json").read_text()) for k in range(3)]
+    assert all(s["elastic"]["authenticated"] for s in summaries) and summaries[2]["elastic"]["healed"] == 1
 
 
 def test_hung_worker_is_dropped_within_the_timeout(tmp_path, lighthouse):

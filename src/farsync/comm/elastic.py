@@ -7,9 +7,10 @@ exchange is one torchft quorum:
 1. ``Manager.start_quorum()`` — the Lighthouse returns the live workers (a worker is
    live while its heartbeats arrive); torchft reconfigures the gloo group among them.
    A worker whose committed-sync count is behind the others' is *healed* here: it
-   receives the live peers' state over that group (:class:`torchft.checkpointing.
-   PGTransport`, no shared filesystem).
-2. The members swap worker ids, then run the same exchange as every other backend
+   receives the live peers' state over that group (:class:`farsync.comm.heal.SafeTransport`:
+   tensors and JSON, never a pickle; no shared filesystem).
+2. The members swap worker ids (with a secret, each proves it: :func:`farsync.comm.heal.
+   prove_members`), then run the same exchange as every other backend
    (:func:`farsync.comm.distributed.run_exchange`) among themselves; results are
    reported by worker id, an absent worker as weight 0 — exactly what a run in which it
    sat the round out computes.
@@ -25,6 +26,11 @@ and continues from θ_g with everybody; the training loop gets the state as a
 :class:`Rejoined`. So does a worker whose retry finds that the others committed the
 round without it. What is transferred: :meth:`farsync.algorithms.diloco.DiLoCo.
 shared_state` (the inner optimizer state never is).
+
+With a secret (``elastic.secret_file`` or ``$FARSYNC_ELASTIC_SECRET``), a worker that cannot
+prove it takes part in no sync and no heal: the others refuse it by name and redo the
+sync without it, and it stops with an :class:`ElasticError` (so does a worker whose heal
+brings a state that fails the check). Nothing is encrypted.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from farsync.comm import exchange as ex
 from farsync.comm.base import Communicator, ExchangeRequest, ExchangeResult, FutureWork, Work
 from farsync.comm.distributed import Transport, run_exchange
 from farsync.comm.faults import DieAt
+from farsync.comm.heal import AuthError, SafeTransport, prove_members
 
 
 def replica_id(worker: int) -> str:
@@ -69,16 +76,20 @@ class ElasticError(RuntimeError):
     one line."""
 
 
+class NotAdmitted(ElasticError):
+    """This worker failed the run's secret (it has none, or another one), or a heal
+    brought it a state that failed the check: it stops at once (not retried)."""
+
+
 
 
 def _torchft():
     os.environ.setdefault("RUST_LOG", "warn")  # torchft's Rust side logs every quorum at INFO
     try:
         import torchft
-        from torchft.checkpointing.pg_transport import PGTransport
     except ImportError:
         raise ImportError("elastic runs need torchft: pip install 'farsync[elastic]'") from None
-    return torchft, PGTransport
+    return torchft
 
 
 class ElasticCommunicator(Communicator):
@@ -97,14 +108,16 @@ class ElasticCommunicator(Communicator):
             waits (up to ``quorum_timeout_s``) for more.
         host: this worker's address as the others reach it (its store and torchft's
             manager server); default: its hostname.
+        secret: the run's shared secret (:func:`farsync.comm.heal.load_secret`): every
+            member of a sync, and every heal, proves it; None: nothing is authenticated.
 
     A worker that can give its state to a joining peer says so with :meth:`serve`.
     """
 
     def __init__(self, worker: int, workers: int, *, lighthouse: str, timeout_s: float = 300.0,
                  connect_timeout_s: float = 15.0, quorum_timeout_s: float = 900.0, min_workers: int = 1,
-                 host: str | None = None):
-        torchft, PGTransport = _torchft()
+                 host: str | None = None, secret: bytes | None = None):
+        torchft = _torchft()
         from torch.distributed import TCPStore
 
         if not 0 <= worker < workers:
@@ -117,6 +130,8 @@ class ElasticCommunicator(Communicator):
         self._die = DieAt.from_env()  # a test hook (farsync.comm.faults)
         host = host or socket.gethostname()
         logging.getLogger("torchft").setLevel(logging.ERROR)  # torchft logs every quorum at INFO, and warns of NCCL on CPU
+        # a heal's refusal is said in one line by this worker (or becomes a retry), not as torchft's traceback
+        logging.getLogger("torchft.manager").addFilter(_not_a_refusal)
         # torchft's manager meets the other replica groups through a store of its own group's
         self._store = TCPStore(host, 0, is_master=True, wait_for_workers=False)
         timeout = timedelta(seconds=self.timeout_s)
@@ -124,13 +139,15 @@ class ElasticCommunicator(Communicator):
         # elastic.timeout_s (_Timed)
         self._connect = timedelta(seconds=min(self.timeout_s, connect_timeout_s))
         self._pg = torchft.ProcessGroupGloo(timeout=self._connect)
+        self._secret = secret
+        self._heal = SafeTransport(self._pg, timeout, worker, secret)  # tensors and JSON only, never a pickle
         try:
             self.manager = torchft.Manager(
                 pg=self._pg, load_state_dict=self._load, state_dict=self._save, min_replica_size=min_workers,
                 use_async_quorum=False, timeout=timeout, quorum_timeout=timedelta(seconds=self.quorum_timeout_s),
                 connect_timeout=self._connect, rank=0, world_size=1, store_addr=host, store_port=self._store.port,
                 lighthouse_addr=lighthouse, replica_id=replica_id(worker), hostname=host, init_sync=False,
-                checkpoint_transport=PGTransport(self._pg, timeout=timeout, device=torch.device("cpu")),
+                checkpoint_transport=self._heal,
             )
         except RuntimeError as e:  # torchft: the lighthouse does not answer within connect_timeout_s
             raise ElasticError(f"cannot reach the lighthouse at {lighthouse} (elastic.lighthouse): {_short(e)}") from None
@@ -141,6 +158,11 @@ class ElasticCommunicator(Communicator):
         self._members: tuple[int, ...] | None = None  # worker ids of the last committed sync
         #: membership changes, retries and heals, in order: dicts with "event", "time", ...
         self.events: list[dict] = []
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether every sync and heal of this worker proves the run's secret."""
+        return self._secret is not None
 
     def serve(self, state_fn) -> None:
         """Give joining peers ``state_fn()``: what they need to continue with this
@@ -174,9 +196,9 @@ class ElasticCommunicator(Communicator):
                     if healed is not None:
                         raise healed
                     res = self._exchange_once(call)
-                except Rejoined:
+                except (Rejoined, NotAdmitted):
                     raise
-                except Exception as e:  # a peer died or hung mid-round
+                except Exception as e:  # a peer died or hung mid-round, or was refused (AuthError)
                     self.manager.report_error(e)
                     why = _short(e)
                 if self.manager.should_commit() and res is not None:
@@ -201,7 +223,7 @@ class ElasticCommunicator(Communicator):
         peers moved on meanwhile, replaces the state) and return the :class:`Rejoined`
         to raise."""
         before = self.manager.current_step()
-        self.manager.start_quorum()
+        self._start_quorum()
         if self._loaded is None:
             return None
         deadline = time.monotonic() + self.quorum_timeout_s
@@ -213,6 +235,8 @@ class ElasticCommunicator(Communicator):
             try:
                 if e is not None:  # the sync the peers are in: ours too, with nothing to add
                     result = self._exchange_once(_joining_call(e))
+            except NotAdmitted:
+                raise
             except Exception as err:  # a peer failed: they retry this sync, or commit it and move on
                 self.manager.report_error(err)
             if self.manager.should_commit():
@@ -220,19 +244,36 @@ class ElasticCommunicator(Communicator):
             if time.monotonic() > deadline:
                 raise ElasticError(f"could not join the others' sync for {self.quorum_timeout_s:.0f} s "
                                    "(elastic.quorum_timeout_s)")
-            self.manager.start_quorum()
+            self._start_quorum()
         behind = self.manager.current_step() - before
         self._note_members(time.time(), e["round"] if e else None)
         self.events.append({"event": "healed", "time": time.time(), "step": state["farsync"]["step"], "behind": behind})
         return Rejoined(state["farsync"], result, behind=behind, round=tuple(e["round"]) if e else None)
 
+    def _start_quorum(self) -> None:
+        """``Manager.start_quorum``, then what the heal refused there (torchft swallows
+        it): an ElasticError if this worker cannot go on, else the AuthError to fail this
+        quorum with (the others redo the sync without the refused peer)."""
+        self.manager.start_quorum()
+        refused = self._heal.take_refusal()
+        if refused is not None:
+            if refused.fatal:
+                raise NotAdmitted(str(refused))
+            raise refused
+
     def _exchange_once(self, call: ExchangeRequest) -> ExchangeResult:
-        """One exchange among this quorum's members; the result by worker id."""
+        """One exchange among this quorum's members, each having proved the secret; the
+        result by worker id."""
         n, me = self.manager.num_participants(), self.manager.participating_rank()
         if me is None:
             raise ElasticError("this worker is not a participant of the quorum")
         t = Transport(me, n, self._post)
-        ids = [int(x.item()) for x in t.all_gather(torch.tensor([self.rank], dtype=torch.int64))]
+        try:
+            ids = prove_members(t, self.rank, call.round, self.manager.current_step(), self._secret)
+        except AuthError as e:
+            if e.fatal:
+                raise NotAdmitted(str(e)) from None
+            raise
         if sorted(ids) != ids or len(set(ids)) != n:
             raise ElasticError(f"quorum members {ids}: two workers run with the same elastic.worker")
         self._last_ids = ids
@@ -273,7 +314,15 @@ class ElasticCommunicator(Communicator):
         workers only."""
         deadline = time.monotonic() + wait_s
         while True:
-            healed = self._quorum()
+            try:
+                healed = self._quorum()
+            except AuthError as e:  # this quorum refused a peer's heal: a new one, without it
+                self.manager.report_error(e)
+                self.manager.should_commit()
+                self.events.append({"event": "retry", "time": time.time(), "failed_at": time.time(), "round": None,
+                                    "why": _short(e)})
+                time.sleep(0.2)
+                continue
             if healed is not None:
                 return healed
             n, me = self.manager.num_participants(), self.manager.participating_rank()
@@ -308,6 +357,11 @@ class ElasticCommunicator(Communicator):
             self._executor.shutdown(wait=True)
             self._executor = None
             self.manager.shutdown(wait=False)
+
+
+def _not_a_refusal(record: logging.LogRecord) -> bool:
+    """A logging filter: False for torchft's log of a heal farsync refused (AuthError)."""
+    return not (record.exc_info and isinstance(record.exc_info[1], AuthError))
 
 
 class _Timed:

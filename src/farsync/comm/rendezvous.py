@@ -202,10 +202,11 @@ def join(workers: int, *, device_type: str = "cpu") -> Group:
 
 
 def join_elastic(workers: int, worker: int, *, lighthouse: str, timeout_s: float, connect_timeout_s: float,
-                 quorum_timeout_s: float, min_workers: int, host: str = "") -> Group:
+                 quorum_timeout_s: float, min_workers: int, host: str = "", secret: bytes | None = None) -> Group:
     """Worker ``worker`` (a stable id in [0, ``workers``)) of an elastic run: this
     process's endpoint on torchft (:class:`~farsync.comm.elastic.ElasticCommunicator`).
-    ``worker`` < 0 takes ``$FARSYNC_WORKER``."""
+    ``worker`` < 0 takes ``$FARSYNC_WORKER``. ``secret``: every sync's members and every
+    heal prove it (:mod:`farsync.comm.heal`)."""
     from farsync.comm.elastic import ElasticCommunicator, lighthouse_address
 
     if worker < 0:
@@ -214,5 +215,5 @@ def join_elastic(workers: int, worker: int, *, lighthouse: str, timeout_s: float
         worker = int(os.environ["FARSYNC_WORKER"])
     comm = ElasticCommunicator(worker, workers, lighthouse=lighthouse_address(lighthouse), timeout_s=timeout_s,
                                connect_timeout_s=connect_timeout_s, quorum_timeout_s=quorum_timeout_s,
-                               min_workers=min_workers, host=host or None)
+                               min_workers=min_workers, host=host or None, secret=secret)
     return Group(worker, workers, True, [comm], [worker], elastic=True)

@@ -353,10 +353,17 @@ class ElasticConfig:
     join_timeout_s: float = 60.0
     """At start-up, how long to wait for all algo.workers workers before starting
     with those present (the others join when they come)."""
+    secret_file: str = ""
+    """A file holding the run's shared secret (at least 16 bytes; the same on every
+    worker): each worker proves it (HMAC) in every sync and every heal, and one that
+    cannot is refused. Empty = $FARSYNC_ELASTIC_SECRET, or none (nothing authenticated).
+    Nothing is encrypted either way."""
 
     def __post_init__(self) -> None:
         _positive([(f"elastic.{k}", getattr(self, k)) for k in ("timeout_s", "connect_timeout_s", "quorum_timeout_s",
                                                                  "join_timeout_s")])
+        if self.secret_file and not os.path.isfile(self.secret_file):
+            raise ConfigError(f"elastic.secret_file: no such file: {self.secret_file!r}")
 
 
 @dataclass

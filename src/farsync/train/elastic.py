@@ -129,7 +129,7 @@ class ElasticTrainer(Trainer):
                                "they hold the final θ_g, this worker's run directory does not") from None
 
     def summary(self, final_eval: float) -> dict:
-        return summarize(self, final_eval, elastic=_counts(self.comm.events))
+        return summarize(self, final_eval, elastic={**_counts(self.comm.events), "authenticated": self.comm.authenticated})
 
 
 def _counts(events: list[dict]) -> dict:

@@ -19,10 +19,12 @@ def connect(cfg: Config, dev: torch.device) -> rendezvous.Group:
     torchrun, or all of them in this process. Bad settings are a ConfigError."""
     try:
         if cfg.elastic.enabled:
+            from farsync.comm.heal import load_secret
+
             e = cfg.elastic
             return rendezvous.join_elastic(cfg.algo.workers, e.worker, lighthouse=e.lighthouse, timeout_s=e.timeout_s,
                                            connect_timeout_s=e.connect_timeout_s, quorum_timeout_s=e.quorum_timeout_s,
-                                           min_workers=e.min_workers, host=e.host)
+                                           min_workers=e.min_workers, host=e.host, secret=load_secret(e.secret_file))
         return rendezvous.join(cfg.algo.workers, device_type=dev.type)
     except (ValueError, ImportError) as e:
         raise ConfigError(str(e)) from None
