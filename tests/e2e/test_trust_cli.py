@@ -71,20 +71,20 @@ def test_a_reused_run_name_is_refused_and_overwrite_replaces_it(tmp_path):
 
 
 def test_a_killed_short_run_resumes_from_half_way_with_its_rows_once(tmp_path):
-    """checkpoint_every (520) longer than the run: a checkpoint half-way (step 8). Killed
-    at step 11, a sync sent at step 8 landed (and was written) after that checkpoint; the
+    """checkpoint_every (520) longer than the run: a checkpoint half-way (step 6). Killed
+    at step 9, a sync sent at step 6 landed (and was written) after that checkpoint; the
     resumed run writes it once, and equals the uninterrupted run row for row."""
-    common = ["--train.steps=16", "--algo.mode=streaming", "--algo.fragments=2", "--algo.sync_delay=1",
+    common = ["--train.steps=12", "--algo.mode=streaming", "--algo.fragments=2", "--algo.sync_delay=1",
               "--train.eval_every=100", "--train.checkpoint_every=520"]
     full = in_process(tmp_path, *common, "--train.name=full")
-    r = cli("train", *fast(tmp_path, *common, "--train.name=cut"), env={"FARSYNC_DIE_AT": "11"})
+    r = cli("train", *fast(tmp_path, *common, "--train.name=cut"), env={"FARSYNC_DIE_AT": "9"})
     assert r.returncode == -9, r.stderr[-2000:]
     cut = tmp_path / "cut"
-    assert json.load(open(cut / "checkpoints" / "latest.json"))["step"] == 8
+    assert json.load(open(cut / "checkpoints" / "latest.json"))["step"] == 6
     config = (cut / "config.toml").read_bytes()
     # overrides that would change the run are refused before anything is written
     for override, key in [("--algo.inner_steps=10", "algo.inner_steps 4 -> 10"), ("--algo.workers=3", "algo.workers"),
-                          ("--train.steps=32", "train.steps 16 -> 32")]:
+                          ("--train.steps=32", "train.steps 12 -> 32")]:
         err = one_line(run("train", "--resume", str(cut), override))
         assert f"error: --resume {cut} continues the run as it was: it cannot change {key}" in err
         assert (cut / "config.toml").read_bytes() == config
@@ -140,7 +140,7 @@ def test_a_non_finite_final_eval_loss_is_a_failure(tmp_path, monkeypatch):
 
 @pytest.mark.distributed
 def test_a_lost_torchrun_worker_is_one_line_and_exit_code_1(tmp_path):
-    """Two processes as torchrun starts them on two machines; worker 1 is killed at step 7."""
+    """Two processes as torchrun starts them on two machines; worker 1 is killed at step 3."""
     args = [sys.executable, "-m", "farsync", "train", *fast(tmp_path, "--algo.workers=2", "--train.steps=40",
                                                              "--train.name=run", "--train.checkpoint_every=4")]
     import socket
@@ -151,7 +151,7 @@ def test_a_lost_torchrun_worker_is_one_line_and_exit_code_1(tmp_path):
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
     p0 = subprocess.Popen(args, env={**env, "RANK": "0", "LOCAL_RANK": "0"}, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
-    p1 = subprocess.run(args, env={**env, "RANK": "1", "LOCAL_RANK": "1", "FARSYNC_DIE_AT": "7"}, capture_output=True,
+    p1 = subprocess.run(args, env={**env, "RANK": "1", "LOCAL_RANK": "1", "FARSYNC_DIE_AT": "3"}, capture_output=True,
                         text=True, timeout=240)
     out, err = p0.communicate(timeout=240)
     assert p1.returncode == -9
