@@ -183,6 +183,18 @@ def _cfg(tmp_path, *extra):
     return build_config(None, [*FAST, f"--data.cache_dir={CACHE}", f"--train.run_dir={tmp_path}", *extra])
 
 
+def _stopped_at_10(run):
+    """The finished run as if it had stopped after its checkpoint of step 10 (a finished
+    run is not resumed)."""
+    import shutil
+
+    from farsync.train import checkpoint as ckpt
+
+    os.unlink(run / "summary.json")
+    shutil.rmtree(ckpt.step_dir(str(run), 20))
+    ckpt.commit(str(run), 10, 4)
+
+
 def test_auto_in_one_process_plans_for_the_given_link_and_trains_with_the_choice(tmp_path, capsys):
     from farsync.train import train
 
@@ -203,12 +215,14 @@ def test_auto_in_one_process_plans_for_the_given_link_and_trains_with_the_choice
     again = build_config(load_recipe(str(tmp_path / "auto" / "config.toml")), ["--plan.codecs=int8"])
     before = (tmp_path / "auto" / "plan.json").read_text()
     capsys.readouterr()
+    _stopped_at_10(tmp_path / "auto")
     resumed = train(again, run_dir=str(tmp_path / "auto"), resume=True)
     assert "keeping the plan this run started with" in capsys.readouterr().err
     assert resumed["plan"]["chosen"] == doc["chosen_label"]
     assert (tmp_path / "auto" / "plan.json").read_text() == before
     # without its plan.json, a resumed run keeps its config's settings rather than planning anew
     (tmp_path / "auto" / "plan.json").unlink()
+    _stopped_at_10(tmp_path / "auto")
     resumed = train(again, run_dir=str(tmp_path / "auto"), resume=True)
     assert "keeps the algo settings of its config.toml" in capsys.readouterr().err
     assert resumed["codec"] == "fp4-e3m0" and resumed["plan"] is None

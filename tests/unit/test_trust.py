@@ -172,7 +172,7 @@ def test_resume_refuses_what_changes_the_trajectory_and_takes_the_rest():
 
     saved = build_config(None, ["train.steps=40"])
     check_resume(saved, build_config(None, ["train.steps=40", "train.progress=false", "train.checkpoint_every=5",
-                                            "train.name=other", "elastic.timeout_s=20"]), "R")
+                                            "train.name=other", "elastic.timeout_s=20", "plan.codecs=int8"]), "R")
     check_resume(saved, build_config(None, ["train.steps=40", "algo.inner_steps=20"]), "R")  # the same value
     for override, key in [("algo.inner_steps=10", "algo.inner_steps"), ("algo.workers=3", "algo.workers"),
                           ("train.steps=80", "train.steps"), ("train.eval_every=5", "train.eval_every"),

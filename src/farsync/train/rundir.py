@@ -46,7 +46,8 @@ def resume_changes(saved, cfg) -> list[str]:
     skip = set(RESUME_KEYS) | set(_PLACE_KEYS)
     if saved.algo.auto:
         skip |= {"algo.mode", "algo.inner_steps", "algo.fragments", "algo.sync_delay", "algo.codec"}
-    return sorted(k for k in set(a) | set(b) if k not in skip and a.get(k) != b.get(k))
+    # plan.* only bound a plan, and a resumed run keeps its own (plan.json, or its config's settings)
+    return sorted(k for k in set(a) | set(b) if k not in skip and not k.startswith("plan.") and a.get(k) != b.get(k))
 
 
 def check_resume(saved, cfg, run_dir: str) -> None:
@@ -61,7 +62,7 @@ def check_resume(saved, cfg, run_dir: str) -> None:
         a, b = _flat(saved), _flat(cfg)
         what = ", ".join(f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:4]) + (" ..." if len(changed) > 4 else "")
         raise ConfigError(f"--resume {run_dir} continues the run as it was: it cannot change {what}; a resume takes "
-                          f"only {', '.join(RESUME_KEYS)} (train.steps changes the learning-rate schedule: a longer "
+                          f"only {', '.join(RESUME_KEYS)} and plan.* (train.steps changes the learning-rate schedule: a longer "
                           "run is a new run, under another train.name)")
 
 
