@@ -87,6 +87,10 @@ def test_gloo_processes_match_in_process_for_every_codec(world, tmp_path):
         dict(mode="streaming", inner_steps=4, fragments=2, sync_delay=1, codec="fp4-e3m0", unequal_tokens=True,
              participation=max(1, world - 1), participation_seed=5, fault="scale:1000"),
         dict(mode="diloco", inner_steps=3, codec="int8", unequal_tokens=True, fault="nan"),
+        # a sparse codec (all-gather) with SparseLoCo's error feedback, unequal tokens, a faulty worker
+        dict(mode="streaming", inner_steps=4, fragments=2, sync_delay=1, codec="topk16-int2", codec_block_size=256,
+             error_feedback=True, error_feedback_decay=0.9, outer_momentum=0.0, unequal_tokens=True,
+             fault="scale:1000"),
     ]
     stats = launch(world, "equal", [dict(c) for c in configs], tmp_path)
     for i, cfg in enumerate(configs):

@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 FAST = [
     "--model.size=nano", "--model.seq_len=64", "--data.max_bytes=1000000", "--data.val_fraction=0.1",
     "--data.vocab_size=512", "--train.batch_size=4", "--train.eval_every=6", "--train.eval_batches=2",
-    "--train.log_every=2", "--train.threads=1", "--train.progress=false", "--algo.inner_steps=4",
+    "--train.log_every=2", "--train.threads=1", "--train.launch=inprocess", "--train.progress=false", "--algo.inner_steps=4",
     "--optim.warmup_steps=2",
 ]
 
@@ -151,7 +151,9 @@ def test_a_failed_checkpoint_write_leaves_the_last_good_one(tmp_path, monkeypatc
 @pytest.mark.parametrize("args,message", [
     (["--train.stepz=3"], "error: unknown key train.stepz; [train] has: steps,"),
     (["--train.steps=abc"], "error: train.steps must be an integer (got 'abc')"),
-    (["--algo.codec=fp5"], "error: algo.codec must be one of fp32, bf16, int8, fp4-e3m0, fp4-e2m1 (got 'fp5')"),
+    (["--algo.codec=fp5"], "error: algo.codec must be one of fp32, bf16, int8, fp4-e3m0, fp4-e2m1, topk16-int2, topk16-fp4, topk16-int8, "
+                         "topk32-int2, topk32-fp4, topk32-int8, topk64-int2, topk64-fp4, topk64-int8, topk128-int2, "
+                         "topk128-fp4, topk128-int8 (got 'fp5')"),
     (["--data.source=/no/such/place"], "error: data.source: no such file or directory: '/no/such/place'"),
     (["--algo.inner_steps=50", "--algo.fragments=2", "--algo.sync_delay=25"],
      "error: algo.sync_delay (τ) = 25: must be < algo.inner_steps/algo.fragments = 50/2"),

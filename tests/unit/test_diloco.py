@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from farsync.algorithms import DiLoCo, build_fragments, make_strategy, step_in_lockstep
+from farsync.algorithms.feedback import compensate
 from farsync.schedule import sync_steps
 from farsync.comm import InProcessGroup
 from toy import batch, loss_fn, make_model, params
@@ -331,12 +332,36 @@ def test_error_feedback_telescopes_and_sends_codec_values():
     sent = []
     for d in deltas:
         e_before = torch.zeros(n) if a.residuals[0] is None else a.residuals[0].clone()
-        q = a._with_error_feedback(0, d.clone()) - a.residuals[0]
+        out, a.residuals[0] = compensate(a.codec, d.clone(), a.residuals[0], a.error_feedback_decay)
+        q = out - a.residuals[0]
         sent.append(q)
         pad = torch.nn.functional.pad(d + e_before, (0, -n % codec.alignment))
         torch.testing.assert_close(q, codec.decode(codec.encode(pad), pad.numel())[:n], rtol=0, atol=0)
     torch.testing.assert_close(sum(sent) + a.residuals[0], sum(deltas), rtol=1e-6, atol=1e-6)  # fp32 sums
     assert float(a.residuals[0].abs().max()) > 0  # fp4 drops something: the residual carries it
+
+
+def test_error_feedback_decay_is_sparselocos_accumulator_and_a_round_sat_out_keeps_it():
+    """e ← β·e + Δ, send Q(e) with a sparse codec, e ← e − Q(e); a round with nothing
+    sent keeps all of β·e + Δ."""
+    from farsync.codecs import get_codec
+
+    codec = get_codec("topk16-int8")
+    g = torch.Generator().manual_seed(0)
+    n = 3 * codec.alignment + 5  # padded to whole chunks
+    e, beta = None, 0.9
+    ref = torch.zeros(n)
+    for k in range(4):
+        d = torch.randn(n, generator=g)
+        sends = k != 2
+        out, e = compensate(codec, d.clone(), e, beta, sends=sends)
+        acc = beta * ref + d
+        torch.testing.assert_close(out, acc, rtol=1e-6, atol=1e-6)  # what is sent is Q of the accumulator
+        pad = torch.nn.functional.pad(acc, (0, -n % codec.alignment))
+        q = codec.decode(codec.encode(pad), pad.numel())[:n] if sends else torch.zeros(n)
+        torch.testing.assert_close(e, acc - q, rtol=1e-6, atol=1e-6)
+        assert int((q != 0).sum()) <= 4 * codec.alignment // 16  # a sparse payload: 1 value in 16 of 4 chunks
+        ref = e.clone()
 
 
 def test_error_feedback_keeps_replicas_identical_and_resumes_exactly():

@@ -21,6 +21,7 @@ class CommStats:
     sync_events: int = 0  # completed exchanges (one per fragment sync; one per step in DP)
     bytes_sent: int = 0  # payload bytes sent for parameter/gradient exchange
     control_bytes: int = 0  # bytes sent for the weight/validity handshake
+    site_bytes: int = 0  # bytes sent inside a site (its ranks gathering the mean; not the slow link)
     peak_event_bytes: int = 0  # most bytes sent in one sync event
     blocked_seconds: float = 0.0  # time waiting for exchanges to finish (the strategy records it)
     compute_seconds: float = 0.0  # time in inner compute: forward, backward, inner step
@@ -33,10 +34,11 @@ class CommStats:
     # (the driver records it with add_compute: only it knows where one worker's compute
     # starts and ends when several simulated workers share a thread)
 
-    def record_event(self, payload_bytes: int, control_bytes: int) -> None:
+    def record_event(self, payload_bytes: int, control_bytes: int, site_bytes: int = 0) -> None:
         self.sync_events += 1
         self.bytes_sent += payload_bytes
         self.control_bytes += control_bytes
+        self.site_bytes += site_bytes
         self.peak_event_bytes = max(self.peak_event_bytes, payload_bytes + control_bytes)
 
     def add_compute(self, seconds: float) -> None:

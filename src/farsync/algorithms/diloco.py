@@ -33,6 +33,7 @@ import copy
 import torch
 from torch import nn
 
+from farsync.algorithms.feedback import compensate
 from farsync.algorithms.fragments import Fragment, build_fragments, flatten
 from farsync.algorithms.outer import OuterOptimizerFactory, OuterStep, outer_sgd, sample_participants
 from farsync.algorithms.strategy import Strategy
@@ -76,7 +77,11 @@ class DiLoCo(Strategy):
             0.25 when τ ≥ 1 (measured best by farsync's quality benchmark; the paper's
             uniform mix is 0.5, see :data:`farsync.schedule.OVERLAP_MIXING`).
         codec: pseudo-gradient codec (``fp32``, ``bf16``, ``int8``, ``fp4-e3m0``,
-            ``fp4-e2m1``).
+            ``fp4-e2m1``, or a sparse ``topk{D}-{V}``: the top 1/D of each chunk, sent by
+            all-gather; see :mod:`farsync.codecs`). With a sparse codec use
+            ``error_feedback`` — SparseLoCo (arXiv 2508.15706) is ``codec="topk64-int2",
+            error_feedback=True, error_feedback_decay≈0.95`` with ``outer_momentum=0``
+            (the accumulator stands in for the outer momentum) and an outer lr near 1.
         codec_block_size: values per codec scale block (codec default when None).
         stochastic_rounding: stochastic instead of round-to-nearest quantization.
         error_feedback: keep what the codec dropped from this worker's pseudo-gradient
@@ -85,6 +90,8 @@ class DiLoCo(Strategy):
             for the payload this worker sends; the re-encoding of a reduced shard
             (reduce-scatter, M ≥ 3) is not compensated. Needs round-to-nearest; a no-op
             with fp32.
+        error_feedback_decay: β of the accumulator: e ← β·e + Δ, send Q(e), e ← e − Q(e)
+            (1: today's plain residual).
         exchange: ``"auto"``, ``"reduce-scatter"`` or ``"all-gather"``
             (see :mod:`farsync.comm.exchange`).
         outer_optimizer: factory ``params -> Optimizer`` for each fragment's outer
@@ -134,6 +141,7 @@ class DiLoCo(Strategy):
         codec_block_size: int | None = None,
         stochastic_rounding: bool = False,
         error_feedback: bool = False,
+        error_feedback_decay: float = 1.0,
         exchange: str = "auto",
         outer_optimizer: OuterOptimizerFactory | None = None,
         outer_lr: float = 0.7,
@@ -162,6 +170,9 @@ class DiLoCo(Strategy):
         # unknown codec names and bad block sizes raise ValueError here
         self.codec = get_codec(codec, block_size=codec_block_size, stochastic_rounding=stochastic_rounding)
         self.error_feedback = bool(error_feedback) and self.codec.name != "fp32"
+        if not 0.0 <= error_feedback_decay <= 1.0:
+            raise SettingError("error_feedback_decay", error_feedback_decay, "must be in [0, 1]")
+        self.error_feedback_decay = float(error_feedback_decay)
 
         self.fragments: list[Fragment] = build_fragments(model, fragments, fragment_pattern, fragment_groups)
         self.num_fragments = len(self.fragments)
@@ -283,34 +294,23 @@ class DiLoCo(Strategy):
     def _launch_fragment(self, f: int, final: bool = False) -> None:
         frag = self.fragments[f]
         delta = flatten(self.anchors[f]).sub_(flatten(frag.params))  # Δ_m = θ_g − θ_m
-        if self.error_feedback:
-            delta = self._with_error_feedback(f, delta)
         weight = float(self._tokens[f]) if self.token_weighting else float(self._tokens[f] > 0)
         if not final and not self.participates(f, self.round_of(f, self.step_count)):
             weight = 0.0  # sits this round out: sends nothing, still lands θ_g
         self._tokens[f] = 0
+        if self.error_feedback:  # codec blocks never straddle the exchange's shards: Q is what the payload decodes to
+            delta, self.residuals[f] = compensate(self.codec, delta, self.residuals[f], self.error_feedback_decay,
+                                                  sends=weight > 0)
         work = self._start(delta, self.codec, round=("fragment", f, self.step_count), generator=self.generator,
                            weight=weight, aggregation=self.aggregation)
         final = final or (self.total_steps is not None and self.step_count >= self.total_steps)
         self._pending[f] = (work, self.step_count, final)
 
-    def _with_error_feedback(self, f: int, delta: torch.Tensor) -> torch.Tensor:
-        """Δ + e, and e ← (Δ + e) − Q(Δ + e): Q is exactly what this worker's payload
-        decodes to (codec blocks never straddle the exchange's shards, so coding the
-        whole zero-padded buffer equals coding it shard by shard)."""
-        if self.residuals[f] is not None:
-            delta.add_(self.residuals[f])
-        n, a = delta.numel(), self.codec.alignment
-        padded = torch.nn.functional.pad(delta, (0, -n % a))
-        sent = self.codec.decode(self.codec.encode(padded), padded.numel())[:n]
-        self.residuals[f] = delta - sent.to(delta.device)
-        return delta
-
     @torch.no_grad()
     def _complete_fragment(self, f: int) -> None:
         work, sent, final = self._pending.pop(f)
         res = self._wait(work)
-        self.stats.record_event(res.bytes_sent, res.control_bytes)
+        self.stats.record_event(res.bytes_sent, res.control_bytes, res.site_bytes)
         self._record(f, sent, res)
         outer = self.outer[f]
         alpha = 0.0  # skipped: θ_g stays, replicas return to it; a final average: every replica takes it

@@ -45,7 +45,7 @@ class DataParallel(Strategy):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         unflatten_into(res.mean, [p.grad for p in self.params])
-        self.stats.record_event(res.bytes_sent, res.control_bytes)
+        self.stats.record_event(res.bytes_sent, res.control_bytes, res.site_bytes)
         self._synced = True
 
     def inner_step(self, tokens: int | None = None) -> None:

@@ -35,6 +35,7 @@ class ExchangeResult:
     kept: tuple[int, ...] | None = None  # ranks in the result (None: every rank)
     excluded: tuple[tuple[int, str], ...] = ()  # (rank, why) of contributions left out
     skipped: bool = False  # too few contributions kept: no result, θ_g stays
+    site_bytes: int = 0  # bytes this rank sent inside its site to gather the mean (a site of several ranks)
 
     @property
     def invalid_ranks(self) -> list[int]:

@@ -18,7 +18,10 @@ Two ways to average an fp32 buffer of N values across M workers under a codec:
     codecs quantize once.
 
 ``auto`` picks whichever sends fewer bytes (all-gather on ties, since it quantizes
-once): all-gather for M = 2, reduce-scatter for M ≥ 3.
+once): all-gather for M = 2, reduce-scatter for M ≥ 3 — and all-gather, always, for a
+sparse codec (``topk*``). Sparse payloads travel by all-gather only: reduce-scatter would
+re-encode each shard's sum, and the top-k of a sum of M top-k sets drops most of what the
+workers sent (their error feedback never sees that loss), so it is refused.
 
 Before the data, workers exchange their weights and the exchange's tag (two float64
 each, an all-gather; the tag is a hash of the round, the size, the codec, the method and
@@ -193,6 +196,7 @@ def make_plan(numel: int, world_size: int, codec: Codec, method: str = "auto") -
     """Plan the exchange of ``numel`` fp32 values among ``world_size`` workers."""
     if method not in EXCHANGES:
         raise ValueError(f"exchange method must be one of {', '.join(EXCHANGES)} (got {method!r})")
+    check_sparse_method(codec.name, codec.sparse, method)
     m = world_size
     if m == 1:
         return ExchangePlan(numel, 1, "none", numel, numel, 0, 0, 0)
@@ -205,7 +209,7 @@ def make_plan(numel: int, world_size: int, codec: Codec, method: str = "auto") -
     ag_padded = _round_up(numel, align)
     ag_bytes = (m - 1) * codec.encoded_nbytes(ag_padded)
     if method == "auto":
-        method = "all-gather" if ag_bytes <= rs_bytes else "reduce-scatter"
+        method = "all-gather" if codec.sparse or ag_bytes <= rs_bytes else "reduce-scatter"
     control = (m - 1) * HANDSHAKE_NBYTES
     if method == "all-gather":
         return ExchangePlan(numel, m, method, ag_padded, ag_padded,
@@ -230,6 +234,14 @@ def check_tags(tags: list[float], me: int, round: tuple | None) -> None:
         raise RuntimeError(f"mismatched exchange: member(s) {others} are not in this member's exchange (round "
                            f"{round}, or another size, codec, method or aggregation): every worker must make the same "
                            "exchanges in the same order")
+
+
+def check_sparse_method(codec: str, sparse: bool, method: str, option: str = "exchange") -> None:
+    """A sparse codec travels by all-gather (see the module docstring): reduce-scatter is
+    refused, in one line naming ``option``."""
+    if sparse and method == "reduce-scatter":
+        raise ValueError(f"{option}=reduce-scatter cannot carry the sparse codec {codec!r}: the top-k of each shard's "
+                         f"sum would drop what the workers sent; use {option}=all-gather or auto")
 
 
 def _round_up(n: int, k: int) -> int:

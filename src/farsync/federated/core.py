@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from farsync.algorithms.feedback import compensate
 from farsync.algorithms.fragments import flatten, unflatten_into
 from farsync.algorithms.outer import OuterStep, outer_sgd, sample_participants
 from farsync.codecs import get_codec
@@ -156,7 +157,7 @@ class Server:
     def __init__(self, theta: torch.Tensor, *, rounds: int, steps: int, codec: str, outer_lr: float,
                  outer_momentum: float, aggregation: ex.Aggregation, per_round: int = 0, seed: int = 0,
                  keep_rounds: int = 8, final_average: bool = True, codec_block_size: int | None = None,
-                 outer_nesterov: bool = True):
+                 outer_nesterov: bool = True, error_feedback: bool = False, error_feedback_decay: float = 1.0):
         self.model = GlobalModel(theta, outer_lr=outer_lr, outer_momentum=outer_momentum, outer_nesterov=outer_nesterov)
         self.codec = FlatCodec(codec, theta.numel(), codec_block_size)
         self.rounds, self.steps, self.per_round, self.seed = rounds, steps, per_round, seed
@@ -164,6 +165,9 @@ class Server:
         self.log: dict[int, bytes | None] = {}  # round -> the encoded mean applied (None: skipped)
         self.held: dict[int, int] = {}  # client -> version of θ_g it holds (after our last message)
         self.history: list[dict] = []  # one row per round
+        # error feedback on the downlink: what the codec drops from one round's mean goes into the next's
+        self.error_feedback, self.error_feedback_decay = error_feedback and not self.codec.codec.lossless, error_feedback_decay
+        self.residual: torch.Tensor | None = None
 
     @property
     def round(self) -> int:
@@ -204,6 +208,8 @@ class Server:
             self.model.apply(None)
         else:
             mean = ex.combine(self.aggregation, decoded, weights, d.kept)
+            if self.error_feedback:
+                mean, self.residual = compensate(self.codec.codec, mean, self.residual, self.error_feedback_decay)
             payload = self.codec.encode(mean)
             self.model.apply(self.codec.decode(payload), final=final)
         self.log[r] = payload
@@ -221,11 +227,12 @@ class Server:
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "log": dict(self.log), "held": dict(self.held),
-                "history": list(self.history)}
+                "history": list(self.history), "residual": self.residual}
 
     def load_state_dict(self, s: dict) -> None:
         self.model.load_state_dict(s["model"])
         self.log, self.held, self.history = dict(s["log"]), dict(s["held"]), list(s["history"])
+        self.residual = s.get("residual")
 
     def save(self, path: str) -> None:
         atomic_write(path, lambda f: torch.save(self.state_dict(), f))
@@ -245,6 +252,7 @@ class Client:
                                         outer_nesterov=a.outer_nesterov)
         self.codec = FlatCodec(a.codec, self.global_model.theta.numel(), a.codec_block_size)
         self.position = 0  # batches of its shard trained so far
+        self.residual: torch.Tensor | None = None  # error feedback on the uplink
         self.path = os.path.join(state_dir, f"client-{client}.pt")
         if os.path.exists(self.path):
             from farsync.train.checkpoint import load_file  # tensors and plain data only; a bad file is named
@@ -253,9 +261,11 @@ class Client:
             self.opt.load_state_dict(s["opt"])
             self.global_model.load_state_dict(s["global"])
             self.position = s["position"]
+            self.residual = s.get("residual")
 
     def save(self) -> None:
-        state = {"opt": self.opt.state_dict(), "global": self.global_model.state_dict(), "position": self.position}
+        state = {"opt": self.opt.state_dict(), "global": self.global_model.state_dict(), "position": self.position,
+                 "residual": self.residual}
         atomic_write(self.path, lambda f: torch.save(state, f))
 
     def catch_up(self, work: Task) -> None:
@@ -297,6 +307,9 @@ class Client:
                 time.sleep((time.perf_counter() - ts) * (1.0 / speed - 1.0))
         t2 = time.perf_counter()
         delta = self.global_model.theta - flat(self.model)
+        a = cfg.algo
+        if a.error_feedback and not self.codec.codec.lossless:
+            delta, self.residual = compensate(self.codec.codec, delta, self.residual, a.error_feedback_decay)
         if fault:
             delta = corrupt(delta, *parse_client_fault(fault))
         payload = self.codec.encode(delta)
@@ -324,7 +337,8 @@ def make_server(cfg, theta: torch.Tensor, rounds: int) -> Server:
                   outer_momentum=a.outer_momentum, outer_nesterov=a.outer_nesterov,
                   aggregation=a.make_aggregation(), per_round=a.participation, seed=cfg.train.seed,
                   keep_rounds=cfg.federated.keep_rounds, final_average=a.final_average,
-                  codec_block_size=a.codec_block_size)
+                  codec_block_size=a.codec_block_size, error_feedback=a.error_feedback,
+                  error_feedback_decay=a.error_feedback_decay)
 
 
 def simulate_federation(cfg, run_dir: str, *, rounds: int, online=None, fault: str = "", faulty_client: int = -1,

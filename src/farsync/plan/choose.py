@@ -31,7 +31,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from farsync import sim
-from farsync.codec_names import CODEC_NAMES
+from farsync.codec_names import ALL_CODEC_NAMES
 from farsync.plan.link import LinkMeasurement
 from farsync.schedule import min_sync_gap
 
@@ -74,8 +74,8 @@ class SafeRegion:
         if not self.codecs:
             raise ValueError("plan.codecs must name at least one codec")
         for c in self.codecs:
-            if c not in CODEC_NAMES:
-                raise ValueError(f"plan.codecs: unknown codec {c!r} (choose from {', '.join(CODEC_NAMES)})")
+            if c not in ALL_CODEC_NAMES:
+                raise ValueError(f"plan.codecs: unknown codec {c!r} (choose from {', '.join(ALL_CODEC_NAMES)})")
 
     def inner_steps_grid(self) -> list[int]:
         """H values tried: the bounds and every multiple of 5 between them."""

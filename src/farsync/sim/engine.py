@@ -180,6 +180,9 @@ class SimConfig:
         check_choice("reductions", self.reductions, REDUCTIONS)
         check_choice("fragment_pattern", self.fragment_pattern, FRAGMENT_PATTERNS)
         check_choice("exchange", self.exchange, EXCHANGES)
+        if self.exchange == "reduce-scatter" and self.wire_format.sparse:
+            raise SimInputError("exchange", self.exchange,
+                                f"cannot carry the sparse codec {self.codec!r} (farsync refuses it): use all-gather or auto")
         check_choice("latency_model", self.latency_model, LATENCY_MODELS)
         if self.mode == "diloco" and self.fragments not in (None, 1):
             raise SimInputError("fragments", self.fragments, "mode 'diloco' syncs all parameters at once: must be 1")
@@ -218,7 +221,7 @@ class SimConfig:
         sends fewer bytes, all-gather on ties, i.e. for M <= 2)."""
         if self.exchange != "auto":
             return self.exchange
-        return "all-gather" if self.workers <= 2 else "reduce-scatter"
+        return "all-gather" if self.workers <= 2 or self.wire_format.sparse else "reduce-scatter"
 
     def fragment_layers(self) -> list[list[int]]:
         """Blocks of each fragment, fragment 0 first."""

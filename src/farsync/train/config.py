@@ -16,7 +16,7 @@ from typing import Any
 
 import tomli_w
 
-from farsync.codec_names import CODEC_NAMES
+from farsync.codec_names import ALL_CODEC_NAMES, is_sparse
 from farsync.data import DataConfig
 from farsync.models import MODEL_SIZES
 from farsync.overrides import parse_override
@@ -94,14 +94,19 @@ class AlgoConfig:
     mixing: float | None = None
     """alpha in [0, 1]: local weight when a sync lands; auto (omit the key) = 0 if tau = 0, else 0.25 (the paper's is 0.5)."""
     codec: str = "fp4-e3m0"
-    """Pseudo-gradient codec: fp32, bf16, int8, fp4-e3m0, fp4-e2m1 (dp always sends fp32)."""
+    """Pseudo-gradient codec: fp32, bf16, int8, fp4-e3m0, fp4-e2m1, or a sparse topk{D}-{V}
+    (the top 1/D of each chunk, D in 16, 32, 64, 128, values int2, fp4 or int8; use it with
+    algo.error_feedback; all-gather only). dp always sends fp32."""
     codec_block_size: int | None = None
-    """Values per codec scale block; auto (omit the key) = the codec's default."""
+    """Values per codec scale block (sparse codecs: per chunk); auto (omit the key) = the codec's default."""
     stochastic_rounding: bool = False
     """Stochastic rounding in lossy codecs."""
     error_feedback: bool = False
     """Carry what the codec dropped from a worker's pseudo-gradient into its next one
     (error feedback; needs round-to-nearest)."""
+    error_feedback_decay: float = 1.0
+    """beta of error feedback, as SparseLoCo's accumulator: e <- beta*e + delta, send Q(e),
+    e <- e - Q(e) (1: nothing of what was dropped is forgotten)."""
     exchange: str = "auto"
     """auto, reduce-scatter or all-gather (how a quantized mean travels)."""
     outer_lr: float = 0.7
@@ -153,7 +158,7 @@ class AlgoConfig:
     (the choice and the alternatives go to RUN/plan.json; a resumed run keeps its plan)."""
 
     def __post_init__(self) -> None:
-        _choice("algo.codec", self.codec, CODEC_NAMES)
+        _choice("algo.codec", self.codec, ALL_CODEC_NAMES)
         _choice("algo.exchange", self.exchange, EXCHANGES)
         _choice("algo.fragment_pattern", self.fragment_pattern, FRAGMENT_PATTERNS)
         _choice("algo.schedule", self.schedule, PACINGS)
@@ -168,6 +173,17 @@ class AlgoConfig:
             raise ConfigError(f"algo.outer_momentum must be in [0, 1) (got {self.outer_momentum})")
         if self.error_feedback and self.stochastic_rounding:
             raise ConfigError("algo.error_feedback needs round-to-nearest: set algo.stochastic_rounding=false")
+        if not 0.0 <= self.error_feedback_decay <= 1.0:
+            raise ConfigError(f"algo.error_feedback_decay must be in [0, 1] (got {self.error_feedback_decay})")
+        if self.mode != "dp":
+            from farsync.comm.exchange import check_sparse_method
+
+            try:
+                check_sparse_method(self.codec, is_sparse(self.codec), self.exchange, "algo.exchange")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            if is_sparse(self.codec) and self.stochastic_rounding:
+                raise ConfigError(f"algo.codec={self.codec} rounds to nearest only: set algo.stochastic_rounding=false")
         speeds = self.speeds()
         if self.mode == "dp" and (len(set(speeds)) > 1 or self.schedule != "lockstep"):
             raise ConfigError("algo.worker_speeds / algo.schedule need rounds: use mode diloco or streaming")
@@ -274,6 +290,11 @@ class TrainConfig:
     stops contributing from the sync after schedule step STEP on. Empty = none."""
     faulty_worker: int = 1
     """Which worker train.fault corrupts."""
+    launch: str = "auto"
+    """How the simulated workers run when farsync train starts them (not under torchrun):
+    inprocess (one after another, in this process), processes (one local process each,
+    over gloo: the torchrun path, the same numbers), or auto (processes when there are 2
+    or more cores and M >= 2 equal workers on the CPU; it says what it picked)."""
     progress: bool = True
     """Show a progress bar (rank 0 only)."""
     tensorboard: bool = False
@@ -287,6 +308,7 @@ class TrainConfig:
         from farsync.train.loggers import WANDB_MODES, check_available
 
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        _choice("train.launch", self.launch, ("auto", "inprocess", "processes"))
         _at_least([("train.steps", self.steps, 1), ("train.batch_size", self.batch_size, 1),
                    ("train.eval_every", self.eval_every, 1), ("train.eval_batches", self.eval_batches, 1),
                    ("train.log_every", self.log_every, 1), ("train.checkpoint_every", self.checkpoint_every, 0),
@@ -461,7 +483,8 @@ class Config:
             mode=a.mode, workers=a.workers, exchange=a.exchange, seed=self.train.seed,
             inner_steps=a.inner_steps, fragments=a.fragments, fragment_pattern=a.fragment_pattern,
             sync_delay=a.sync_delay, mixing=a.mixing, codec=a.codec, codec_block_size=a.codec_block_size,
-            stochastic_rounding=a.stochastic_rounding, error_feedback=a.error_feedback, outer_lr=a.outer_lr,
+            stochastic_rounding=a.stochastic_rounding, error_feedback=a.error_feedback,
+            error_feedback_decay=a.error_feedback_decay, outer_lr=a.outer_lr,
             outer_momentum=a.outer_momentum, outer_nesterov=a.outer_nesterov, final_average=a.final_average,
             total_steps=self.train.steps,
             aggregation=a.make_aggregation(), token_weighting=a.token_weighting,
