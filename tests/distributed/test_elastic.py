@@ -30,7 +30,7 @@ TIMEOUT_S = 5  # elastic.timeout_s: a hung peer is dropped after this
 ARGS = [
     "--model.size=nano", "--model.seq_len=64", "--data.max_bytes=1000000", "--data.val_fraction=0.1",
     "--data.vocab_size=512", "--train.batch_size=4", "--train.eval_every=100", "--train.eval_batches=2",
-    "--train.log_every=5", "--train.threads=1", "--train.progress=false", "--optim.warmup_steps=2",
+    "--train.log_every=5", "--train.threads=1", "--train.launch=inprocess", "--train.progress=false", "--optim.warmup_steps=2",
     f"--data.cache_dir={CACHE}", "--algo.mode=diloco", "--algo.fragments=1", "--algo.sync_delay=0",
     "--algo.inner_steps=5", "--train.steps=40", "--algo.workers=3", "--algo.exchange=all-gather",
     "--algo.codec=fp4-e3m0", "--train.name=run", "--train.checkpoint_every=10",

@@ -86,10 +86,15 @@ def test_the_die_hook_is_an_environment_variable_not_a_key(monkeypatch):
     with pytest.raises(ConfigError, match="unknown key train.die_at_step"):
         build_config(None, ["train.die_at_step=3"])
     monkeypatch.setenv("FARSYNC_DIE_AT", "20:SIGTERM")
-    with pytest.raises(ValueError, match="FARSYNC_DIE_AT must be STEP or STEP:SIGNAL"):
+    with pytest.raises(ValueError, match="FARSYNC_DIE_AT must be STEP, STEP:SIGNAL or STEP:SIGNAL:RANK"):
         DieAt.from_env()
     monkeypatch.setenv("FARSYNC_DIE_AT", "12:SIGSTOP")
     assert DieAt.from_env() == DieAt(12, "SIGSTOP")
+    monkeypatch.setenv("FARSYNC_DIE_AT", "12:SIGKILL:1")
+    monkeypatch.setenv("RANK", "0")
+    assert DieAt.from_env() is None  # rank 1's hook
+    monkeypatch.setenv("RANK", "1")
+    assert DieAt.from_env() == DieAt(12, "SIGKILL")
     monkeypatch.setenv("FARSYNC_DIE_AT", "")
     assert DieAt.from_env() is None
 

@@ -15,7 +15,7 @@ from farsync.train.config import ConfigError, build_config
 CACHE = os.path.join(os.path.dirname(__file__), "..", "..", ".cache", "farsync")
 FAST = ["--model.size=nano", "--model.seq_len=64", "--data.max_bytes=1000000", "--data.val_fraction=0.1",
         f"--data.cache_dir={CACHE}", "--train.batch_size=4", "--algo.inner_steps=4", "--algo.mode=diloco",
-        "--algo.fragments=1", "--algo.sync_delay=0", "--optim.warmup_steps=2", "--train.steps=16", "--train.threads=1"]
+        "--algo.fragments=1", "--algo.sync_delay=0", "--optim.warmup_steps=2", "--train.steps=16", "--train.threads=1", "--train.launch=inprocess"]
 
 
 def _cfg(*extra):

@@ -6,7 +6,7 @@ import os
 
 import typer
 
-from farsync.cli.common import echo_main, fail, is_main_process, user_errors
+from farsync.cli.common import fail, is_main_process, user_errors
 from farsync.overrides import split_args
 
 #: the config's sections (farsync.train.config.SECTIONS; listed here so that `--help` does
@@ -61,19 +61,24 @@ def train(
 
     from farsync.comm.elastic import ElasticError
     from farsync.comm.rendezvous import WorkerLost
+    from farsync.train.launch import LaunchError
 
     try:
         summary = user_errors(lambda: run_training(cfg, run_dir=resume, resume=bool(resume), refuse_existing=True))
-    except (ElasticError, WorkerLost) as e:  # a run this worker cannot go on with: one line, exit code 1
+    except (ElasticError, WorkerLost, LaunchError) as e:  # a run this worker cannot go on with: one line, exit code 1
         if os.environ.get("FARSYNC_DEBUG"):
             raise
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(code=1) from None
     if "stopped_at" in summary:
         raise typer.Exit(code=130)
-    _print_summary(summary)
+    from farsync.train.launch import CHILD_ENV
+
+    speaks = is_main_process() and not os.environ.get(CHILD_ENV)  # a launched worker's parent speaks for it
+    if speaks:
+        _print_summary(summary)
     if summary.get("failure"):  # trained to the end, but the model is no good: say why, exit code 1
-        if is_main_process():
+        if speaks:
             typer.echo(f"error: {summary['failure']}", err=True)
         raise typer.Exit(code=1)
 
@@ -91,7 +96,7 @@ def _print_summary(s: dict) -> None:
         f"peak bytes / sync:   {format_bytes(s['peak_bytes_per_sync'])}",
         f"compute utilization: {100 * s['compute_utilization']:.1f} %",
     ]
-    echo_main("\n".join(lines))
+    typer.echo("\n".join(lines))
 
 
 def register(app: typer.Typer) -> None:

@@ -12,9 +12,11 @@
   same :func:`corrupt`.
 * A process that dies or hangs at a given step (:class:`DieAt`): a test hook, never a
   configuration key. It is set by the environment variable ``FARSYNC_DIE_AT`` =
-  ``STEP`` or ``STEP:SIGNAL`` (SIGKILL, the default: a lost worker; SIGSTOP: a hung one):
-  the process signals itself inside the exchange of the sync sent after schedule step
-  STEP (1-based) if one is due then, else right after that step's forward and backward.
+  ``STEP``, ``STEP:SIGNAL`` or ``STEP:SIGNAL:RANK`` (SIGKILL, the default: a lost worker;
+  SIGSTOP: a hung one; RANK: only the process of that torchrun rank, else every process
+  that reads it): the process signals itself inside the exchange of the sync sent after
+  schedule step STEP (1-based) if one is due then, else right after that step's forward
+  and backward.
 """
 
 from __future__ import annotations
@@ -102,15 +104,19 @@ class DieAt:
 
     @classmethod
     def from_env(cls) -> DieAt | None:
-        """The hook ``FARSYNC_DIE_AT`` asks for, or None; ValueError naming a bad value."""
+        """The hook ``FARSYNC_DIE_AT`` asks for this process, or None; ValueError naming a
+        bad value."""
         spec = os.environ.get(DIE_AT_ENV, "")
         if not spec:
             return None
-        step, _, sig = spec.partition(":")
+        step, _, rest = spec.partition(":")
+        sig, _, rank = rest.partition(":")
         sig = sig or "SIGKILL"
-        if not step.isdigit() or int(step) < 1 or sig not in DIE_SIGNALS:
-            raise ValueError(f"{DIE_AT_ENV} must be STEP or STEP:SIGNAL with STEP >= 1 and SIGNAL one of "
-                             f"{', '.join(DIE_SIGNALS)} (got {spec!r})")
+        if not step.isdigit() or int(step) < 1 or sig not in DIE_SIGNALS or (rank and not rank.isdigit()):
+            raise ValueError(f"{DIE_AT_ENV} must be STEP, STEP:SIGNAL or STEP:SIGNAL:RANK with STEP >= 1 and SIGNAL "
+                             f"one of {', '.join(DIE_SIGNALS)} (got {spec!r})")
+        if rank and rank != os.environ.get("RANK", "0"):
+            return None  # another process's hook
         return cls(int(step), sig)
 
     def _die(self) -> None:

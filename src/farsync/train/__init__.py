@@ -3,6 +3,7 @@
     config       the typed configuration (sections, recipes, overrides)
     components   model, inner optimizer, lr schedule, one inner step, evaluation
     session      threads, device and the group of workers, for the length of a run
+    launch       train.launch: simulated workers in this process, or one local process each
     loop         Trainer: build / restore / step / log / finish
     elastic      ElasticTrainer: the steps an elastic worker changes
     pacing       algo.schedule: which steps workers of unequal speed train
@@ -25,9 +26,13 @@ def train(cfg, *, run_dir: str | None = None, resume: bool = False, refuse_exist
     broke) raises :class:`farsync.comm.rendezvous.WorkerLost`."""
     from farsync.comm.rendezvous import WorkerLost, lost_peer
     from farsync.train.elastic import ElasticTrainer
+    from farsync.train.launch import choose, train_in_processes
     from farsync.train.loop import Trainer
     from farsync.train.session import session
 
+    launch, why = choose(cfg)
+    if launch == "processes":  # one local process per worker (train.launch)
+        return train_in_processes(cfg, run_dir, resume, why, refuse_existing)
     with session(cfg) as (group, dev):
         where = run_dir
         try:

@@ -160,7 +160,7 @@ class Trainer:
     @staticmethod
     def run_dir_for(cfg: Config, group: rendezvous.Group) -> str:
         """``train.run_dir``/``train.name`` (default: mode-codec-timestamp, rank 0's)."""
-        name = cfg.train.name or group.broadcast(f"{cfg.algo.mode}-{cfg.algo.wire_codec}-{time.strftime('%Y%m%d-%H%M%S')}")
+        name = cfg.train.name or group.broadcast(rundir.default_name(cfg))
         return os.path.join(cfg.train.run_dir, name)
 
     @property

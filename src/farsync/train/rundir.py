@@ -23,6 +23,7 @@ import tomllib
 #: change the rows, nor threads and device, which change the floating-point rounding.)
 RESUME_KEYS = (
     "train.progress", "train.tensorboard", "train.wandb", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.launch",
     "elastic.lighthouse", "elastic.host", "elastic.secret_file", "elastic.timeout_s", "elastic.connect_timeout_s",
     "elastic.quorum_timeout_s", "elastic.join_timeout_s",
 )
@@ -123,3 +124,10 @@ def read_recipe(path: str) -> dict:
         return load_recipe(path)
     except UnicodeDecodeError:
         raise ConfigError(f"recipe {path!r} is not a TOML text file (not UTF-8 text)") from None
+
+
+def default_name(cfg) -> str:
+    """What a run without train.name is called: mode-codec-timestamp."""
+    import time
+
+    return f"{cfg.algo.mode}-{cfg.algo.wire_codec}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -1,0 +1,140 @@
+"""``train.launch``: simulated workers in this process, or one local process per worker.
+
+On a machine with cores to spare, ``farsync train`` starts the M workers as local
+processes — the ``torchrun`` path (gloo over localhost), started by farsync itself through
+torch's own launcher (:func:`torch.distributed.launcher.api.elastic_launch`, one
+rendezvous on localhost, no restarts): one progress bar (rank 0's), one run directory,
+the same summary and, for the same settings, the same numbers as the in-process
+simulation (both backends run the same exchange arithmetic). A worker process that dies
+takes the others down within a second (the launcher's monitor), and the parent says so in
+one line. Ctrl-C reaches every worker, which checkpoint and stop together as ever.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import uuid
+
+from farsync.comm.rendezvous import launched_by_torchrun
+from farsync.train.config import Config, to_toml
+
+LAUNCHES = ("auto", "inprocess", "processes")
+#: set for the worker processes: the parent, not they, prints the run's summary
+CHILD_ENV = "FARSYNC_LAUNCHED"
+
+
+class LaunchError(RuntimeError):
+    """A worker process failed; the run stopped (``farsync train`` prints it as one line)."""
+
+
+def cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def choose(cfg: Config) -> tuple[str, str]:
+    """(``inprocess`` or ``processes``, why) for this run. Under torchrun and for an
+    elastic worker there is nothing to choose: this process is one worker."""
+    t, a = cfg.train, cfg.algo
+    if launched_by_torchrun() or cfg.elastic.enabled:
+        return "inprocess", "this process is one worker"
+    if t.launch != "auto":
+        return t.launch, f"train.launch={t.launch}"
+    if a.workers < 2:
+        return "inprocess", "one worker"
+    if len(set(a.speeds())) > 1 or a.schedule != "lockstep":
+        return "inprocess", "unequal workers keep their simulated clock"
+    if a.auto:
+        return "inprocess", "algo.auto plans for a link, and local processes have none to measure"
+    if t.device == "cuda":
+        return "inprocess", "one device"
+    n = cores()
+    if n < 2:
+        return "inprocess", "1 core"
+    return "processes", f"{n} cores"
+
+
+def train_in_processes(cfg: Config, run_dir: str | None, resume: bool, why: str, refuse_existing: bool = False) -> dict:
+    """Run ``farsync train`` once per worker under torch's launcher; the summary (or, after
+    Ctrl-C, where the run stopped). The run directory is checked here, once, as a run in
+    this process would check it (``refuse_existing``: see :func:`farsync.train.train`).
+    LaunchError naming the process that failed."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from farsync.data import Corpus
+    from farsync.train import checkpoint as ckpt
+
+    from farsync.train import rundir
+    from farsync.train.config import ConfigError
+    from farsync.train.loop import Trainer
+
+    M = cfg.algo.workers
+    if run_dir is None:  # the run's name is decided once, here, for every worker
+        run_dir = os.path.join(cfg.train.run_dir, cfg.train.name or rundir.default_name(cfg))
+    problem = Trainer.check_run_dir(cfg, run_dir, resume=resume, resuming=resume, refuse_existing=refuse_existing)
+    if problem:
+        raise ConfigError(problem)
+    if not resume and not refuse_existing:
+        rundir.empty(run_dir)  # the library's new run writes over an old one (the workers would refuse it)
+    # data errors once, here (rank 0 reports the data as ever), and every worker then reads the cached tokens
+    Corpus.build(cfg.data, log=lambda m: None)
+    print(f"launch: {M} worker processes on this machine (train.launch={cfg.train.launch}: {why})",
+          file=sys.stderr, flush=True)
+    tmp = tempfile.mkdtemp(prefix="farsync-launch-")
+    try:
+        if resume:
+            args = ["-m", "farsync", "train", "--resume", run_dir]
+        else:
+            recipe = os.path.join(tmp, "config.toml")
+            with open(recipe, "w") as f:
+                f.write(to_toml(cfg))
+            args = ["-m", "farsync", "train", recipe, f"--train.name={os.path.basename(run_dir)}",
+                    f"--train.run_dir={os.path.dirname(run_dir) or '.'}"]
+        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=M, run_id=f"farsync-{uuid.uuid4().hex[:12]}",
+                              rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
+                              start_method="spawn", signals_to_handle="SIGTERM,SIGHUP,SIGQUIT")
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the workers' to handle
+        os.environ[CHILD_ENV] = "1"
+        try:
+            elastic_launch(config, sys.executable)(*args)
+        except ChildFailedError as e:
+            codes = {f.exitcode for f in e.failures.values()}
+            if codes == {130}:  # every worker stopped on Ctrl-C after its checkpoint
+                return {"stopped_at": ckpt.latest_step(run_dir), "run_dir": run_dir}
+            summary = _summary(run_dir)
+            if codes == {1} and summary is not None and summary.get("failure"):
+                return summary  # trained to the end, and said why the model is no good
+            rank, failure = e.get_first_failure()
+            how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
+                   else f"exited with code {failure.exitcode}")
+            raise LaunchError(f"worker process {rank} of {M} {how}; the other workers were stopped "
+                              f"(resume from the last checkpoint with: farsync train --resume {run_dir})") from None
+        finally:
+            os.environ.pop(CHILD_ENV, None)
+            signal.signal(signal.SIGINT, old)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    summary = _summary(run_dir)
+    if summary is None:
+        raise LaunchError(f"the worker processes ended without writing {run_dir}/summary.json")
+    return summary
+
+
+def _summary(run_dir: str) -> dict | None:
+    import json
+
+    try:
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
