@@ -40,7 +40,11 @@ def test_writes_json_markdown_and_plots(quick_run):
         assert heading in md
     assert report["quick"] is True
     assert set(report["targets"]) == {"m1_within_half_pct", "m4_within_scaling_law", "headline_within_1pt_of_diloco",
-                                      "headline_100x_fewer_bytes", "stretch_m4_within_2pct", "runtime"}
+                                      "headline_100x_fewer_bytes", "stretch_m4_within_2pct", "runtime",
+                                      "sparse_bytes_within_1pt_of_headline", "stretch_sparse_3x_bytes",
+                                      "stretch_sparse_below_headline"}
+    assert (res / "quality_frontier.png").read_bytes().startswith(PNG_MAGIC)
+    assert "## The frontier" in md
     assert all(isinstance(t["met"], bool) for t in report["targets"].values())
 
 
@@ -48,15 +52,16 @@ def test_writes_json_markdown_and_plots(quick_run):
 def test_gap_table_schema_and_arithmetic(quick_run):
     _, report = quick_run
     rows, runs = report["gap_table"], report["runs"]
+    papers = [r for r in rows if not r["frontier"]]  # the stages before the sparse frontier
     for r in rows:
         assert GAP_KEYS <= set(r), GAP_KEYS - set(r)
         assert r["method"] in ("dp", "diloco", "streaming", "streaming-overlap")
         assert r["size"] == QUICK.size
     # DP and DiLoCo at every M, Streaming at M = tune_workers
-    assert [r["workers"] for r in rows if r["method"] == "dp"] == sorted(QUICK.workers)
-    assert sorted(r["workers"] for r in rows if r["method"] == "diloco" and not r["variant"]) == sorted(QUICK.workers)
-    assert {r["workers"] for r in rows if r["method"].startswith("streaming")} == {QUICK.tune_workers}
-    assert sorted(r["codec"] for r in rows if r["method"] == "streaming-overlap" and not r["variant"]) == \
+    assert [r["workers"] for r in papers if r["method"] == "dp"] == sorted(QUICK.workers)
+    assert sorted(r["workers"] for r in papers if r["method"] == "diloco" and not r["variant"]) == sorted(QUICK.workers)
+    assert {r["workers"] for r in papers if r["method"].startswith("streaming")} == {QUICK.tune_workers}
+    assert sorted(r["codec"] for r in papers if r["method"] == "streaming-overlap" and not r["variant"]) == \
         sorted(QUICK.streaming_codecs)
     # every run sees the same tokens, and the gap is per seed, then averaged
     assert len({r["tokens"] for r in rows}) == 1
@@ -84,16 +89,18 @@ def test_gap_table_schema_and_arithmetic(quick_run):
 def test_seeds_bytes_and_tuning(quick_run):
     _, report = quick_run
     rows = report["gap_table"]
-    by = {(r["method"], r["workers"], r["codec"], r["variant"]): r for r in rows}
+    by = {(r["method"], r["workers"], r["codec"], r["variant"]): r for r in rows if not r["frontier"]}
     M = QUICK.tune_workers
     head = by[("streaming-overlap", M, QUICK.headline_codec, None)]
     # headline rows carry every seed; the others seed 0 only
     for r in rows:
         headline = (r["method"] in ("dp", "diloco") and not r["variant"]) or r is head  # DP: every M
+        headline = headline or r["runs"][0] == report["sparse_headline_run"]
         assert r["seeds"] == (list(QUICK.seeds) if headline else [0])
         assert len(r["runs"]) == len(r["seeds"])
     # same schedule, smaller payloads: fp4 < int8 < fp32; fragments lower the peak
-    b = {r["codec"]: r["bytes_sent_total"] for r in rows if r["method"] == "streaming-overlap" and not r["variant"]}
+    b = {r["codec"]: r["bytes_sent_total"] for r in rows if r["method"] == "streaming-overlap" and not r["variant"]
+         and not r["frontier"]}
     assert b["fp4-e3m0"] < b["int8"] < b["fp32"]
     assert by[("streaming", M, "fp32", None)]["peak_bytes_per_sync"] < by[("diloco", M, "fp32", None)]["peak_bytes_per_sync"]
     # equal tuning budgets; the best is the minimum; Streaming reuses DiLoCo's tuned values
@@ -113,6 +120,41 @@ def test_seeds_bytes_and_tuning(quick_run):
     assert sorted(g["mixing"] for g in mix["grid"]) == sorted(QUICK.overlap_mixings)
     assert head["mixing"] == min(mix["grid"], key=lambda g: g["final_eval_loss"])["mixing"]
     assert {r["mixing"] for r in rows if r["method"] == "streaming-overlap"} == {head["mixing"]}
+
+
+@pytest.mark.slow
+def test_the_sparse_frontier_is_tuned_with_equal_budgets_and_counted_exactly(quick_run):
+    _, report = quick_run
+    rows, t = report["gap_table"], report["tuning"]
+    M = QUICK.tune_workers
+    sparse = [r for r in rows if r["family"]]
+    # both families at the headline density, equal budgets; the best is the minimum
+    fam = {f: t[f"sparse_{f}"] for f in ("sparseloco", "ef-nesterov")}
+    assert len(fam["sparseloco"]["grid"]) == len(fam["ef-nesterov"]["grid"]) == len(QUICK.sparseloco_outer_lrs)
+    for s in fam.values():
+        assert s["best"]["final_eval_loss"] == min(g["final_eval_loss"] for g in s["grid"])
+        assert all(g["error_feedback_decay"] is not None for g in s["grid"])
+    assert all(g["hparams"]["outer_momentum"] == 0 for g in fam["sparseloco"]["grid"])
+    # every density at each family's best, all with error feedback, all sparse rows of the frontier
+    for f, s in fam.items():
+        best = s["best"]["hparams"]
+        got = {r["codec"] for r in sparse if r["family"] == f and r["workers"] == M and r["hparams"] == best}
+        assert got == set(QUICK.sparse_codecs), (f, got)
+    assert all(r["frontier"] and r["error_feedback_decay"] is not None for r in sparse)
+    # fewer values sent, fewer bytes: the same schedule at 1/16 and 1/64
+    ratio = {r["codec"]: r["bytes_ratio"] for r in sparse if r["workers"] == M and r["family"] == "sparseloco"}
+    assert ratio["topk64-int2"] > 3 * ratio["topk16-int2"] > 3 * by_codec(rows, M, QUICK.headline_codec)["bytes_ratio"]
+    # the other M: the headline and the better family again
+    for m in QUICK.frontier_workers:
+        assert {r["codec"] for r in rows if r["workers"] == m and r["frontier"]} == {QUICK.headline_codec,
+                                                                                      QUICK.sparse_headline}
+    assert set(report["frontier"]) == {str(M), *map(str, QUICK.frontier_workers)}
+    assert all(p["bytes_ratio"] > 0 for ps in report["frontier"].values() for p in ps)
+
+
+def by_codec(rows, M, codec):
+    return next(r for r in rows if r["workers"] == M and r["codec"] == codec and r["method"] == "streaming-overlap"
+                and not r["variant"] and not r["frontier"])
 
 
 def test_the_full_spec_is_the_papers_regime():

@@ -34,7 +34,15 @@ The plan:
    codec over the mixing α (``overlap_mixings``), then the other ``streaming_codecs`` at
    the best α.
 4. **Beyond the papers**: the headline configuration with each option of ``variants``.
-5. **Seeds**: the headline rows again with every seed of ``seeds``.
+5. **The sparse frontier** (SparseLoCo, arXiv 2508.15706): the headline configuration with
+   a sparse top-k codec and error feedback, in two families tuned with equal budgets at
+   ``sparse_headline`` — *SparseLoCo* (no outer momentum: the accumulator e ← β·e + Δ stands
+   in for it, β = ``sparse_decay``; the outer lr over ``sparseloco_outer_lrs``) and
+   *EF + Nesterov* (the tuned outer step; β over ``sparse_nesterov_decays``) — then every
+   density of ``sparse_codecs`` and every H of ``frontier_inner_steps`` at each family's
+   best, and the best family and the headline again at each M of ``frontier_workers``.
+6. **Seeds**: the headline rows again with every seed of ``seeds``, and the best sparse row
+   that sends ``frontier_bytes_target`` times fewer bytes than DP.
 
 A configuration several stages share is trained once. Runs go to a pool of ``jobs``
 processes with one torch thread each: on a 2-core machine two single-thread runs side by
@@ -163,6 +171,22 @@ class QualitySpec:
     """The overlapped Streaming codec the targets and variants are about."""
     variants: tuple[str, ...] = ("error-feedback",)
     """Options beyond the papers tried on the headline configuration (VARIANTS)."""
+    sparse_codecs: tuple[str, ...] = ("topk16-int2", "topk32-int2", "topk64-int2", "topk128-int2")
+    """The frontier's sparse codecs (all with error feedback): 1 value in D per chunk, 2-bit values."""
+    sparse_headline: str = "topk64-int2"
+    """The sparse codec both families are tuned at."""
+    sparse_decay: float = 0.95
+    """SparseLoCo's error-feedback decay β (its paper's)."""
+    sparseloco_outer_lrs: tuple[float, ...] = (1.5, 2.5, 4.0)
+    """SparseLoCo family (outer momentum 0): outer lrs tried."""
+    sparse_nesterov_decays: tuple[float, ...] = (0.95, 0.9, 0.8)
+    """EF + Nesterov family (the tuned outer lr and momentum): error-feedback decays tried."""
+    frontier_inner_steps: tuple[int, ...] = (30,)
+    """Other H of the frontier (each family's best at the headline density)."""
+    frontier_workers: tuple[int, ...] = (2,)
+    """Other M of the frontier: the headline and the best sparse family again there."""
+    frontier_bytes_target: float = 1000.0
+    """The frontier's target: this many times fewer bytes than DP (at M = tune_workers)."""
     seeds: tuple[int, ...] = (0, 1)
     """Seeds of the headline rows (DP, DiLoCo at every M, the headline); others seed 0."""
     runtime_limit_s: float = 3600.0
@@ -250,6 +274,18 @@ class QualitySpec:
                              f"global_batch ({self.global_batch})")
         if 0 not in self.seeds:
             raise ValueError(f"seeds must include 0 (got {list(self.seeds)})")
+        from farsync.codec_names import is_sparse
+
+        if self.sparse_headline not in self.sparse_codecs or not all(is_sparse(c) for c in self.sparse_codecs):
+            raise ValueError(f"sparse_codecs must be sparse codecs including sparse_headline {self.sparse_headline!r}")
+        if len(self.sparseloco_outer_lrs) != len(self.sparse_nesterov_decays):
+            raise ValueError(f"equal tuning budgets: {len(self.sparseloco_outer_lrs)} SparseLoCo outer lrs vs "
+                             f"{len(self.sparse_nesterov_decays)} EF + Nesterov decays")
+        for H in self.frontier_inner_steps:
+            if steps % H or steps // H < self.min_rounds:
+                raise ValueError(f"frontier H = {H} must divide the {steps} steps into >= {self.min_rounds} rounds")
+        if any(m not in self.workers or m == self.tune_workers for m in self.frontier_workers):
+            raise ValueError(f"frontier_workers {list(self.frontier_workers)} must be other M of workers")
 
 
 FULL = QualitySpec()
@@ -261,6 +297,8 @@ QUICK = QualitySpec(
     warmup_steps=4, evals=3, eval_sequences=16, workers=(1, 2, 4), tune_workers=4,
     dp_lrs=(3e-3, 6e-3), diloco_grid=((3e-3, 0.7, 0.8, 4), (3e-3, 0.7, 0.8, 6)),
     outer_lrs_by_workers=((1, (0.4,)), (2, (0.7,))), overlap_mixings=(0.0, 0.5), runtime_limit_s=180.0,
+    sparse_codecs=("topk16-int2", "topk64-int2"), sparseloco_outer_lrs=(1.5,), sparse_nesterov_decays=(0.95,),
+    frontier_inner_steps=(), frontier_bytes_target=10.0,
 )
 
 
@@ -275,6 +313,7 @@ class Job:
     variant: str | None = None
     seed: int = 0
     mixing: float | None = None  # α of an overlapped Streaming run (None: the trainer's default)
+    ef_decay: float | None = None  # error feedback with this decay β (None: the variant's or none)
 
     @property
     def name(self) -> str:
@@ -283,9 +322,18 @@ class Job:
             s += f"-olr{self.hp.outer_lr:g}-mom{self.hp.outer_momentum:g}-H{self.hp.inner_steps}"
         if self.method == "streaming-overlap":
             s += f"-{self.codec}" + ("" if self.mixing is None else f"-mix{self.mixing:g}")
+        if self.ef_decay is not None:
+            s += f"-ef{self.ef_decay:g}"
         if self.variant:
             s += f"-{self.variant}"
         return s + f"-s{self.seed}"
+
+    @property
+    def family(self) -> str | None:
+        """The sparse frontier's family: SparseLoCo (no outer momentum) or EF + Nesterov."""
+        if self.ef_decay is None:
+            return None
+        return "sparseloco" if self.hp.outer_momentum == 0 else "ef-nesterov"
 
     def overrides(self, spec: QualitySpec) -> list[str]:
         """The run's ``--section.key=value`` overrides of the trainer's defaults."""
@@ -300,7 +348,7 @@ class Job:
             # the same held-out windows for every M: eval_batches × B is constant
             f"--train.eval_every={every}", f"--train.eval_batches={max(1, spec.eval_sequences // B)}",
             f"--train.log_every={math.gcd(every, 10)}", "--train.checkpoint_every=0", "--train.progress=false",
-            "--train.threads=1", "--train.device=cpu",
+            "--train.threads=1", "--train.device=cpu", "--train.launch=inprocess",  # the pool runs jobs side by side
         ]
         if self.method == "dp":
             o += ["--algo.fragments=1", "--algo.sync_delay=0", "--algo.codec=fp32"]
@@ -315,6 +363,8 @@ class Job:
             ]
         if self.mixing is not None:
             o.append(f"--algo.mixing={self.mixing}")
+        if self.ef_decay is not None:
+            o += ["--algo.error_feedback=true", f"--algo.error_feedback_decay={self.ef_decay}"]
         if self.variant:
             o += list(VARIANTS[self.variant])
         return o + list(spec.extra_overrides)
@@ -332,6 +382,8 @@ class Stages:
     mixing: list[Job] = field(default_factory=list)  # overlap + headline codec, each α
     overlap: list[Job] = field(default_factory=list)  # overlap, every codec, at the best α
     variants: list[Job] = field(default_factory=list)
+    sparse_tune: dict[str, list[Job]] = field(default_factory=dict)  # family -> its tuning runs
+    frontier: list[Job] = field(default_factory=list)  # densities, H and M at each family's best
     seeds: list[Job] = field(default_factory=list)
 
 
@@ -366,6 +418,49 @@ def overlap_jobs(spec: QualitySpec, plan: Stages, head: Job) -> Stages:
     plan.overlap = [head if c == spec.headline_codec else replace(head, codec=c) for c in spec.streaming_codecs]
     plan.variants = [replace(head, variant=v) for v in spec.variants]
     return plan
+
+
+def sparse_tuning_jobs(spec: QualitySpec, plan: Stages, head: Job) -> Stages:
+    """Stage 5a: both sparse families at the headline density, the headline's α and H."""
+    codec = spec.sparse_headline
+    plan.sparse_tune = {
+        "sparseloco": [replace(head, codec=codec, hp=replace(head.hp, outer_lr=o, outer_momentum=0.0),
+                               ef_decay=spec.sparse_decay) for o in spec.sparseloco_outer_lrs],
+        "ef-nesterov": [replace(head, codec=codec, ef_decay=b) for b in spec.sparse_nesterov_decays],
+    }
+    return plan
+
+
+def frontier_jobs(spec: QualitySpec, plan: Stages, best: dict[str, Job], head: Job, winner: Job) -> Stages:
+    """Stage 5b: at each family's best (``best``), every other density and every other H;
+    at every other M, the headline and the better family (``winner``)."""
+    out: list[Job] = []
+    for b in best.values():
+        out += [replace(b, codec=c) for c in spec.sparse_codecs if c != spec.sparse_headline]
+        out += [replace(b, hp=replace(b.hp, inner_steps=H)) for H in spec.frontier_inner_steps]
+    for M in spec.frontier_workers:
+        out += [replace(head, workers=M), replace(winner, workers=M)]
+    plan.frontier = out
+    return plan
+
+
+def sparse_rows_jobs(plan: Stages) -> list[Job]:
+    """Every job of the frontier stage: the families' tuning, the densities, H and M."""
+    return [j for js in plan.sparse_tune.values() for j in js] + plan.frontier
+
+
+def headline_sparse(spec: QualitySpec, plan: Stages, runs: dict[str, dict]) -> Job | None:
+    """The sparse row the frontier's target is about: at M = tune_workers, the lowest loss
+    among those sending ``frontier_bytes_target`` times fewer bytes than DP (seed 0; None
+    if none does)."""
+    ok = [j for j in sparse_rows_jobs(plan) if j.workers == spec.tune_workers
+          and _bytes_ratio(runs[j.name]) >= spec.frontier_bytes_target]
+    return best_of(ok, runs) if ok else None
+
+
+def _bytes_ratio(rec: dict) -> float:
+    sent = rec["bytes_sent_per_worker_max"]
+    return rec["dp_equivalent_bytes_per_worker"] / sent if sent else 0.0
 
 
 def seed_jobs(spec: QualitySpec, headline: list[Job]) -> list[Job]:
@@ -521,6 +616,8 @@ def gap_row(spec: QualitySpec, runs: dict[str, dict], job: Job, dp_job: Job, see
         "codec": job.codec,
         "variant": job.variant,
         "mixing": job.mixing,
+        "family": job.family,
+        "error_feedback_decay": job.ef_decay,
         "eval_loss": eval_loss["mean"],
         "dp_eval_loss": _seed_stats([d["final_eval_loss"] for d in dps])["mean"],
         "gap_pct": sum(gaps) / len(gaps),
@@ -540,11 +637,48 @@ def gap_row(spec: QualitySpec, runs: dict[str, dict], job: Job, dp_job: Job, see
 
 
 def _sweep(jobs: list[Job], runs: dict[str, dict]) -> dict:
-    grid = [{"hparams": asdict(j.hp), "workers": j.workers, "mixing": j.mixing, "run": j.name,
-             "final_eval_loss": runs[j.name]["final_eval_loss"]} for j in jobs]
+    grid = [{"hparams": asdict(j.hp), "workers": j.workers, "mixing": j.mixing, "error_feedback_decay": j.ef_decay,
+             "run": j.name, "final_eval_loss": runs[j.name]["final_eval_loss"]} for j in jobs]
     best = best_of(jobs, runs)
     return {"grid": grid, "best": {"hparams": asdict(best.hp), "run": best.name,
                                    "final_eval_loss": runs[best.name]["final_eval_loss"]}}
+
+
+def frontier_points(rows: list[dict], M: int) -> list[dict]:
+    """Every method at M on the frontier: the loss gap to DP against DP's bytes ÷ its own."""
+    return [{"method": r["method"], "codec": r["codec"], "family": r["family"], "variant": r["variant"],
+             "inner_steps": r["hparams"].get("inner_steps"), "error_feedback_decay": r["error_feedback_decay"],
+             "bytes_ratio": r["bytes_ratio"], "gap_pct": r["gap_pct"], "seeds": r["seeds"]}
+            for r in rows if r["workers"] == M and r["method"] != "dp" and r["bytes_ratio"]]
+
+
+def frontier_targets(spec: QualitySpec, rows: list[dict], head: dict, sparse_head: Job | None) -> dict:
+    """The frontier's targets: ≥ frontier_bytes_target× fewer bytes than DP at M =
+    tune_workers within 1 point of the headline's gap; stretch: 3× that ratio at that gap,
+    or that ratio at a gap below the headline's."""
+    M, target, limit = spec.tune_workers, spec.frontier_bytes_target, head["gap_pct"] + 1.0
+    sparse = [r for r in rows if r["family"] is not None and r["workers"] == M]
+    chosen = next((r for r in sparse if sparse_head is not None and r["runs"][0] == sparse_head.name), None)
+    far = [r for r in sparse if r["bytes_ratio"] and r["bytes_ratio"] >= 3 * target]
+    best_far = min(far, key=lambda r: r["gap_pct"]) if far else None
+    what = f"the best sparse row at ≥ {target:g}× fewer bytes than DP (M = {M}, {len(spec.seeds)} seeds)"
+    return {
+        "sparse_bytes_within_1pt_of_headline": {
+            "what": f"{what}: gap ≤ Streaming + overlap + {spec.headline_codec}'s + 1 point",
+            "value": None if chosen is None else chosen["gap_pct"], "threshold": limit,
+            "bytes_ratio": None if chosen is None else chosen["bytes_ratio"],
+            "met": chosen is not None and chosen["gap_pct"] <= limit},
+        "stretch_sparse_3x_bytes": {
+            "what": f"Stretch: a sparse row at ≥ {3 * target:g}× fewer bytes within that gap (1 seed)",
+            "value": None if best_far is None else best_far["gap_pct"], "threshold": limit,
+            "bytes_ratio": None if best_far is None else best_far["bytes_ratio"],
+            "met": best_far is not None and best_far["gap_pct"] <= limit},
+        "stretch_sparse_below_headline": {
+            "what": f"Stretch: {what} below the headline's gap",
+            "value": None if chosen is None else chosen["gap_pct"], "threshold": head["gap_pct"],
+            "bytes_ratio": None if chosen is None else chosen["bytes_ratio"],
+            "met": chosen is not None and chosen["gap_pct"] < head["gap_pct"]},
+    }
 
 
 def build_report(spec: QualitySpec, plan: Stages, runs: dict[str, dict], runtime_s: float, quick: bool,
@@ -571,7 +705,12 @@ def build_report(spec: QualitySpec, plan: Stages, runs: dict[str, dict], runtime
         if j.method == "diloco":  # DiLoCo again at Streaming's H (see later_jobs)
             rows[-1]["variant"] = AT_STREAMING_H
     rows += [row(j, (0,)) for j in plan.variants]
-    by = {(r["method"], r["workers"], r["codec"], r["variant"]): r for r in rows}
+    sparse_head = headline_sparse(spec, plan, runs)
+    for r in rows:
+        r["frontier"] = False
+    for j in sparse_rows_jobs(plan):
+        rows.append({**row(j, all_seeds if j == sparse_head else (0,)), "frontier": True})
+    by = {(r["method"], r["workers"], r["codec"], r["variant"]): r for r in rows if r["family"] is None}
     d4 = by[("diloco", spec.tune_workers, "fp32", None)]
     h = by[("streaming-overlap", spec.tune_workers, spec.headline_codec, None)]
     targets = {}
@@ -594,6 +733,7 @@ def build_report(spec: QualitySpec, plan: Stages, runs: dict[str, dict], runtime
     targets["stretch_m4_within_2pct"] = {
         "what": f"Stretch: DiLoCo M = {spec.tune_workers} within 2 %", "value": d4["gap_pct"],
         "threshold": 2.0, "met": d4["gap_pct"] <= 2.0}
+    targets.update(frontier_targets(spec, rows, h, sparse_head))
     reused = any(r.get("reused") for r in runs.values())
     # with reused runs, this invocation's time says nothing: estimate a run from scratch
     # as the training time of every run, ``jobs`` at a time
@@ -622,7 +762,10 @@ def build_report(spec: QualitySpec, plan: Stages, runs: dict[str, dict], runtime
             "diloco": _sweep(plan.tune_diloco, runs),
             "diloco_outer_lr_by_workers": {str(M): _sweep(js, runs) for M, js in plan.by_workers.items()},
             "streaming_mixing": _sweep(plan.mixing, runs),
+            **({f"sparse_{f}": _sweep(js, runs) for f, js in plan.sparse_tune.items()}),
         },
+        "frontier": {str(M): frontier_points(rows, M) for M in (spec.tune_workers, *spec.frontier_workers)},
+        "sparse_headline_run": None if sparse_head is None else sparse_head.name,
         "targets": targets,
         "runs": runs,
     }
@@ -648,9 +791,13 @@ def run_benchmark(spec: QualitySpec, out_dir: str, work_dir: str, jobs: int = 2,
     # every configuration the plan can produce is checked before anything trains
     probe = later_jobs(spec, tuning_jobs(spec), plan.tune_dp[0].hp, plan.tune_diloco[0].hp)
     overlap_jobs(spec, probe, probe.mixing[0])
+    sparse_tuning_jobs(spec, probe, probe.mixing[0])
+    firsts = {f: js[0] for f, js in probe.sparse_tune.items()}
+    frontier_jobs(spec, probe, firsts, probe.mixing[0], next(iter(firsts.values())))
     for j in [*plan.tune_dp, *plan.tune_diloco, *probe.dp_by_workers.values(),
               *[j for js in probe.by_workers.values() for j in js],
-              *probe.streaming, *probe.mixing, *probe.overlap, *probe.variants]:
+              *probe.streaming, *probe.mixing, *probe.overlap, *probe.variants,
+              *[j for js in probe.sparse_tune.values() for j in js], *probe.frontier]:
         build_config(None, j.overrides(spec))
 
     t0 = time.perf_counter()
@@ -673,10 +820,24 @@ def run_benchmark(spec: QualitySpec, out_dir: str, work_dir: str, jobs: int = 2,
     log(f"quality: overlap α {head.mixing:g}; stage 4, the other codecs and the variants at it")
     run_jobs(plan.overlap + plan.variants, spec, work_dir, jobs, runs, log, reuse)
 
+    sparse_tuning_jobs(spec, plan, head)
+    tune = [j for js in plan.sparse_tune.values() for j in js]
+    log(f"quality: stage 5, the sparse frontier: both families at {spec.sparse_headline} ({len(tune)} runs)")
+    run_jobs(tune, spec, work_dir, jobs, runs, log, reuse)
+    best = {f: best_of(js, runs) for f, js in plan.sparse_tune.items()}
+    winner = best_of(list(best.values()), runs)
+    frontier_jobs(spec, plan, best, head, winner)
+    log(f"quality: best {', '.join(f'{f}: {j.name}' for f, j in best.items())}; densities, H and M "
+        f"({len(plan.frontier)} runs)")
+    run_jobs(plan.frontier, spec, work_dir, jobs, runs, log, reuse)
+
     chosen = [best_dp, *plan.dp_by_workers.values(), best_diloco] + \
         [best_of(js, runs) for js in plan.by_workers.values()] + [head]
+    sparse_head = headline_sparse(spec, plan, runs)
+    if sparse_head is not None:
+        chosen.append(sparse_head)
     plan.seeds = seed_jobs(spec, chosen)
-    log(f"quality: stage 5, seeds {', '.join(str(s) for s in spec.seeds if s)} of the headline rows "
+    log(f"quality: stage 6, seeds {', '.join(str(s) for s in spec.seeds if s)} of the headline rows "
         f"({len(plan.seeds)} runs)")
     run_jobs(plan.seeds, spec, work_dir, jobs, runs, log, reuse)
     runtime = time.perf_counter() - t0

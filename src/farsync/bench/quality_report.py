@@ -22,12 +22,16 @@ METHOD_LABELS = {
 }
 
 
+FAMILY_LABELS = {"sparseloco": "SparseLoCo: EF β {b:g}, no outer momentum",
+                 "ef-nesterov": "EF β {b:g} + Nesterov"}
+
+
 def row_label(r: dict) -> str:
-    s = METHOD_LABELS[r["method"]]
-    if r["method"] in ("dp", "diloco"):
-        s += f", M = {r['workers']}"
+    s = METHOD_LABELS[r["method"]] + f", M = {r['workers']}"
     if r["method"] == "streaming-overlap":
         s += (f" (α {r['mixing']:g})" if r.get("mixing") is not None else "") + f" + {r['codec']}"
+    if r.get("family"):
+        s += " (" + FAMILY_LABELS[r["family"]].format(b=r["error_feedback_decay"]) + ")"
     if r.get("variant"):
         s += f" + {r['variant']}"
     return s
@@ -68,11 +72,17 @@ def tuning_markdown(report: dict) -> str:
     sweeps = [("Data-parallel (lr)", t["dp"]), ("DiLoCo (inner lr, outer lr, momentum, H)", t["diloco"])]
     sweeps += [("DiLoCo (outer lr)", s) for s in t["diloco_outer_lr_by_workers"].values()]
     sweeps += [(f"Streaming + overlap + {report['spec']['headline_codec']} (α)", t["streaming_mixing"])]
+    spec = report["spec"]
+    if "sparse_sparseloco" in t:
+        sweeps += [(f"SparseLoCo + {spec['sparse_headline']} (outer lr; EF β {spec['sparse_decay']:g})",
+                    t["sparse_sparseloco"]),
+                   (f"EF + Nesterov + {spec['sparse_headline']} (EF β)", t["sparse_ef-nesterov"])]
     for name, s in sweeps:
         best = s["best"]["run"]
         for g in s["grid"]:
             mark = " **best**" if g["run"] == best else ""
-            point = _hp(g["hparams"]) + (f", α {g['mixing']:g}" if g.get("mixing") is not None else "")
+            point = _hp(g["hparams"]) + (f", α {g['mixing']:g}" if g.get("mixing") is not None else "") + (
+                f", EF β {g['error_feedback_decay']:g}" if g.get("error_feedback_decay") is not None else "")
             lines.append(f"| {name} | {g['workers'] if g['hparams'].get('outer_lr') is not None else 'any'} "
                          f"| {point} | {g['final_eval_loss']:.4f}{mark} |")
     return "\n".join(lines)
@@ -88,9 +98,29 @@ def targets_markdown(report: dict) -> str:
             shown = f"{v:,.0f}× fewer" if v else "—"
         elif key == "headline_within_1pt_of_diloco":
             shown = f"{v:+.2f} points"
+        elif key.startswith(("sparse", "stretch_sparse")):
+            shown = "no row reaches that ratio" if v is None else f"{v:+.2f} % at {t['bytes_ratio']:,.0f}×"
         else:
             shown = f"{v:+.2f} %"
         lines.append(f"| {t['what']} | {shown} | {'yes' if t['met'] else '**no**'} |")
+    return "\n".join(lines)
+
+
+def _point_label(p: dict) -> str:
+    s = METHOD_LABELS[p["method"]] + ("" if p["method"] == "diloco" else f" + {p['codec']}")
+    if p.get("family"):
+        s += " (" + FAMILY_LABELS[p["family"]].format(b=p["error_feedback_decay"]) + ")"
+    if p.get("variant"):
+        s += f" + {p['variant']}"
+    return s + f", H {p['inner_steps']}"
+
+
+def frontier_markdown(report: dict) -> str:
+    lines = ["| M | method | DP bytes ÷ method's | gap to DP (same M) | seeds |", "|---|---|---|---|---|"]
+    for M, points in report.get("frontier", {}).items():
+        for p in sorted(points, key=lambda p: p["bytes_ratio"]):
+            lines.append(f"| {M} | {_point_label(p)} | {p['bytes_ratio']:,.0f}× | {p['gap_pct']:+.2f} % | "
+                         f"{len(p['seeds'])} |")
     return "\n".join(lines)
 
 
@@ -134,12 +164,16 @@ def write_markdown(report: dict, path: str) -> None:
         "",
         tuning_markdown(report),
         "",
+        "## The frontier: loss gap to DP against DP's bytes ÷ the method's",
+        "",
+        frontier_markdown(report),
+        "",
         "## Targets",
         "",
         targets_markdown(report),
         "",
         "Plots: `quality_sweeps.png` (loss vs H, outer lr, outer momentum and inner lr), `quality_loss_vs_tokens.png`, "
-        "`quality_loss_vs_bytes.png`.",
+        "`quality_loss_vs_bytes.png`, `quality_frontier.png` (gap to DP vs DP bytes ÷ method's, every M).",
         "",
     ]
     with open(path, "w") as f:
@@ -235,4 +269,43 @@ def write_plots(report: dict, out_dir: str) -> list[str]:
     for kind in ("tokens", "bytes"):
         paths.append(os.path.join(out_dir, f"quality_loss_vs_{kind}.png"))
         _curve_plot(report, kind, paths[-1])
+    paths.append(os.path.join(out_dir, "quality_frontier.png"))
+    _frontier_plot(report, paths[-1])
     return paths
+
+
+_MARKERS = {"diloco": "s", "streaming": "^", "streaming-overlap": "o"}
+
+
+def _frontier_plot(report: dict, path: str) -> None:
+    """Gap to DP against DP's bytes ÷ the method's, one panel per M; sparse families in
+    colour, dense codecs in grey, the headline and its +1 point line marked."""
+    frontier = report.get("frontier", {})
+    fig, axes = plt.subplots(1, max(1, len(frontier)), figsize=(7 * max(1, len(frontier)), 5), squeeze=False)
+    colours = {None: "tab:gray", "sparseloco": "tab:red", "ef-nesterov": "tab:blue"}
+    spec = report["spec"]
+    for ax, (M, points) in zip(axes[0], frontier.items()):
+        for fam in (None, "sparseloco", "ef-nesterov"):
+            pts = sorted((p for p in points if p["family"] == fam), key=lambda p: p["bytes_ratio"])
+            for p in pts:
+                ax.scatter(p["bytes_ratio"], p["gap_pct"], marker=_MARKERS[p["method"]], color=colours[fam],
+                           s=40 if len(p["seeds"]) == 1 else 90, zorder=3)
+                ax.annotate(_point_label(p).replace("Streaming + overlap + ", ""), (p["bytes_ratio"], p["gap_pct"]),
+                            fontsize=6, xytext=(3, 3), textcoords="offset points")
+        head = [p for p in points if p["method"] == "streaming-overlap" and p["codec"] == spec["headline_codec"]
+                and p["family"] is None and not p["variant"]]
+        if head:
+            ax.axhline(head[0]["gap_pct"] + 1.0, color="tab:gray", ls=":", lw=1,
+                       label=f"{spec['headline_codec']} headline + 1 point")
+        ax.axvline(spec["frontier_bytes_target"], color="tab:green", ls="--", lw=1,
+                   label=f"{spec['frontier_bytes_target']:g}× fewer bytes")
+        ax.set_xscale("log")
+        ax.set_xlabel("DP bytes ÷ method's bytes (per worker, log)")
+        ax.set_ylabel("gap to DP at the same M (%)")
+        ax.set_title(f"M = {M} (grey: dense codecs; red: SparseLoCo; blue: EF + Nesterov; big: 2 seeds)", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"quality benchmark: the frontier ({spec['size']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -36,7 +36,7 @@ def quality(
         None, "--out", help="Results folder (default benchmarks/results; with --quick benchmarks/out/quality-quick)."),
     work_dir: Optional[str] = typer.Option(
         None, "--work-dir", help="Run directories (default benchmarks/out/quality[-quick])."),
-    jobs: int = typer.Option(2, "--jobs", help="Runs trained at once, one torch thread each."),
+    jobs: int = typer.Option(0, "--jobs", help="Runs trained at once, one torch thread each (0: one per core)."),
     reuse: bool = typer.Option(
         False, "--reuse", help="Read back finished runs in --work-dir whose resolved config is unchanged "
                                "instead of training them again (after an interruption, or when the plan grew)."),
@@ -46,8 +46,11 @@ def quality(
 ) -> None:
     from farsync.bench.quality import FULL, QUICK, run_benchmark, spec_with
 
-    if jobs < 1:
-        raise fail(f"--jobs must be >= 1 (got {jobs})")
+    if jobs < 0:
+        raise fail(f"--jobs must be >= 1, or 0 for one per core (got {jobs})")
+    from farsync.train.launch import cores
+
+    jobs = jobs or cores()
     if tokens_per_param is not None and not tokens_per_param > 0:
         raise fail(f"--tokens-per-param must be > 0 (got {tokens_per_param})")
 
@@ -60,7 +63,7 @@ def quality(
     suffix = "-quick" if quick else ""
     out_dir = out or ("benchmarks/out/quality-quick" if quick else "benchmarks/results")
     given = [("--quick", quick or None), ("--out", out), ("--work-dir", work_dir),
-             ("--jobs", jobs if jobs != 2 else None), ("--reuse", reuse or None), ("--size", size), ("--tokens-per-param", tokens_per_param)]
+             ("--jobs", jobs if jobs != cores() else None), ("--reuse", reuse or None), ("--size", size), ("--tokens-per-param", tokens_per_param)]
     command = " ".join(["farsync bench quality"] + [
         flag if value is True else f"{flag} {shlex.quote(str(value))}" for flag, value in given if value is not None])
     user_errors(lambda: run_benchmark(spec, out_dir, work_dir or f"benchmarks/out/quality{suffix}", jobs=jobs,
