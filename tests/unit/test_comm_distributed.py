@@ -33,23 +33,31 @@ class FakeDist:
     """Records irecv / isend / all_gather / all_reduce; a receive from rank j fills the
     tensor with j + 1 (weights: 1.0)."""
 
-    def __init__(self):
+    def __init__(self, rank=0, world=1):
         self.calls: list[tuple[str, int | None, str]] = []
+        self.rank, self.world = rank, world
+
+    def get_rank(self, group=None):
+        return self.rank
+
+    def get_world_size(self, group=None):
+        return self.world
 
     def get_backend(self, group=None):
         return "gloo"
 
     tag = None  # the exchange's tag the peers send in the handshake (else: their rank + 1, as everything)
 
-    def irecv(self, t, src, group):
+    def irecv(self, t, group=None, group_src=None):
+        src = group_src
         t.fill_(src + 1)
         if self.tag is not None and t.dtype == torch.float64 and t.shape == (2,):  # the handshake: weight, tag
             t[1] = self.tag
         self.calls.append(("recv", src, group))
         return _Done()
 
-    def isend(self, t, dst, group):
-        self.calls.append(("send", dst, group))
+    def isend(self, t, group=None, group_dst=None):
+        self.calls.append(("send", group_dst, group))
         return _Done()
 
     def all_gather(self, out, t, group):
@@ -62,7 +70,7 @@ class FakeDist:
 
 
 def fake_comm(monkeypatch, rank, world):
-    fake = FakeDist()
+    fake = FakeDist(rank, world)
     monkeypatch.setattr(dmod, "dist", fake)
     comm = object.__new__(TorchDistributedCommunicator)
     comm.rank, comm.world_size, comm.delay_s = rank, world, 0.0
@@ -98,7 +106,7 @@ def test_an_async_sum_returns_at_once_and_sums_run_in_call_order(monkeypatch):
     comm, fake = fake_comm(monkeypatch, 0, 2)
     gate = threading.Event()  # every receive completes once the gate opens
     recv = fake.irecv
-    monkeypatch.setattr(fake, "irecv", lambda t, src, group: (recv(t, src, group), _Gated(gate))[1])
+    monkeypatch.setattr(fake, "irecv", lambda t, group=None, group_src=None: (recv(t, group, group_src), _Gated(gate))[1])
     first = comm.all_sum_floats_async([1.0])
     second = comm.all_sum_floats_async([2.0])
     assert not first.done() and not second.done()

@@ -36,7 +36,7 @@ class Held(Future):
 class HeldGroup:
     """A group whose sums complete only when the test releases them."""
 
-    is_main, distributed, local_ranks = True, False, [0, 1]  # one process simulating both workers
+    is_main, distributed, local_ranks, site, site_size = True, False, [0, 1], None, 1  # one process simulating both workers
 
     def __init__(self, workers: int = 2):
         self.started: list[tuple[list[float], Held]] = []

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from farsync.algorithms.feedback import compensate
-from farsync.algorithms.fragments import Fragment, build_fragments, flatten
+from farsync.algorithms.fragments import Fragment, build_fragments, flatten, full, local
 from farsync.algorithms.outer import OuterOptimizerFactory, OuterStep, outer_sgd, sample_participants
 from farsync.algorithms.strategy import Strategy
 from farsync.codecs import get_codec
@@ -180,7 +180,8 @@ class DiLoCo(Strategy):
 
         # θ_g: the anchor (global) parameters, fp32, and the outer optimizer, per fragment
         factory = outer_optimizer or outer_sgd(outer_lr, outer_momentum, outer_nesterov)
-        self.outer = [OuterStep([p.detach().to(torch.float32, copy=True) for p in f.params], factory)
+        # (a sharded, FSDP2, parameter: this rank's shard; farsync.comm.site)
+        self.outer = [OuterStep([local(p).detach().to(torch.float32, copy=True) for p in f.params], factory)
                       for f in self.fragments]
         # error feedback: per fragment, what the codec dropped from the last payload sent
         self.residuals: list[torch.Tensor | None] = [None] * self.num_fragments
@@ -285,8 +286,8 @@ class DiLoCo(Strategy):
         holds — what DiLoCo evaluates)."""
         out = super().global_parameters()
         for frag, anchors in zip(self.fragments, self.anchors):
-            for name, a in zip(frag.names, anchors):
-                out[name] = a
+            for name, p, a in zip(frag.names, frag.params, anchors):
+                out[name] = full(a, p)  # a sharded parameter's anchor is this rank's shard
         return out
 
     # ---- fragments ------------------------------------------------------------------
@@ -319,6 +320,7 @@ class DiLoCo(Strategy):
             outer.land(res.mean, plain_mean=plain)  # θ_g,p ← OuterOpt(θ_g,p, Δ_p), or θ_g,p − Δ̄_p
             alpha = 0.0 if plain else self.mixing
         for p, a in zip(self.fragments[f].params, outer.anchors):
+            p = local(p)
             if alpha == 0.0:
                 p.copy_(a)  # exact copy: replicas become bit-identical
             else:
@@ -396,7 +398,7 @@ class DiLoCo(Strategy):
         for frag, outer, anchors, opt in zip(self.fragments, self.outer, state["anchors"], state["outer_optimizers"]):
             outer.load(anchors, opt)
             for p, a in zip(frag.params, outer.anchors):
-                p.copy_(a)
+                local(p).copy_(a)
         self.step_count = int(state["step"])
         self.exclusions, self.skipped_rounds = list(state["exclusions"]), list(state["skipped_rounds"])
         self._tokens = [0] * self.num_fragments

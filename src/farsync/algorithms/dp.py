@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from farsync.algorithms.fragments import flatten, unflatten_into
+from farsync.algorithms.fragments import flatten, local, unflatten_into
 from farsync.algorithms.strategy import Strategy
 from farsync.codecs import get_codec
 from farsync.comm.base import Work
@@ -28,7 +28,7 @@ class DataParallel(Strategy):
         """Start the mean of this worker's gradients."""
         if self._work is not None or self._synced:
             return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(local(p)) for p in self.params]
         self._work = self._start(flatten(grads), self.codec, round=("gradient", self.step_count + 1))
 
     def wait(self) -> None:

@@ -147,15 +147,38 @@ def _explicit(model, named, explicit) -> list[Fragment]:
     return frags
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The part of ``t`` this process holds: a sharded (FSDP2) parameter's local shard,
+    or ``t`` itself. Writing to it writes to the parameter."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def full(t: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+    """The whole tensor: ``t`` itself, or, when ``like`` (default ``t``) is a sharded
+    parameter, ``t`` as this rank's shard of it gathered from every rank (a collective:
+    every rank of the shard group calls it)."""
+    from torch.distributed.tensor import DTensor
+
+    like = t if like is None else like
+    if not isinstance(like, DTensor):
+        return t
+    if not isinstance(t, DTensor):
+        t = DTensor.from_local(t, like.device_mesh, like.placements, shape=like.shape, stride=like.stride())
+    return t.full_tensor()
+
+
 def flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Concatenate tensors into one flat fp32 buffer."""
-    return torch.cat([t.detach().reshape(-1).to(torch.float32) for t in tensors])
+    """Concatenate tensors (their local shards, for sharded ones) into one flat fp32 buffer."""
+    return torch.cat([local(t).detach().reshape(-1).to(torch.float32) for t in tensors])
 
 
 def unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
     """Copy a flat buffer back into ``tensors`` (shapes and dtypes of the targets)."""
     offset = 0
     for t in tensors:
+        t = local(t)
         n = t.numel()
         t.copy_(flat[offset: offset + n].view_as(t))
         offset += n

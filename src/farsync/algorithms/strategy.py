@@ -160,8 +160,11 @@ class Strategy(abc.ABC):
 
     @torch.no_grad()
     def global_parameters(self) -> dict[str, torch.Tensor]:
-        """θ_g by parameter name: the model to evaluate (the worker's own by default)."""
-        return {n: p.detach() for n, p in self.model.named_parameters()}
+        """θ_g by parameter name: the model to evaluate (the worker's own by default;
+        sharded parameters gathered whole)."""
+        from farsync.algorithms.fragments import full
+
+        return {n: full(p.detach()) for n, p in self.model.named_parameters()}
 
     # ---- what happened ----------------------------------------------------------------
     def drain_events(self) -> list[dict]:

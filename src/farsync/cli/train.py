@@ -11,7 +11,7 @@ from farsync.overrides import split_args
 
 #: the config's sections (farsync.train.config.SECTIONS; listed here so that `--help` does
 #: not import the trainer)
-SECTION_NAMES = ("model", "data", "algo", "optim", "train", "elastic", "plan", "federated")
+SECTION_NAMES = ("model", "data", "algo", "optim", "train", "elastic", "plan", "federated", "site")
 
 HELP = f"""Train a model with DP, DiLoCo or Streaming DiLoCo.
 

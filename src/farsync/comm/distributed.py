@@ -73,14 +73,26 @@ class Transport:
 
 def run_exchange(t: Transport, plan: ex.ExchangePlan, codec: Codec, padded: torch.Tensor, weight: float,
                  generator: torch.Generator | None, agg: ex.Aggregation,
-                 buffers: ex.DecodeBuffers | None = None, round: tuple | None = None) -> ExchangeResult:
+                 buffers: ex.DecodeBuffers | None = None, round: tuple | None = None,
+                 reduce_stats=None) -> ExchangeResult:
     """One weighted-mean exchange of round ``round`` among the members of ``t`` (``plan``
     made for ``t.size`` members); ranks in the result are members of ``t``. Members that
     are not all in the same exchange raise RuntimeError (:func:`~farsync.comm.exchange.
-    exchange_tag`) before any payload moves."""
+    exchange_tag`) before any payload moves.
+
+    ``reduce_stats`` (a worker that is a site of several ranks, each exchanging one shard
+    of its buffer: :mod:`farsync.comm.site`): turns this rank's per-shard statistics into
+    every shard's of the whole buffer, so that the receivers' decision — who is left out —
+    is one per worker, the same on every rank."""
     m = t.size
     if m == 1:
-        mean, d = ex.solo(agg, padded[: plan.numel], weight)
+        if reduce_stats is None:
+            mean, d = ex.solo(agg, padded[: plan.numel], weight)
+        else:
+            x = padded[: plan.numel].to(torch.float32, copy=True)
+            stats = reduce_stats([ex.shard_stats({0: x}, 1)]) if agg.needs_stats and weight > 0 else None
+            d = ex.decide(agg, [weight], stats)
+            mean = torch.empty(0) if d.skipped else x
         return ExchangeResult(mean, (weight,), 0, 0, d.kept, d.excluded, d.skipped)
     tag = ex.exchange_tag(round, plan, codec, agg)
     hs = t.all_gather(torch.tensor([weight, tag], dtype=torch.float64, device=padded.device))
@@ -96,6 +108,8 @@ def run_exchange(t: Transport, plan: ex.ExchangePlan, codec: Codec, padded: torc
         got = t.from_senders(senders, lambda j: payloads[0], empty)
         decoded = ex.decode_all(codec, got, plan.padded_numel, buffers)
         stats = [ex.shard_stats(decoded, m)] if agg.needs_stats else None
+        if stats is not None and reduce_stats is not None:
+            stats = reduce_stats(stats)
         d = ex.decide(agg, weights, stats)
         mean = torch.empty(0) if d.skipped else ex.combine(agg, decoded, weights, d.kept)[: plan.numel]
     else:
@@ -104,6 +118,8 @@ def run_exchange(t: Transport, plan: ex.ExchangePlan, codec: Codec, padded: torc
         stats = None
         if agg.needs_stats:  # every shard owner's statistics, by shard
             stats = [s.cpu() for s in t.all_gather(ex.shard_stats(decoded, m).to(padded.device))]
+            if reduce_stats is not None:
+                stats = reduce_stats(stats)
         d = ex.decide(agg, weights, stats)
         if d.skipped:
             mean = torch.empty(0)
@@ -150,25 +166,34 @@ class _Resources:
 class TorchDistributedCommunicator(Communicator):
     """This process's endpoint; needs ``torch.distributed`` initialised (e.g. by torchrun).
 
+    By default every process is one worker: the exchange runs over a process group of all
+    of them, created here. A worker that is a site of several ranks passes ``groups``
+    (made by :func:`farsync.comm.rendezvous.join` on every process): the exchange group of
+    this rank's same-rank peers at the other sites, and the metrics group of every
+    process; ``rank`` and ``world_size`` are then its place in the exchange group.
+
     ``delay_s`` adds a sleep before every exchange, on the background thread — a test
     hook that stands in for a slow link.
     """
 
-    def __init__(self, *, delay_s: float = 0.0):
+    def __init__(self, *, delay_s: float = 0.0, groups: tuple | None = None):
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
                 "torch.distributed is not initialised: launch with torchrun, or call "
                 "torch.distributed.init_process_group first"
             )
-        self.rank = dist.get_rank()
-        self.world_size = dist.get_world_size()
+        if groups is None:
+            # a group of its own: collectives of the exchange thread never interleave
+            # with collectives the main thread issues on the default group; and one for
+            # the main thread's metrics: connections no payload ever uses
+            groups = (dist.new_group(backend=dist.get_backend()), dist.new_group(backend=dist.get_backend()))
+        group, control = groups
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
         self.delay_s = delay_s
         self._res = _Resources(
-            # a group of its own: collectives of the exchange thread never interleave
-            # with collectives the main thread issues on the default group
-            group=dist.new_group(backend=dist.get_backend()),
-            # and one for the main thread's metrics: connections no payload ever uses
-            control=dist.new_group(backend=dist.get_backend()),
+            group=group,
+            control=control,
             executor=ThreadPoolExecutor(max_workers=1, thread_name_prefix="farsync-exchange"),
             # every metrics sum, blocking or not, runs here: one thread keeps them in
             # call order on every rank, which is what matches them across ranks
@@ -206,7 +231,11 @@ class TorchDistributedCommunicator(Communicator):
         if self.delay_s:
             time.sleep(self.delay_s)
         return run_exchange(self.transport, plan, r.codec, padded, float(r.weight), r.generator, r.aggregation,
-                            self._buffers, r.round)
+                            self._buffers, r.round, self._reduce_stats)
+
+    #: what :func:`run_exchange` does with a rank's shard statistics (None: nothing; a
+    #: site's ranks combine theirs, :class:`farsync.comm.site.SiteCommunicator`)
+    _reduce_stats = None
 
     @functools.cached_property
     def transport(self) -> "Transport":
@@ -216,8 +245,8 @@ class TorchDistributedCommunicator(Communicator):
 
         def post(sends, recvs):
             g = res.group
-            reqs = [dist.irecv(t, src=j, group=g) for j, t in enumerate(recvs) if t is not None]
-            return reqs + [dist.isend(t, dst=j, group=g) for j, t in enumerate(sends) if t is not None]
+            reqs = [dist.irecv(t, group=g, group_src=j) for j, t in enumerate(recvs) if t is not None]
+            return reqs + [dist.isend(t, group=g, group_dst=j) for j, t in enumerate(sends) if t is not None]
 
         return Transport(self.rank, self.world_size, post)
 
@@ -242,10 +271,11 @@ class TorchDistributedCommunicator(Communicator):
         if dist.get_backend() == "nccl":
             dist.all_reduce(t, group=self._control)
             return [float(x) for x in t.cpu()]
-        me, m, g = self.rank, self.world_size, self._control
+        g = self._control
+        me, m = dist.get_rank(g), dist.get_world_size(g)  # every process, whatever the exchange group
         got = [t if j == me else torch.empty_like(t) for j in range(m)]
-        reqs = [dist.irecv(got[j], src=j, group=g) for j in range(m) if j != me]
-        reqs += [dist.isend(t, dst=j, group=g) for j in range(m) if j != me]
+        reqs = [dist.irecv(got[j], group=g, group_src=j) for j in range(m) if j != me]
+        reqs += [dist.isend(t, group=g, group_dst=j) for j in range(m) if j != me]
         for r in reqs:
             r.wait()
         total = got[0].clone()

@@ -61,6 +61,17 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+@dataclass(frozen=True)
+class SiteInfo:
+    """This process's place in a worker that is a site of several ranks (torchrun
+    started W × R processes for W workers): site rank ``rank`` of ``size``, and the
+    process group of the site's ranks the model's gradients are reduced over (DDP, FSDP)."""
+
+    rank: int
+    size: int
+    group: object
+
+
 @dataclass
 class Group:
     """The workers this process drives and how it reaches the others."""
@@ -74,6 +85,17 @@ class Group:
     # an elastic run (join_elastic): one worker per process, with no process group shared
     # by the run; each process logs, sums metrics and checkpoints for its own worker
     elastic: bool = False
+    site: SiteInfo | None = None  # a worker of several ranks: this process is one of them
+
+    @property
+    def site_size(self) -> int:
+        """R: ranks per worker (1 but for sites)."""
+        return self.site.size if self.site else 1
+
+    def file_id(self, worker: int) -> str | int:
+        """What names worker ``worker``'s checkpoint file on this process: the worker, or
+        for a site the worker and this rank (every rank keeps its own)."""
+        return worker if self.site is None else f"{worker}.r{self.site.rank}"
 
     @property
     def is_main(self) -> bool:
@@ -93,7 +115,11 @@ class Group:
     def checkpoint_workers(self) -> list[int]:
         """The workers whose files make this run directory's checkpoint complete: all of
         them, but for an elastic worker, which keeps its own."""
-        return list(self.local_ranks) if self.elastic else list(range(self.workers))
+        if self.elastic:
+            return list(self.local_ranks)
+        if self.site is None:
+            return list(range(self.workers))
+        return [f"{w}.r{r}" for w in range(self.workers) for r in range(self.site.size)]
 
     @property
     def summed_workers(self) -> int:
@@ -176,10 +202,15 @@ def _from_json_tensor(t: torch.Tensor):
     return json.loads(bytes(t.cpu().numpy()).decode())
 
 
-def join(workers: int, *, device_type: str = "cpu") -> Group:
+def join(workers: int, *, device_type: str = "cpu", sharded: bool = False) -> Group:
     """The group of a run of M = ``workers``: under torchrun, this process's worker
     (creating the default process group if needed); otherwise all M, in-process.
-    ValueError when torchrun started another number of processes than M.
+
+    torchrun may start W × R processes for W workers: then each worker is a site of R
+    ranks (global ranks w·R … w·R + R − 1: ``--nnodes=W --nproc-per-node=R``, one agent
+    per site), and this process is one rank of one (:mod:`farsync.comm.site`: its
+    exchange runs over its cross-site group, ``sharded`` when FSDP shards the parameters).
+    ValueError when the processes are not a multiple of M.
     """
     if not launched_by_torchrun():
         group = InProcessGroup(workers)
@@ -189,16 +220,28 @@ def join(workers: int, *, device_type: str = "cpu") -> Group:
     from farsync.comm.distributed import TorchDistributedCommunicator
 
     world = int(os.environ["WORLD_SIZE"])
-    if world != workers:
+    if world % workers:
         raise ValueError(
-            f"algo.workers = {workers} but torchrun started {world} processes; "
-            f"set --algo.workers={world} or --nproc-per-node/--nnodes to match"
+            f"algo.workers = {workers} but torchrun started {world} processes; start W × R processes for W "
+            f"workers of R ranks each (--nnodes/--nproc-per-node), or set --algo.workers to match"
         )
     owns = not dist.is_initialized()
     if owns:
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     rank = dist.get_rank()
-    return Group(rank, workers, True, [TorchDistributedCommunicator()], [rank], owns)
+    R = world // workers
+    if R == 1:
+        return Group(rank, workers, True, [TorchDistributedCommunicator()], [rank], owns)
+    from farsync.comm.site import Site, SiteCommunicator
+
+    w, r = divmod(rank, R)
+    # every process creates every group, in the same order (torch.distributed's rule)
+    train = [dist.new_group([v * R + i for i in range(R)]) for v in range(workers)]  # the model's gradients
+    inner = [dist.new_group([v * R + i for i in range(R)]) for v in range(workers)]  # the exchange thread's
+    cross = [dist.new_group([v * R + i for v in range(workers)]) for i in range(R)]  # rank i of every site
+    control = dist.new_group()  # metrics, over every process
+    comm = SiteCommunicator(groups=(cross[r], control), site=Site(r, R, inner[w]), sharded=sharded)
+    return Group(rank, workers, True, [comm], [w], owns, site=SiteInfo(r, R, train[w]))
 
 
 def join_elastic(workers: int, worker: int, *, lighthouse: str, timeout_s: float, connect_timeout_s: float,

@@ -122,3 +122,80 @@ def evaluate(eval_model: torch.nn.Module, parameters: dict[str, torch.Tensor], b
         total += float(loss) * x.shape[0]
         count += x.shape[0]
     return total / count
+
+
+def parallelize(cfg: Config, model: torch.nn.Module, site, dev: torch.device) -> torch.nn.Module:
+    """A worker that is a site of R ranks (``site``: :class:`farsync.comm.rendezvous.SiteInfo`)
+    trains as one replica (``site.parallel``): with ``ddp`` the model to run forward and
+    backward through is a DistributedDataParallel wrapper averaging every gradient over the
+    site's ranks (the model itself is its ``.module``); with ``fsdp`` the model is sharded
+    in place (FSDP2 ``fully_shard`` on every block, then the whole) over the site's ranks and
+    returned as it is. One rank per worker (``site`` None): the model."""
+    if site is None:
+        return model
+    if cfg.site.parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, process_group=site.group, device_ids=[dev.index] if dev.type == "cuda" else None)
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    from farsync.algorithms.fragments import find_blocks
+
+    mesh = DeviceMesh.from_group(site.group, device_type=dev.type)
+    found = find_blocks(model)
+    for block in (found[1] if found else []):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+# ---- state of a sharded (FSDP2) model: each rank saves and loads its own shards ---------
+
+def local_tree(obj):
+    """``obj`` with every sharded tensor replaced by this rank's shard (a copy): what a
+    checkpoint file holds — tensors and plain data, whatever the parallelism."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(obj, DTensor):
+        return obj.to_local().detach().clone()
+    if isinstance(obj, dict):
+        return {k: local_tree(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(local_tree(v) for v in obj)
+    return obj
+
+
+def load_model_state(model: torch.nn.Module, state: dict) -> None:
+    """The model's state from :func:`local_tree` of its ``state_dict()``: a sharded
+    parameter takes this rank's shard, anything else as ``load_state_dict`` would."""
+    from torch.distributed.tensor import DTensor
+
+    from farsync.algorithms.fragments import local
+
+    own = model.state_dict()
+    if not any(isinstance(v, DTensor) for v in own.values()):
+        model.load_state_dict(state)
+        return
+    missing = sorted(set(own) - set(state)) + sorted(set(state) - set(own))
+    if missing:
+        raise ValueError(f"checkpoint does not match the model (keys {missing[:3]})")
+    with torch.no_grad():
+        for name, target in own.items():
+            local(target).copy_(state[name])
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, state: dict) -> None:
+    """The inner optimizer's state from :func:`local_tree` of its ``state_dict()``: each
+    per-parameter tensor of a sharded parameter becomes that parameter's shard again."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for g in opt.param_groups for p in g["params"]]
+    fixed = {}
+    for i, per in state["state"].items():
+        p = params[int(i)]
+        if isinstance(p, DTensor):
+            per = {k: DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+                   if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in per.items()}
+        fixed[i] = per
+    opt.load_state_dict({**state, "state": fixed})

@@ -290,6 +290,9 @@ class TrainConfig:
     stops contributing from the sync after schedule step STEP on. Empty = none."""
     faulty_worker: int = 1
     """Which worker train.fault corrupts."""
+    faulty_rank: int = -1
+    """A worker that is a site of several ranks: only this rank of train.faulty_worker
+    corrupts what it sends (its shard); -1 = every rank."""
     launch: str = "auto"
     """How the simulated workers run when farsync train starts them (not under torchrun):
     inprocess (one after another, in this process), processes (one local process each,
@@ -450,6 +453,24 @@ class FederatedConfig:
 
 
 @dataclass
+class SiteConfig:
+    parallel: str = "ddp"
+    """When a worker is a site of R ranks (torchrun started W x R processes for algo.workers
+    = W): how its ranks train as one replica. ddp: every rank holds the whole model, each
+    inner step averages gradients over the R ranks, and the mean pseudo-gradient's shards
+    are gathered back inside the site; fsdp: parameters, gradients and AdamW state are
+    sharded over the R ranks (FSDP2 fully_shard), each rank exchanging its own shard and
+    gathering nothing. Ignored with one rank per worker."""
+
+    def __post_init__(self) -> None:
+        _choice("site.parallel", self.parallel, SITE_PARALLELS)
+
+
+#: site.parallel: how a site's ranks train as one replica
+SITE_PARALLELS = ("ddp", "fsdp")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -459,6 +480,7 @@ class Config:
     elastic: ElasticConfig = field(default_factory=ElasticConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
+    site: SiteConfig = field(default_factory=SiteConfig)
 
     def validate(self) -> None:
         """The checks across sections (each section checks its own keys when it is made);

@@ -36,16 +36,34 @@ def global_parameters(run_dir: str, log=None) -> tuple[Config, dict[str, torch.T
         raise ValueError(f"{run_dir!r} has no config.toml (not a farsync run directory)")
     cfg = build_config(read_recipe(os.path.join(run_dir, "config.toml")))
     worker = _exported_worker(run_dir)
-    step = ckpt.resume_step(run_dir, [worker], log=log)
+    files = _site_files(run_dir, worker)
+    step = ckpt.resume_step(run_dir, files, log=log)
     if step is None:
         raise ValueError(f"{run_dir!r} has no complete checkpoint to export")
-    state = ckpt.load_worker(run_dir, step, worker, map_location="cpu")
-    params = {k: v for k, v in state["model"].items()}
-    algo = state["algo"]
+    states = [ckpt.load_worker(run_dir, step, f, map_location="cpu") for f in files]
+    # a site's ranks: DDP holds the whole model on each, FSDP2 each rank's row chunk of every parameter
+    join = (lambda ts: torch.cat(ts)) if len(states) > 1 and cfg.site.parallel == "fsdp" else (lambda ts: ts[0])
+    params = {k: join([s["model"][k] for s in states]) for k in states[0]["model"]}
+    algo = states[0]["algo"]
     if "anchors" in algo:  # DiLoCo: θ_g is the anchors, fragment by fragment
-        for names, anchors in zip(algo["fragment_names"], algo["anchors"]):
-            params.update({n: a.float() for n, a in zip(names, anchors)})
+        for i, names in enumerate(algo["fragment_names"]):
+            for j, n in enumerate(names):
+                params[n] = join([s["algo"]["anchors"][i][j] for s in states]).float()
     return cfg, params, step
+
+
+def _site_files(run_dir: str, worker: int) -> list:
+    """The checkpoint files that hold ``worker``'s state: its own, or, for a worker that was
+    a site of R ranks, one per rank ("W.rR", rank order)."""
+    step_dirs = [d for d in os.listdir(os.path.join(run_dir, "checkpoints"))] if os.path.isdir(
+        os.path.join(run_dir, "checkpoints")) else []
+    for d in sorted(step_dirs, reverse=True):
+        names = os.listdir(os.path.join(run_dir, "checkpoints", d)) if d.startswith("step-") else []
+        ranks = sorted(int(n[len(f"worker-{worker}.r"):-3]) for n in names
+                       if n.startswith(f"worker-{worker}.r") and n.endswith(".pt") and n[len(f"worker-{worker}.r"):-3].isdigit())
+        if ranks:
+            return [f"{worker}.r{r}" for r in ranks]
+    return [worker]
 
 
 def _llama_to_hf(cfg: Config, params: dict[str, torch.Tensor]):

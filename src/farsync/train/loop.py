@@ -52,13 +52,18 @@ class Worker:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     algo: Strategy
     last_loss: float = float("nan")
+    forward: torch.nn.Module | None = None  # what forward and backward run through (a site's DDP wrapper); None: model
 
 
-def build_worker(cfg: Config, rank: int, comm: Communicator, vocab_size: int, dev: torch.device) -> Worker:
+def build_worker(cfg: Config, rank: int, comm: Communicator, vocab_size: int, dev: torch.device,
+                 site=None) -> Worker:
+    """Worker ``rank``: its model (for a site of several ranks, made one replica over them:
+    :func:`~farsync.train.components.parallelize`), inner optimizer, schedule, strategy."""
     model = components.build_model(cfg, vocab_size, dev)
+    forward = components.parallelize(cfg, model, site, dev)
     opt = components.inner_optimizer(cfg, model)
     algo = make_strategy(model, opt, comm, **cfg.strategy_kwargs())
-    return Worker(rank, model, opt, components.lr_scheduler(cfg, opt), algo)
+    return Worker(rank, model, opt, components.lr_scheduler(cfg, opt), algo, forward=forward)
 
 
 class _StopFlag:
@@ -140,14 +145,17 @@ class Trainer:
             with open(os.path.join(run_dir, "config.toml"), "w") as f:
                 f.write(to_toml(cfg))
         comms = list(group.comms)
-        if cfg.train.fault and cfg.train.faulty_worker in group.local_ranks:  # fault injection (farsync.comm.faults)
+        faulty_rank = cfg.train.faulty_rank < 0 or group.site is None or group.site.rank == cfg.train.faulty_rank
+        if cfg.train.fault and cfg.train.faulty_worker in group.local_ranks and faulty_rank:  # farsync.comm.faults
             i = group.local_ranks.index(cfg.train.faulty_worker)
             comms[i] = FaultyCommunicator(comms[i], *parse_fault(cfg.train.fault))
-        workers = [build_worker(cfg, r, c, corpus.vocab_size, dev) for r, c in zip(group.local_ranks, comms)]
+        workers = [build_worker(cfg, r, c, corpus.vocab_size, dev, group.site) for r, c in zip(group.local_ranks, comms)]
         model = workers[0].model
         trainer = cls(cfg, group, dev, run_dir, corpus, workers,
                       eval_model=components.build_model(cfg, corpus.vocab_size, dev),
-                      eval_set=corpus.eval_batches(cfg.train.batch_size, cfg.model.seq_len, cfg.train.eval_batches),
+                      # a site's held-out set: that of a one-rank worker of R times the batch
+                      eval_set=corpus.eval_batches(cfg.train.batch_size * group.site_size, cfg.model.seq_len,
+                                                   cfg.train.eval_batches),
                       n_params=model.num_parameters(), plan=plan)
         trainer.resuming = resuming
         a, algo = cfg.algo, workers[0].algo
@@ -215,9 +223,9 @@ class Trainer:
                               f"train.steps = {self.cfg.train.steps}); nothing to resume")
         rows = None
         for w in self.workers:
-            state = ckpt.load_worker(self.run_dir, step, w.rank, map_location=self.device)
-            w.model.load_state_dict(state["model"])
-            w.optimizer.load_state_dict(state["optimizer"])
+            state = ckpt.load_worker(self.run_dir, step, self.group.file_id(w.rank), map_location=self.device)
+            components.load_model_state(w.model, state["model"])
+            components.load_optimizer_state(w.optimizer, state["optimizer"])
             w.scheduler.load_state_dict(state["scheduler"])
             w.algo.load_state_dict(state["algo"])
             self.prior_wall = state["wall_seconds"]
@@ -292,8 +300,8 @@ class Trainer:
             if not on:
                 continue
             t0 = time.perf_counter()
-            x, y = self.corpus.worker_batch(w.rank, cfg.algo.workers, w.algo.steps_trained, B, T, cfg.train.seed)
-            w.last_loss = components.forward_backward(w.model, x.to(self.device), y.to(self.device)).item()
+            x, y = self.batch(w)
+            w.last_loss = components.forward_backward(w.forward or w.model, x.to(self.device), y.to(self.device)).item()
             if self.die is not None:
                 self.die.after_backward(step + 1, bool(w.algo.due_to_send(step + 1)))
             dt = time.perf_counter() - t0
@@ -315,6 +323,19 @@ class Trainer:
                 w.scheduler.step()
             w.optimizer.zero_grad(set_to_none=True)
         return True
+
+    def batch(self, w: Worker) -> tuple[torch.Tensor, torch.Tensor]:
+        """Worker ``w``'s next batch (a slower worker's data continues where it stopped).
+        A site of R ranks draws R × train.batch_size sequences and each rank trains its
+        share: the worker trains exactly what one rank with R times the batch would."""
+        cfg, site = self.cfg, self.group.site
+        R = 1 if site is None else site.size
+        B = cfg.train.batch_size
+        x, y = self.corpus.worker_batch(w.rank, cfg.algo.workers, w.algo.steps_trained, B * R, cfg.model.seq_len,
+                                        cfg.train.seed)
+        if site is not None:
+            x, y = x[site.rank * B:(site.rank + 1) * B], y[site.rank * B:(site.rank + 1) * B]
+        return x, y
 
     def log_events(self) -> None:
         """The syncs landed, exclusions and skipped rounds since the last call (every
@@ -352,8 +373,10 @@ class Trainer:
         ``step``."""
         self.metrics.land()
         for w in self.workers:
-            ckpt.save_worker(self.run_dir, step, w.rank, {
-                "model": w.model.state_dict(), "optimizer": w.optimizer.state_dict(),
+            ckpt.save_worker(self.run_dir, step, self.group.file_id(w.rank), {
+                # a sharded model's shards are this rank's (components.local_tree)
+                "model": components.local_tree(w.model.state_dict()),
+                "optimizer": components.local_tree(w.optimizer.state_dict()),
                 "scheduler": w.scheduler.state_dict(), "algo": w.algo.state_dict(),
                 "step": step, "wall_seconds": self.wall(),
                 "metrics_rows": self.metrics.rows,  # metrics.jsonl's rows before this checkpoint (main process)

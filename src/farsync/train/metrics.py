@@ -109,7 +109,7 @@ class Metrics:
             return
         total = p.sums.result()
         m = self.group.summed_workers
-        self.train_loss = total[0] / m
+        self.train_loss = total[0] / (m * self.group.site_size)  # every rank of a site reports its share's loss
         if total[1] > 0:
             self.stop_agreed = True
         p.row.update(train_loss=self.train_loss, bytes_sent_per_worker=total[2] / m, tokens=int(total[3]))

@@ -25,7 +25,12 @@ def connect(cfg: Config, dev: torch.device) -> rendezvous.Group:
             return rendezvous.join_elastic(cfg.algo.workers, e.worker, lighthouse=e.lighthouse, timeout_s=e.timeout_s,
                                            connect_timeout_s=e.connect_timeout_s, quorum_timeout_s=e.quorum_timeout_s,
                                            min_workers=e.min_workers, host=e.host, secret=load_secret(e.secret_file))
-        return rendezvous.join(cfg.algo.workers, device_type=dev.type)
+        group = rendezvous.join(cfg.algo.workers, device_type=dev.type, sharded=cfg.site.parallel == "fsdp")
+        if group.site is not None and cfg.algo.schedule == "time-budget":
+            group.close()
+            raise ConfigError("algo.schedule=time-budget needs one rank per worker: a site's ranks must train the same "
+                              "steps, and their clocks differ (use lockstep or steps)")
+        return group
     except (ValueError, ImportError) as e:
         raise ConfigError(str(e)) from None
 

@@ -7,13 +7,40 @@ import math
 import os
 
 
+#: per-rank figures a site's worker adds up over its ranks (the rest are the same on every
+#: rank, or, for time, spent side by side: the mean)
+_SUMMED = ("bytes_sent", "control_bytes", "site_bytes", "total_bytes", "tokens", "peak_event_bytes")
+_MEAN = ("compute_seconds", "blocked_seconds")
+
+
+def by_worker(per_rank: list[dict], ranks: int) -> list[dict]:
+    """One accounting per worker from one per process: a worker that is a site of
+    ``ranks`` ranks (consecutive entries) sent what its ranks sent together — each its
+    shard — and spent, side by side, their mean time."""
+    if ranks == 1:
+        return per_rank
+    out = []
+    for i in range(0, len(per_rank), ranks):
+        site = per_rank[i:i + ranks]
+        w = dict(site[0])
+        for k in _SUMMED:
+            w[k] = sum(s[k] for s in site)
+        for k in _MEAN:
+            w[k] = sum(s[k] for s in site) / ranks
+        busy = w["compute_seconds"] + w["blocked_seconds"]
+        w["compute_utilization"] = w["compute_seconds"] / busy if busy > 0 else 1.0
+        w["dp_bytes_ratio"] = w["dp_equivalent_bytes"] / w["total_bytes"] if w["total_bytes"] else None
+        out.append(w)
+    return out
+
+
 def summarize(trainer, final_eval: float, elastic: dict | None = None) -> dict:
     """The summary of ``trainer``'s run (a :class:`farsync.train.loop.Trainer` at its end):
     every worker's accounting gathered, data-parallel's bytes for the same steps, compute
     utilization, unequal workers, exclusions; ``elastic``: what an elastic worker saw of
     failures."""
     cfg, wall_s, group = trainer.cfg, trainer.wall(), trainer.group
-    per_worker = group.gather_workers([w.algo.stats.to_dict() for w in trainer.workers])
+    per_worker = by_worker(group.gather_workers([w.algo.stats.to_dict() for w in trainer.workers]), group.site_size)
     algo = trainer.workers[0].algo
     sent = [s["total_bytes"] for s in per_worker]
     dp = max(s["dp_equivalent_bytes"] for s in per_worker)  # the workers that trained every step
@@ -53,6 +80,12 @@ def summarize(trainer, final_eval: float, elastic: dict | None = None) -> dict:
                                "rounds_excluded", "rounds_skipped", "total_bytes", "compute_seconds", "blocked_seconds")}
             for s in per_worker
         ],
+        # a worker that is a site of several ranks: the bytes above cross between sites (each
+        # rank its shard, over its own stream); these stay inside the site
+        "site": None if group.site is None else {
+            "ranks": group.site.size, "parallel": cfg.site.parallel,
+            "site_bytes_per_worker": [s["site_bytes"] for s in per_worker],
+            "cross_site_bytes_per_stream": [s["total_bytes"] / group.site.size for s in per_worker]},
         "exclusions": algo.exclusions,
         "skipped_rounds": algo.skipped_rounds,
         # elastic: what this worker saw of failures (every event is a metrics.jsonl row)
