@@ -12,6 +12,7 @@ one line. Ctrl-C reaches every worker, which checkpoint and stop together as eve
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -72,7 +73,6 @@ def train_in_processes(cfg: Config, run_dir: str | None, resume: bool, why: str,
 
     from farsync.data import Corpus
     from farsync.train import checkpoint as ckpt
-
     from farsync.train import rundir
     from farsync.train.config import ConfigError
     from farsync.train.loop import Trainer
@@ -131,8 +131,6 @@ def train_in_processes(cfg: Config, run_dir: str | None, resume: bool, why: str,
 
 
 def _summary(run_dir: str) -> dict | None:
-    import json
-
     try:
         with open(os.path.join(run_dir, "summary.json")) as f:
             return json.load(f)
