@@ -121,7 +121,7 @@ class SimulateArgs:
     plot: Optional[str] = None
 
 
-def simulate(
+def simulate_command(
     preset: Optional[str] = typer.Option(
         None, "--preset", help="Table 4 model: 1b, 10b or 100b (default 1b unless --layers/--params given)."
     ),
@@ -373,4 +373,4 @@ def _print_report(a: SimulateArgs, plan: _Resolved, table: dict, at_bw: Optional
 
 
 def register(app: typer.Typer) -> None:
-    app.command("simulate")(simulate)
+    app.command("simulate")(simulate_command)
