@@ -245,3 +245,39 @@ def test_bad_input_is_one_line(monkeypatch, runner, args, needle):
     monkeypatch.setattr(os, "geteuid", lambda: 0)  # get past the root check everywhere
     monkeypatch.setattr(shutil, "which", lambda name, *a, **k: f"/usr/sbin/{name}")
     _one_line_error(runner.invoke(app, ["wan", *args]), needle)
+
+
+@needs_netns
+def test_two_hosts_of_two_ranks_site_traffic_stays_off_the_link(tmp_path):
+    # 2 hosts x 2 ranks (RANK = host*2 + local): each host one DDP site sharing its tbf link.
+    # What the ranks of a host send each other goes to the host's own address, which the
+    # kernel delivers over the namespace's loopback: eth0 carries the cross-site streams only.
+    r = subprocess.run([sys.executable, "-m", "farsync", "wan", "--workers", "2", "--ranks", "2", "-q",
+                        *[a for a in TINY if not a.startswith("--train.batch_size")], "--train.batch_size=2",
+                        f"--train.run_dir={tmp_path}", "--train.name=site", "--bandwidth", "20", "--json",
+                        "--algo.mode=dp", "--site.parallel=ddp", "--train.steps=12", "--train.log_every=12",
+                        "--train.eval_every=12"], capture_output=True, text=True, timeout=150)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads(r.stdout)
+    assert rep["workers"] == 2 and rep["ranks"] == 2 and rep["parallel"] == "ddp"
+    assert rep["summary"]["site"]["ranks"] == 2
+    for h in rep["per_host"]:
+        # the cross-site bytes: both streams, each the fp32 shard of 12 gradients
+        assert h["farsync_bytes"] > 12 * 4 * 90_000
+        assert h["farsync_bytes"] == pytest.approx(2 * h["farsync_bytes_per_stream"])
+        # the kernel's TCP payload on eth0 vs farsync's cross-site count: as for one rank per host.
+        # Had the site's traffic (DDP's gradient all-reduce every step, the gathered mean shards)
+        # taken eth0, the payload would be several times farsync's count.
+        assert abs(h["payload_vs_farsync"]) < 0.05, h
+        assert 0.02 < h["wire_vs_farsync"] < 0.12, h
+        # ... it went over the loopback: at least the mean shards farsync gathered inside the site
+        assert h["site_bytes"] > 0 and h["kernel_lo_bytes"] > h["site_bytes"], h
+        assert h["own_address_route"].startswith(f"local {h['address']} dev lo"), h
+    assert (tmp_path / "site" / "wan" / "host0.r0.log").exists() and (tmp_path / "site" / "wan" / "host1.r1.log").exists()
+    assert len(rep["namespaces_removed"]) == 3
+
+
+def test_bad_ranks_is_one_line(monkeypatch, runner):
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: f"/usr/sbin/{name}")
+    _one_line_error(runner.invoke(app, ["wan", "--bandwidth", "10", "--ranks", "0"]), "--ranks 0")

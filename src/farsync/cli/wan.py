@@ -1,4 +1,4 @@
-"""`farsync wan [RECIPE] --workers M --bandwidth MBIT [--section.key=value ...]` and
+"""`farsync wan [RECIPE] --workers M [--ranks R] --bandwidth MBIT [--section.key=value ...]` and
 `farsync wan --cleanup`."""
 
 from __future__ import annotations
@@ -21,13 +21,20 @@ HELP = (
     "crash; after a SIGKILL a guardian process removes them; `farsync wan --cleanup` removes anything "
     "left by runs that are no longer running.\n\n"
     "Training options are those of `farsync train` (a recipe and --section.key=value); algo.workers is "
-    "set to --workers."
+    "set to --workers.\n\n"
+    "--ranks R runs R processes per host (RANK = host*R + local rank, WORLD_SIZE = hosts*R, as torchrun "
+    "--nnodes=M --nproc-per-node=R would): every host is one worker, a site of R ranks (--site.parallel=ddp or "
+    "fsdp) sharing the host's link; rank r of every site exchanges shard r over its own stream. The ranks of "
+    "a host reach each other over its loopback, never through the rate-limited link."
 )
 
 
 def wan(
     ctx: typer.Context,
     workers: int = typer.Option(2, "--workers", "-M", help="Workers M, one per emulated host."),
+    ranks: int = typer.Option(
+        1, "--ranks", "-R", help="Worker processes per host: a site of R ranks sharing the host's link (1 = one process).",
+    ),
     bandwidth: float = typer.Option(
         None, "--bandwidth", help="Link rate per host and direction, Mbit/s (tbf; 0 = no limit). Required.",
     ),
@@ -62,7 +69,7 @@ def wan(
 
         try:
             report = run_wan(positional[0] if positional else None, overrides, workers=workers, link=link,
-                             timeout_s=timeout, echo=not quiet)
+                             timeout_s=timeout, echo=not quiet, ranks=ranks)
         except Interrupted as e:
             typer.echo(f"farsync wan: {e}", err=True)
             raise typer.Exit(code=e.exit_code) from None
@@ -93,6 +100,15 @@ def format_report(r: dict) -> str:
         lines.append(f"{h['host']:<5}{h['address']:<12}{_mb(h['farsync_bytes']):>16}{_mb(h['kernel_tx_bytes']):>16}"
                      f"{_mb(h['header_bytes']):>14}{_mb(h['kernel_payload_bytes']):>17}{ratio:>17}"
                      f"{h['tcp_retrans_segs']:>9}")
+    R = r.get("ranks", 1)
+    if R > 1:
+        lines[0] = lines[0].replace("(one worker each)", f"(one worker each: a site of {R} ranks, {r['parallel']})")
+        lines.append(f"farsync sent = cross-site bytes of the site's {R} streams; inside each site (loopback, not "
+                     "on the link):")
+        for h in r["per_host"]:
+            lines.append(f"  host {h['host']}: {_mb(h['farsync_bytes_per_stream'])} per stream; farsync site bytes "
+                         f"{_mb(h['site_bytes'])}, kernel lo {_mb(h['kernel_lo_bytes'])}; route to its own address: "
+                         f"{h['own_address_route']}")
     lines.append(
         f"mode {s['mode']} ({s['codec']}), {s['steps']} steps: wall {s['wall_seconds']:.1f} s, compute utilization "
         f"{100 * s['compute_utilization']:.1f} %, final eval loss {s['final_eval_loss']:.4f}")

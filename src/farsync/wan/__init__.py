@@ -3,8 +3,10 @@
 `farsync wan` (root, Linux) turns one machine into M "hosts": one network namespace each,
 joined by a bridge in a namespace of its own, every host's link limited in both
 directions by ``tc ... tbf``. It runs one real `farsync train` worker per host
-(``torch.distributed``, gloo over TCP, rendezvous at host 0), reads the kernel's byte
-counters of every host's interface, and reports them beside farsync's own accounting.
+(``torch.distributed``, gloo over TCP, rendezvous at host 0) — with ``--ranks R``, R
+processes per host, one site of R ranks sharing the host's link —, reads the kernel's
+byte counters of every host's interface (and loopback), and reports them beside
+farsync's own accounting.
 
     netns     namespaces, bridge, veth pairs, tbf; kernel counters; leftover cleanup
     launch    the worker processes (env:// rendezvous, PDEATHSIG, logs)

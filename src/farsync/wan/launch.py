@@ -1,11 +1,16 @@
-"""Real worker processes, one per emulated host.
+"""Real worker processes: R per emulated host (``--ranks``; 1 by default).
 
-Each worker is ``ip netns exec fs-P-h<i> python -m farsync train RECIPE`` with the
-environment ``torchrun`` would give it (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
-``MASTER_ADDR``/``MASTER_PORT`` = host 0's address on the private bridge), so
-:func:`farsync.comm.rendezvous.join` initialises gloo through ``env://`` and the
-rendezvous store runs in rank 0, on host 0. ``GLOO_SOCKET_IFNAME=eth0`` makes gloo use
-the host's rate-limited interface rather than whatever its hostname resolves to.
+Each process is ``ip netns exec fs-P-h<i> python -m farsync train RECIPE`` with the
+environment ``torchrun --nnodes=hosts --nproc-per-node=R`` would give it (``RANK`` =
+host·R + local, ``WORLD_SIZE`` = hosts·R, ``LOCAL_RANK`` = local, ``LOCAL_WORLD_SIZE`` =
+R, ``MASTER_ADDR``/``MASTER_PORT`` = host 0's address on the private bridge), so
+:func:`farsync.comm.rendezvous.join` initialises gloo through ``env://`` (with R > 1 the
+host is one site of R ranks) and the rendezvous store runs in rank 0, on host 0.
+``GLOO_SOCKET_IFNAME=eth0`` makes gloo use the host's rate-limited interface rather than
+whatever its hostname resolves to. The R ranks of one host share that interface's
+address; what one sends another goes to a local address, which the kernel delivers over
+the namespace's loopback (``lo``), never through eth0's tbf: a site's own traffic (DDP's
+gradients, FSDP's gathers, the mean shards gathered back) stays off the link.
 
 Why not ``torchrun`` itself: per host it would add an agent process and its own
 rendezvous traffic to the byte counters, and a layer between us and the worker's pid;
@@ -58,18 +63,28 @@ def _pdeathsig_preexec():
     return preexec
 
 
-def worker_env(net: Network, rank: int, port: int = MASTER_PORT) -> dict[str, str]:
+def worker_env(net: Network, rank: int, port: int = MASTER_PORT, ranks: int = 1) -> dict[str, str]:
+    """The environment of global rank ``rank`` (host ``rank // ranks``, local rank
+    ``rank % ranks``)."""
+    host, local = divmod(rank, ranks)
     env = {k: v for k, v in os.environ.items() if not k.startswith(_DROP_ENV_PREFIXES)}
     env.update(
-        RANK=str(rank), WORLD_SIZE=str(net.hosts), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+        RANK=str(rank), WORLD_SIZE=str(net.hosts * ranks), LOCAL_RANK=str(local), LOCAL_WORLD_SIZE=str(ranks),
         MASTER_ADDR=net.address(0), MASTER_PORT=str(port), GLOO_SOCKET_IFNAME=HOST_IF,
-        PYTHONUNBUFFERED="1", FARSYNC_WAN_HOST=net.host_names[rank],
+        PYTHONUNBUFFERED="1", FARSYNC_WAN_HOST=net.host_names[host],
     )
     return env
 
 
-def worker_command(net: Network, rank: int, train_args: list[str]) -> list[str]:
-    return ["ip", "netns", "exec", net.host_names[rank], sys.executable, "-m", "farsync", "train", *train_args]
+def worker_command(net: Network, rank: int, train_args: list[str], ranks: int = 1) -> list[str]:
+    return ["ip", "netns", "exec", net.host_names[rank // ranks], sys.executable, "-m", "farsync", "train",
+            *train_args]
+
+
+def log_name(rank: int, ranks: int = 1) -> str:
+    """``host<i>.log`` (one rank per host), ``host<i>.r<local>.log`` (R per host)."""
+    host, local = divmod(rank, ranks)
+    return f"host{host}.log" if ranks == 1 else f"host{host}.r{local}.log"
 
 
 @dataclass
@@ -80,15 +95,17 @@ class _Proc:
 
 
 class Workers:
-    """Start, supervise and stop the M worker processes.
+    """Start, supervise and stop the M × R worker processes (R = ``ranks`` per host).
 
-    Logs go to ``log_dir/host<i>.log``; with ``echo`` rank 0's output is also copied to
-    ``echo_to`` (stderr) as it comes, so the user sees the usual training progress.
+    Logs go to ``log_dir/host<i>.log`` (``host<i>.r<local>.log`` with R > 1); with ``echo``
+    rank 0's output is also copied to ``echo_to`` (stderr) as it comes, so the user sees
+    the usual training progress.
     """
 
     def __init__(self, net: Network, train_args: list[str], log_dir: str, *, echo: bool = True,
-                 echo_to: IO[str] | None = None, port: int = MASTER_PORT):
+                 echo_to: IO[str] | None = None, port: int = MASTER_PORT, ranks: int = 1):
         self.net = net
+        self.ranks = ranks
         self.train_args = train_args
         self.log_dir = log_dir
         self.echo = echo
@@ -100,13 +117,14 @@ class Workers:
     def start(self) -> None:
         os.makedirs(self.log_dir, exist_ok=True)
         preexec = _pdeathsig_preexec()
-        for rank in range(self.net.hosts):
-            path = os.path.join(self.log_dir, f"host{rank}.log")
+        for rank in range(self.net.hosts * self.ranks):
+            path = os.path.join(self.log_dir, log_name(rank, self.ranks))
             log = open(path, "wb")
             pipe = self.echo and rank == 0
             try:
                 p = subprocess.Popen(
-                    worker_command(self.net, rank, self.train_args), env=worker_env(self.net, rank, self.port),
+                    worker_command(self.net, rank, self.train_args, self.ranks),
+                    env=worker_env(self.net, rank, self.port, self.ranks),
                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE if pipe else log, stderr=subprocess.STDOUT,
                     start_new_session=True, preexec_fn=preexec,
                 )
@@ -148,7 +166,8 @@ class Workers:
                 # the first to fail is the cause; the others usually fail because of it
                 p, code = bad[0]
                 self.stop()
-                raise WorkerFailed(f"worker {p.rank} on {self.net.host_names[p.rank]} exited with code {code}; "
+                who = f"worker {p.rank}" if self.ranks == 1 else f"rank {p.rank} (local rank {p.rank % self.ranks})"
+                raise WorkerFailed(f"{who} on {self.net.host_names[p.rank // self.ranks]} exited with code {code}; "
                                    f"log {p.log_path}:\n{tail(p.log_path)}")
             if all(c == 0 for c in codes):
                 self._join()

@@ -157,6 +157,10 @@ class HostCounters:
     tcp_retrans_segs: int = 0
     upload_drops: int = 0  # tbf drops on the host's eth0
     download_drops: int = 0  # tbf drops on its switch port
+    # the namespace's loopback: what its processes sent each other (a site's own traffic
+    # when several ranks share the host; packets to the host's own address go there too)
+    lo_bytes: int = 0
+    lo_packets: int = 0
 
     def __sub__(self, other: "HostCounters") -> "HostCounters":
         return HostCounters(**{k: v - getattr(other, k) for k, v in asdict(self).items()})
@@ -266,7 +270,16 @@ class Network:
         if self.link.limited:
             c.upload_drops = _qdisc_drops(ns, HOST_IF)
             c.download_drops = _qdisc_drops(self.switch, f"b{i}")
+        lo = json.loads(_run(["ip", "-n", ns, "-j", "-s", "link", "show", "dev", "lo"]).stdout)[0]["stats64"]
+        c.lo_bytes, c.lo_packets = lo["tx"]["bytes"], lo["tx"]["packets"]
         return c
+
+    def route_to_self(self, i: int) -> str:
+        """How host ``i`` routes a packet to its own address (``ip route get``): the
+        kernel's answer, ``local 10.77.0.1 dev lo table local ...`` — delivered over the
+        loopback, never through eth0 and its tbf."""
+        out = _run(["ip", "-n", self.host_names[i], "route", "get", self.address(i)]).stdout
+        return " ".join(out.split())
 
 
 def _tcp_snmp(text: str) -> dict[str, int]:

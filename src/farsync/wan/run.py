@@ -7,7 +7,7 @@ Order of events::
     start the cleanup guardian (see farsync.wan.guardian)
     create namespaces, bridge, veths, tbf          ┐
     read kernel counters (before)                   │ try
-    start M workers; wait                           │
+    start M × R worker processes (R per host); wait │
     read kernel counters (after)                    ┘
     finally: stop workers, delete namespaces, release the guardian
     compare kernel counters with the run's own byte accounting -> RUN/wan.json
@@ -31,10 +31,12 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 
-from farsync.wan.launch import Workers
+from farsync.wan.launch import Workers, log_name
 from farsync.wan.netns import TCP_HEADER_BYTES, HostCounters, LinkSpec, Network, WanError, preflight
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+#: Worker processes per emulated host (``--ranks``) at most.
+MAX_RANKS = 64
 
 
 class Interrupted(Exception):
@@ -127,9 +129,12 @@ def run_wan(
     timeout_s: float = 3600.0,
     echo: bool = True,
     log: Callable[[str], None] | None = None,
+    ranks: int = 1,
 ) -> dict:
-    """Train per recipe + overrides with one worker per emulated host; return the report
-    (also written to RUN_DIR/NAME/wan.json)."""
+    """Train per recipe + overrides with one worker per emulated host — a site of
+    ``ranks`` processes sharing the host's link when ``ranks`` > 1 (``site.parallel`` says
+    how they train as one replica) —; return the report (also written to
+    RUN_DIR/NAME/wan.json)."""
     from farsync.train.config import to_toml
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
@@ -137,6 +142,8 @@ def run_wan(
     net = Network(workers, link)  # validates M
     if not timeout_s > 0:
         raise WanError(f"--timeout {timeout_s}: must be > 0 seconds")
+    if isinstance(ranks, bool) or not isinstance(ranks, int) or not 1 <= ranks <= MAX_RANKS:
+        raise WanError(f"--ranks {ranks}: must be an integer in 1…{MAX_RANKS} (worker processes per host)")
     cfg = resolve_config(recipe, overrides, workers)
     run_path = os.path.join(cfg.train.run_dir, cfg.train.name)
     wan_dir = os.path.join(run_path, "wan")
@@ -147,20 +154,24 @@ def run_wan(
     _prebuild_data(cfg, log)
 
     log(f"wan: {workers} hosts ({', '.join(net.host_names)}) on a private bridge ({net.switch}), "
+        + (f"{ranks} ranks each (one site of {ranks} processes sharing the host's link), " if ranks > 1 else "")
         + (f"{link.bandwidth_mbit:g} Mbit/s each way per host (tbf, burst {link.burst} B)" if link.limited
            else "no rate limit") + f", MTU {link.mtu}; latency not emulated")
     guardian = start_guardian(net.names)
     atexit.register(net.teardown)
     workers: Workers | None = None
     before = after = None
+    routes: list[str] | None = None
     elapsed = 0.0
     try:
         with _signals_raise():
             try:
                 net.create()
+                if ranks > 1:  # how a host reaches its own address: its ranks' traffic
+                    routes = [net.route_to_self(i) for i in range(net.hosts)]
                 before = net.counters()
                 t0 = time.perf_counter()
-                workers = Workers(net, [recipe_path], wan_dir, echo=echo)
+                workers = Workers(net, [recipe_path], wan_dir, echo=echo, ranks=ranks)
                 workers.start()
                 workers.wait(timeout_s)
                 elapsed = time.perf_counter() - t0
@@ -178,10 +189,11 @@ def run_wan(
 
     summary_path = os.path.join(run_path, "summary.json")
     if not os.path.exists(summary_path):
-        raise WanError(f"workers finished but wrote no {summary_path} (stopped early? see {wan_dir}/host0.log)")
+        raise WanError(f"workers finished but wrote no {summary_path} (stopped early? see "
+                       f"{wan_dir}/{log_name(0, ranks)})")
     with open(summary_path) as f:
         summary = json.load(f)
-    report = build_report(net, link, summary, before, after, elapsed)
+    report = build_report(net, link, summary, before, after, elapsed, ranks=ranks, routes=routes)
     report["namespaces_removed"] = removed
     report["logs"] = wan_dir
     with open(os.path.join(run_path, "wan.json"), "w") as f:
@@ -198,7 +210,8 @@ def _prebuild_data(cfg, log) -> None:
 
 
 def build_report(net: Network, link: LinkSpec, summary: dict, before: list[HostCounters],
-                 after: list[HostCounters], elapsed_s: float) -> dict:
+                 after: list[HostCounters], elapsed_s: float, *, ranks: int = 1,
+                 routes: list[str] | None = None) -> dict:
     """Kernel counters beside farsync's accounting, per host.
 
     kernel_tx_bytes: what the host's eth0 sent, whole Ethernet frames (headers, ACKs,
@@ -206,8 +219,18 @@ def build_report(net: Network, link: LinkSpec, summary: dict, before: list[HostC
     header_bytes: tx_packets × 66 (Ethernet 14 + IPv4 20 + TCP 32 with timestamps).
     kernel_payload_bytes: kernel_tx_bytes − header_bytes — the TCP payload the host sent.
     farsync_bytes: the run's own count for that worker (exchange payload + weight
-        handshake), exact from the exchange plan.
+        handshake), exact from the exchange plan. A host of R > 1 ranks is one site: its
+        cross-site bytes, every rank's shard over its own stream together (the link
+        carries them all); ``site_bytes`` (what stayed inside the site) are not on it.
+
+    With R > 1 each host also has: farsync_bytes_per_stream (one rank's cross-site
+    bytes), site_bytes (farsync's count of the mean shards gathered inside the site),
+    kernel_lo_bytes / kernel_lo_packets (what the host's loopback carried: everything its
+    ranks sent each other — DDP's or FSDP's collectives every step, the gathers, the
+    site's metrics —, none of it through eth0's tbf) and own_address_route (the kernel's
+    route to the host's own address: ``local ... dev lo``).
     """
+    site = summary.get("site") or {}
     hosts = []
     for i in range(net.hosts):
         d = after[i] - before[i]
@@ -225,14 +248,27 @@ def build_report(net: Network, link: LinkSpec, summary: dict, before: list[HostC
             "tcp_out_segs": d.tcp_out_segs, "tcp_retrans_segs": d.tcp_retrans_segs,
             "upload_drops": d.upload_drops, "download_drops": d.download_drops,
         })
+        if ranks > 1:
+            hosts[-1].update({
+                "ranks": ranks,
+                "farsync_bytes_per_stream": site["cross_site_bytes_per_stream"][i],
+                "site_bytes": site["site_bytes_per_worker"][i],
+                "kernel_lo_bytes": d.lo_bytes, "kernel_lo_packets": d.lo_packets,
+                "own_address_route": routes[i] if routes else None,
+            })
     ratios = [h["payload_vs_farsync"] for h in hosts if h["payload_vs_farsync"] is not None]
     wire = [h["wire_vs_farsync"] for h in hosts if h["wire_vs_farsync"] is not None]
     keys = ("mode", "codec", "workers", "model", "parameters", "steps", "tokens", "wall_seconds", "final_eval_loss",
             "compute_seconds", "blocked_seconds", "compute_utilization", "bytes_sent_per_worker",
             "dp_equivalent_bytes_per_worker", "sync_events", "run_dir")
-    return {
+    if ranks > 1:
+        keys = (*keys, "site")
+    report = {
         "workers": net.hosts,
-        "launch": "env:// (RANK/WORLD_SIZE/MASTER_ADDR=host 0), one process per namespace, gloo over TCP",
+        "launch": "env:// (RANK/WORLD_SIZE/MASTER_ADDR=host 0), one process per namespace, gloo over TCP" if ranks == 1
+        else (f"env:// (RANK = host·{ranks} + local rank, WORLD_SIZE = hosts·{ranks}, LOCAL_RANK, LOCAL_WORLD_SIZE = "
+              f"{ranks}, MASTER_ADDR = host 0), {ranks} processes per namespace (one site), gloo over TCP; "
+              "a host's ranks reach each other at its own address, over its loopback"),
         "link": {**link.to_dict(), "shaping": "tbf on each host's eth0 (upload) and its switch port (download)"
                  if link.limited else "none",
                  "latency": "not emulated (no netem): veth round trip plus tbf queueing only"},
@@ -243,3 +279,7 @@ def build_report(net: Network, link: LinkSpec, summary: dict, before: list[HostC
         "max_wire_overhead": max(wire, default=None),
         "tcp_retrans_segs": sum(h["tcp_retrans_segs"] for h in hosts),
     }
+    if ranks > 1:
+        report["ranks"] = ranks
+        report["parallel"] = site.get("parallel")
+    return report
