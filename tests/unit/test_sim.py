@@ -238,6 +238,74 @@ def test_wall_clock_for_token_budget():
     assert r.wall_clock_s(tokens, per_step) == pytest.approx(steps * ONE_B.step_time / r.utilization)
 
 
+# --- sites: R ranks per worker, R streams -------------------------------------------------
+
+EVEN = ModelSpec("even", 4, 4 * 2**16, 0.05)  # shards of whole codec blocks at R = 1, 2, 4
+
+
+def site(R: int, links: str = "shared", bw: float = 0.002, **kw) -> SimConfig:
+    return SimConfig(model=EVEN, mode="streaming", workers=2, inner_steps=20, fragments=2, sync_delay=1,
+                     codec="fp4-e3m0", bandwidth_gbps=bw, reductions="after-backward", exchange="auto",
+                     latency_model="phases", ranks=R, links=links, **kw)
+
+
+@pytest.mark.parametrize("R", [2, 4])
+def test_a_shared_link_carries_r_streams_in_the_time_of_one(R):
+    # R shards of 1/R, side by side on one link: the same bytes, the same link time
+    one, many = simulate(site(1)), simulate(site(R))
+    assert many.bytes_per_step == pytest.approx(one.bytes_per_step, rel=1e-12)
+    assert many.link_busy_per_step_s == pytest.approx(one.link_busy_per_step_s, rel=1e-12)
+    assert many.utilization == pytest.approx(one.utilization, rel=1e-12)
+    assert one.utilization < 0.9  # link-bound here, so the link time decides
+
+
+@pytest.mark.parametrize("R", [2, 4])
+def test_a_link_per_rank_is_r_times_the_bandwidth(R):
+    per_rank = simulate(site(R, "per-rank"))
+    assert per_rank.link_busy_per_step_s == pytest.approx(simulate(site(1)).link_busy_per_step_s / R, rel=1e-12)
+    assert per_rank.utilization == pytest.approx(simulate(site(1, bw=0.002 * R)).utilization, rel=1e-12)
+    assert per_rank.utilization > simulate(site(R)).utilization
+
+
+def test_streams_pay_latency_once_and_ramp_up_each_on_its_share():
+    fast = dict(bw=1000.0, latency_s=0.01)  # latency-bound: 2 phases x 20 ms, whatever R
+    assert site(4, **fast).collective_seconds(2**17) == pytest.approx(site(1, **fast).collective_seconds(2**17),
+                                                                      rel=1e-3)
+    slow = dict(bw=0.05, latency_s=0.02, tcp_slow_start=True)
+    n = 2**17
+    for R in (1, 2, 4):
+        c = site(R, **slow)
+        shard = c.wire_format.wire_bytes(n / R)
+        expected = shard * 8 / (0.05e9 / R) + 2 * 0.04 + sim.slow_start_extra_s(shard, 0.05e9 / R, 0.04)
+        assert c.collective_seconds(n) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("R", [1, 2, 4])
+@pytest.mark.parametrize("codec", ["fp32", "fp4-e3m0", "int8"])
+def test_site_bytes_are_farsyncs_shards(R, codec):
+    # farsync's SiteCommunicator cuts R shards at codec blocks and exchanges each as a buffer
+    from farsync.codecs import get_codec
+    from farsync.comm.exchange import make_plan
+    from farsync.comm.site import shard_numel
+
+    c = get_codec(codec)
+    n = 3 * 2**15  # a whole number of blocks per shard
+    cfg = replace(site(R), codec=codec)
+    ours = R * make_plan(shard_numel(n, R, c.alignment), 2, c).bytes_sent
+    assert cfg.bytes_sent_per_worker(n) == ours
+
+
+def test_cli_ranks_and_links():
+    args = ["simulate", "--layers", "4", "--params", "262144", "--step-time", "0.05", "--method", "streaming",
+            "--bandwidth", "0.02", "--json"]
+    out = {R_links: json.loads(runner.invoke(app, [*args, *R_links]).stdout)["at_bandwidth"]["methods"]["streaming"]
+           for R_links in [(), ("--ranks", "2"), ("--ranks", "2", "--links", "per-rank")]}
+    one, shared, per_rank = out.values()
+    assert shared["utilization"] == pytest.approx(one["utilization"], rel=1e-9)
+    assert shared["bytes_per_step_per_stream"] == pytest.approx(one["bytes_per_step_per_worker"] / 2, rel=1e-6)
+    assert per_rank["utilization"] > shared["utilization"]
+
+
 # --- bad input --------------------------------------------------------------------------
 
 
@@ -252,6 +320,9 @@ def test_wall_clock_for_token_budget():
         (dict(latency_s=-1.0), "latency_s"),
         (dict(workers=0), "workers"),
         (dict(reductions="eager"), "reductions"),
+        (dict(ranks=0), "ranks"),
+        (dict(ranks=1.5), "ranks"),
+        (dict(links="own"), "links"),
     ],
 )
 def test_bad_config_names_the_option(kw, option):
@@ -316,6 +387,8 @@ def test_cli_at_bandwidth_with_custom_model_and_tokens(tmp_path):
         (["--grid", "coarse"], "--grid"),
         (["--targets", "0.5,1.2"], "--targets"),
         (["--params", "lots"], "--params"),
+        (["--ranks", "0"], "--ranks"),
+        (["--links", "own"], "--links"),
     ],
 )
 def test_cli_bad_input_is_one_line_exit_2(args, flag):

@@ -32,6 +32,8 @@ _FLAGS = {
     "mode": "--method",
     "codec": "--codec",
     "workers": "--workers",
+    "ranks": "--ranks",
+    "links": "--links",
     "inner_steps": "--inner-steps",
     "fragments": "--fragments",
     "sync_delay": "--sync-delay",
@@ -104,6 +106,8 @@ class SimulateArgs:
     method: Optional[list[str]] = None
     codec: Optional[str] = None
     workers: int = 2
+    ranks: int = 1
+    links: str = "shared"
     inner_steps: int = 100
     fragments: Optional[int] = None
     sync_delay: Optional[int] = None
@@ -147,6 +151,14 @@ def simulate_command(
         None, "--codec", help="Wire codec for every method: fp32, bf16, int8, fp4-e3m0, fp4-e2m1 (default: bf16; FP4 method fp4-e3m0)."
     ),
     workers: int = typer.Option(2, "--workers", "-M", help="Workers M joined by the link."),
+    ranks: int = typer.Option(
+        1, "--ranks", "-R",
+        help="Ranks R per worker (a site): each exchange is R shards over R streams at once, 1/R of the bytes each.",
+    ),
+    links: str = typer.Option(
+        "shared", "--links",
+        help="shared (the R streams share the site's link of --bandwidth) or per-rank (each rank its own link of --bandwidth).",
+    ),
     inner_steps: int = typer.Option(100, "--inner-steps", "-H", help="Inner steps H between syncs."),
     fragments: Optional[int] = typer.Option(None, "--fragments", "-P", help="Fragments P for streaming (default layers/3)."),
     sync_delay: Optional[int] = typer.Option(None, "--sync-delay", help="Sync delay τ of the overlap methods (default 1)."),
@@ -297,7 +309,7 @@ def _plan(a: SimulateArgs) -> _Resolved:
         if not token_budget > 0:
             raise _BadOption("--tokens", a.tokens, "must be positive")
     settings = dict(
-        codec=a.codec, workers=a.workers, inner_steps=a.inner_steps, fragments=a.fragments,
+        codec=a.codec, workers=a.workers, ranks=a.ranks, links=a.links, inner_steps=a.inner_steps, fragments=a.fragments,
         sync_delay=a.sync_delay, latency_s=a.latency_ms / 1e3, latency_model=a.latency_model, reductions=a.reductions,
         fragment_pattern=a.fragment_pattern, exchange=a.exchange, count_scales=not a.no_scales,
     )
@@ -310,7 +322,7 @@ def _plan(a: SimulateArgs) -> _Resolved:
 #: SimConfig fields as `farsync simulate` sets them by default; the JSON report lists
 #: the settings that differ.
 _DEFAULT_SETTINGS = dict(
-    codec=None, workers=2, inner_steps=100, fragments=None, sync_delay=None, latency_s=0.0, latency_model="hops",
+    codec=None, workers=2, ranks=1, links="shared", inner_steps=100, fragments=None, sync_delay=None, latency_s=0.0, latency_model="hops",
     reductions="per-layer", fragment_pattern="strided", exchange="reduce-scatter", count_scales=True,
 )
 
@@ -339,6 +351,7 @@ def _json_report(a: SimulateArgs, plan: _Resolved, table: dict, at_bw: Optional[
                     "wall_per_step_s": r.wall_per_step_s,
                     "bytes_per_step_per_worker": r.bytes_per_step,
                     "peak_sync_bytes_per_worker": r.peak_sync_bytes,
+                    **({"bytes_per_step_per_stream": r.bytes_per_step / a.ranks} if a.ranks > 1 else {}),
                     **({"wall_clock_s": r.wall_clock_s(plan.token_budget, plan.tokens_per_step)}
                        if plan.token_budget else {}),
                 }
@@ -354,7 +367,9 @@ def _print_report(a: SimulateArgs, plan: _Resolved, table: dict, at_bw: Optional
     model = plan.model
     typer.echo(
         f"model {model.name}: {model.layers} layers, {model.params:.3g} parameters, "
-        f"{model.step_time:.3g} s pure compute per step; M={a.workers}, H={a.inner_steps}, "
+        f"{model.step_time:.3g} s pure compute per step; M={a.workers}"
+        + (f" of R={a.ranks} ranks ({a.links} link{'s' if a.links == 'per-rank' else ''})" if a.ranks > 1 else "")
+        + f", H={a.inner_steps}, "
         f"latency {a.latency_ms:g} ms, {a.reductions} reductions"
     )
     typer.echo(f"bandwidth (Gbit/s) needed for each compute utilization, {a.grid} grid (— = beyond the grid):\n")
@@ -364,7 +379,8 @@ def _print_report(a: SimulateArgs, plan: _Resolved, table: dict, at_bw: Optional
         w = max(len(sim.METHOD_LABELS[m]) for m in at_bw)
         for m, r in at_bw.items():
             line = (f"  {sim.METHOD_LABELS[m]:<{w}}  utilization {r.utilization:6.1%}  "
-                    f"{r.wall_per_step_s:.4g} s/step  {format_bytes(r.bytes_per_step)}/step sent per worker")
+                    f"{r.wall_per_step_s:.4g} s/step  {format_bytes(r.bytes_per_step)}/step sent per worker"
+                    + (f" ({format_bytes(r.bytes_per_step / a.ranks)} per stream)" if a.ranks > 1 else ""))
             if plan.token_budget:
                 line += f"  wall-clock {_fmt_duration(r.wall_clock_s(plan.token_budget, plan.tokens_per_step))}"
             typer.echo(line)

@@ -14,6 +14,7 @@ from farsync.sim.engine import (
     DEFAULT_CODEC,
     DEFAULT_WORKERS,
     LATENCY_MODELS,
+    LINKS,
     METHOD_LABELS,
     METHODS,
     REDUCTIONS,
@@ -52,7 +53,7 @@ from farsync.sim.wire import WIRE_FORMATS, WireFormat, wire_format
 
 __all__ = [
     "DEFAULT_CODEC", "DEFAULT_WORKERS", "FINE_GRID", "GRIDS",
-    "LATENCY_MODELS", "LAYERS_PER_FRAGMENT", "METHOD_LABELS", "METHODS", "PAPER_GRID", "PAPER_INNER_STEPS",
+    "LATENCY_MODELS", "LAYERS_PER_FRAGMENT", "LINKS", "METHOD_LABELS", "METHODS", "PAPER_GRID", "PAPER_INNER_STEPS",
     "PAPER_TABLE4_1B", "PRESETS", "REDUCTIONS", "TARGETS", "WIRE_FORMATS",
     "ModelSpec", "SimConfig", "SimInputError", "SimResult", "WireFormat", "exchange_phases", "grid_index",
     "grid_step_errors", "json_table", "markdown_table", "method_config", "preset",

@@ -17,7 +17,17 @@ pure-compute step time (forward : backward = 1 : 2). Dependencies:
                                              block l's forward; τ = 0 without overlap)
 
 The link carries one collective at a time, first come first served; only the bandwidth
-between workers (datacenters) is modelled. A collective of B bytes takes
+between workers (datacenters) is modelled.
+
+A worker may be a site of R ranks (``ranks``; farsync's ``comm/site.py``): its buffer is
+cut into R shards, and rank r exchanges shard r with rank r of the other workers over
+its own stream, the R streams at once, each 1/R of the bytes. ``links = "shared"`` (the
+default): the R streams share the site's link of ``bandwidth_gbps``, each getting 1/R of
+it, so a collective takes as long as one stream carrying everything; ``"per-rank"``: each
+rank has a link of its own of ``bandwidth_gbps`` (R × the bandwidth in all), so it takes
+1/R of that. Latency is paid once (the streams run side by side), TCP's ramp-up per
+stream. Traffic inside a site (DDP's gradients, FSDP's gathers, the mean shards gathered
+back) is on the fast link and not modelled: ``step_time`` is the site's step. A collective of B bytes takes
 ``factor(M) · 8B / bandwidth + latency cost`` with ring all-reduce factor 2(M-1)/M. The
 latency cost is the paper's ring (``latency_model="hops"``: 2(M-1) hops of one-way
 latency each; for M = 2 the payload once, two latencies) or farsync's own exchange
@@ -75,6 +85,9 @@ DEFAULT_WORKERS = 2
 #: How a collective pays latency: "hops" (a ring, the paper's) or "phases" (farsync's
 #: exchange: one round trip per phase, all peers at once).
 LATENCY_MODELS = ("hops", "phases")
+#: How the R streams of a site reach the other sites: one link they share (its bandwidth
+#: is ``bandwidth_gbps``), or a link per rank (each of ``bandwidth_gbps``).
+LINKS = ("shared", "per-rank")
 #: TCP's initial congestion window (Linux: 10 segments of 1448 payload bytes).
 TCP_INITIAL_WINDOW_BYTES = 10 * 1448
 
@@ -140,6 +153,10 @@ class SimConfig:
     count_scales: include codec block scales in the bytes sent.
     codec_block_size: values per codec scale block; None = farsync's codec default
         (32 for fp4, 64 for int8).
+    ranks: R, ranks per worker (a site): every collective is R shards, each over its own
+        stream, all at once (module docstring). 1 = one stream.
+    links: 'shared' (the R streams share the site's link: bandwidth_gbps is the site's)
+        or 'per-rank' (every rank has its own link of bandwidth_gbps).
     """
 
     model: ModelSpec
@@ -159,12 +176,17 @@ class SimConfig:
     latency_model: str = "hops"
     tcp_slow_start: bool = False
     sync_wait_s: float = 0.0
+    ranks: int = 1
+    links: str = "shared"
 
     def __post_init__(self) -> None:
         L = self.model.layers
         check_choice("mode", self.mode, MODES)
         if not isinstance(self.workers, int) or self.workers < 1:
             raise SimInputError("workers", self.workers, "must be an integer >= 1")
+        if isinstance(self.ranks, bool) or not isinstance(self.ranks, int) or self.ranks < 1:
+            raise SimInputError("ranks", self.ranks, "must be an integer >= 1 (ranks per worker)")
+        check_choice("links", self.links, LINKS)
         if self.codec not in WIRE_FORMATS:
             raise SimInputError("codec", self.codec, f"choose from {', '.join(WIRE_FORMATS)}")
         if self.codec_block_size is not None and (
@@ -240,15 +262,22 @@ class SimConfig:
             table.setdefault((offset - 1) % H, []).extend(layers)
         return table
 
+    @property
+    def stream_bandwidth_gbps(self) -> float:
+        """What one of a worker's R streams gets while all R send: 1/R of a shared link,
+        a whole link per rank."""
+        return self.bandwidth_gbps / self.ranks if self.links == "shared" else self.bandwidth_gbps
+
     def collective_seconds(self, n_values: float) -> float:
-        """Link time of one collective over `n_values` values (all workers, one event)."""
+        """Link time of one collective over `n_values` values (all workers, one event):
+        R streams side by side, each carrying one shard (1/R of the values)."""
         M = self.workers
         if M == 1 or n_values <= 0:
             return 0.0
         rs = self.exchange_method == "reduce-scatter"
         factor, hops = (2 * (M - 1) / M, 2 * (M - 1)) if rs else (M - 1, M - 1)
-        bytes_ = self.wire_format.wire_bytes(n_values, self.count_scales)
-        bps = self.bandwidth_gbps * 1e9
+        bytes_ = self.wire_format.wire_bytes(n_values / self.ranks, self.count_scales)  # one stream's shard
+        bps = self.stream_bandwidth_gbps * 1e9
         seconds = factor * bytes_ * 8 / bps
         rtt = 2 * self.latency_s
         if self.latency_model == "phases":
@@ -256,17 +285,19 @@ class SimConfig:
         else:
             seconds += hops * self.latency_s
         if self.tcp_slow_start:
-            # the worker's payload goes out on M-1 connections at once, sharing the link
+            # each stream's payload goes out on M-1 connections at once, sharing its bandwidth
             seconds += slow_start_extra_s(factor * bytes_ / (M - 1), bps / (M - 1), rtt)
         return seconds
 
     def bytes_sent_per_worker(self, n_values: float) -> float:
-        """Bytes one worker puts on the link in one collective over `n_values` values."""
+        """Bytes one worker puts on the link in one collective over `n_values` values
+        (its R streams together: R shards of n_values / R)."""
         M = self.workers
         if M == 1:
             return 0.0
         factor = 2 * (M - 1) / M if self.exchange_method == "reduce-scatter" else M - 1
-        return factor * self.wire_format.wire_bytes(n_values, self.count_scales)
+        R = self.ranks
+        return R * factor * self.wire_format.wire_bytes(n_values / R, self.count_scales)
 
     @property
     def wire_format(self) -> WireFormat:
