@@ -45,3 +45,20 @@ def test_torchrun_workers_measure_agree_on_a_plan_and_train_it(tmp_path):
     again = json.loads((tmp_path / "same" / "summary.json").read_text())
     for key in ("final_eval_loss", "final_train_loss", "bytes_sent_per_worker", "sync_events"):
         assert again[key] == summary[key], key
+
+
+def test_sites_probe_their_streams_together_and_plan_for_the_shared_link(tmp_path):
+    # 2 workers x 2 ranks: rank r of each site probes over its own cross-site group, the two
+    # ranks of a site side by side (they align every timed exchange and stop the ramp together,
+    # or this would hang); the plan is for 2 streams per worker sharing the site's link
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    args = [*[a for a in FAST if not a.startswith("--train.batch_size")], "--train.batch_size=2",
+            f"--train.run_dir={tmp_path}", "--plan.max_inner_steps=10", "--plan.probe_seconds=0.02"]
+    r = subprocess.run([torchrun, "--standalone", "--nproc-per-node=4", "-m", "farsync", "plan", *args,
+                        "--train.name=sites"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "each site's 2 streams at once" in r.stderr and "site of 2 ranks" in r.stderr
+    doc = json.loads((tmp_path / "sites" / "plan.json").read_text())
+    assert doc["ranks"] == 2 and doc["links"] == "shared" and doc["link"]["streams"] == 2
+    assert doc["link"]["sim_mbit"] == 2 * doc["link"]["measured_mbit"]
+    assert set(doc["link"]["rtt_by_peer"]) == {"1"}  # over the cross-site group: one peer

@@ -145,6 +145,61 @@ def test_waiting_for_each_other_can_make_the_target_unreachable():
     assert p.chosen.sync_wait_s > 0
 
 
+# --- sites: R streams per worker --------------------------------------------------------------
+
+def _measured(mbit: float, streams: int, workers: int = 2):
+    """A probe's result: ``mbit`` per stream with ``streams`` streams per worker sending at once."""
+    from farsync.plan.link import LinkMeasurement
+
+    return LinkMeasurement(workers, mbit * 1e6, 0.0, 2e-4, 2e-4, 2e-4, 0.0, 1.0, streams=streams)
+
+
+def _utilizations(p):
+    return {x.label: x.predicted_utilization for x in p.candidates}
+
+
+def test_the_probe_measures_one_stream_and_a_shared_link_is_r_times_that():
+    from farsync.plan.choose import sim_bandwidth_bps
+
+    # 2 ranks per site probing at once over a shared 20 Mbit/s link: each stream gets 10
+    probe = _measured(10, streams=2)
+    assert sim_bandwidth_bps(probe, "shared") == pytest.approx(20e6)
+    assert sim_bandwidth_bps(probe, "per-rank") == pytest.approx(10e6)
+    assert sim_bandwidth_bps(given_link(2, 20, 0.2), "shared") == pytest.approx(20e6)  # given: as it is
+    assert sim_bandwidth_bps(given_link(2, 20, 0.2), "per-rank") == pytest.approx(20e6)
+
+
+def test_a_measured_site_link_predicts_the_same_whether_shared_or_per_rank():
+    # the probe loaded all R streams at once: a stream's time is its shard / the measured rate either way
+    kw = dict(slow_start=True, region=SafeRegion(max_inner_steps=10))
+    for R in (2, 4):
+        shared = choose(MICRO, _measured(10 / R, R), 2, ranks=R, links="shared", **kw)
+        per_rank = choose(MICRO, _measured(10 / R, R), 2, ranks=R, links="per-rank", **kw)
+        one = choose(MICRO, _measured(10, 1), 2, **kw)  # one stream alone on the same 10 Mbit/s
+        assert _utilizations(shared) == pytest.approx(_utilizations(per_rank), rel=1e-12)
+        assert shared.chosen.label == per_rank.chosen.label
+        # ... and what one rank alone on that link predicts (to the codec scales of R shards)
+        assert _utilizations(shared) == pytest.approx(_utilizations(one), abs=2e-3)
+        assert shared.link["sim_mbit"] == pytest.approx(10) and per_rank.link["sim_mbit"] == pytest.approx(10 / R)
+        doc = json.loads(json.dumps(shared.to_dict()))
+        assert doc["ranks"] == R and doc["links"] == "shared" and doc["link"]["streams"] == R
+
+
+def test_a_given_link_is_the_sites_when_shared_and_each_ranks_when_per_rank():
+    kw = dict(slow_start=True, region=SafeRegion(max_inner_steps=10))
+    shared = choose(MICRO, given_link(2, 5, 0.2), 2, ranks=2, links="shared", **kw)
+    per_rank = choose(MICRO, given_link(2, 5, 0.2), 2, ranks=2, links="per-rank", **kw)
+    assert _utilizations(shared) == pytest.approx(_utilizations(choose(MICRO, given_link(2, 5, 0.2), 2, **kw)),
+                                                  abs=2e-3)
+    assert _utilizations(per_rank) == pytest.approx(_utilizations(choose(MICRO, given_link(2, 10, 0.2), 2, **kw)),
+                                                    abs=2e-3)
+    assert per_rank.dp.predicted_utilization > 1.5 * shared.dp.predicted_utilization  # link-bound: 2x the rate
+    with pytest.raises(ValueError, match="plan.links"):
+        choose(MICRO, given_link(2, 5, 0.2), 2, ranks=2, links="own")
+    with pytest.raises(ValueError, match="ranks"):
+        choose(MICRO, given_link(2, 5, 0.2), 2, ranks=0)
+
+
 @pytest.mark.parametrize("region,message", [
     (dict(min_inner_steps=30, max_inner_steps=20), "plan.min_inner_steps"),
     (dict(max_sync_delay=-1), "plan.max_sync_delay"),
@@ -162,6 +217,7 @@ def test_bad_bounds_name_the_key(region, message):
     (["--plan.codecs=fp4-e3m0,int9"], "plan.codecs"),
     (["--plan.bandwidth_mbit=-1"], "plan.bandwidth_mbit"),
     (["--plan.probe_seconds=0"], "plan.probe_seconds"),
+    (["--plan.links=own"], "plan.links"),
     (["--algo.auto=true", "--algo.workers=1"], "algo.auto needs algo.workers >= 2"),
     (["--algo.auto=true", "--elastic.enabled=true", "--algo.sync_delay=0"], "algo.auto does not work with elastic"),
 ])

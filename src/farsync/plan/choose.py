@@ -16,6 +16,15 @@ syncs are g = H/P steps apart is charged wait × √(g / gap): step times that v
 drift apart as the square root of the steps between two meetings (measured on emulated
 hosts: 39 ms at g = 5, 79 ms at g = 20; BENCHMARKS.md, "Planner validation").
 
+A worker that is a site of R ranks sends every exchange as R shards over R streams at once
+(``ranks``); ``links`` says whether they share the site's link (``"shared"``, the default)
+or each rank has its own (``"per-rank"``). What the simulator is given as the bandwidth
+(:func:`sim_bandwidth_bps`): the probe measured one stream while all R streams sent, so on
+a shared link the site's link is R × the measured rate, and with a link per rank each
+rank's is the measured rate: either way a stream's time is its shard ÷ the measured rate,
+and the prediction is the same. A link given instead (``plan.bandwidth_mbit``) is the
+site's link when shared, each rank's when per-rank.
+
 The rule: among the settings predicted to reach the target utilization, the one that sends
 the fewest bytes per step; on equal bytes (the same H and codec), the smaller τ (overlap
 costs some quality: BENCHMARKS.md, quality), then the higher predicted utilization counted
@@ -32,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 
 from farsync import sim
 from farsync.codec_names import ALL_CODEC_NAMES
+from farsync.schedule import check_choice
 from farsync.plan.link import LinkMeasurement
 from farsync.schedule import min_sync_gap
 
@@ -122,6 +132,8 @@ class Plan:
     link: dict = field(default_factory=dict)
     region: dict = field(default_factory=dict)
     tcp_slow_start: bool = True
+    ranks: int = 1
+    links: str = "shared"
 
     @property
     def dp_bytes_ratio(self) -> float:
@@ -134,6 +146,7 @@ class Plan:
             "predicted_utilization": self.chosen.predicted_utilization,
             "predicted_dp_bytes_ratio": self.dp_bytes_ratio,
             "model": self.model, "link": self.link, "region": self.region, "tcp_slow_start": self.tcp_slow_start,
+            "ranks": self.ranks, "links": self.links,
             "data_parallel": asdict(self.dp),
             "candidates": [asdict(c) for c in self.candidates],
             "outside_region": [asdict(c) for c in self.outside],
@@ -157,19 +170,30 @@ def sync_gap(mode: str, H: int, P: int) -> float:
     return 1.0 if mode == "dp" else H / P
 
 
+def sim_bandwidth_bps(link: LinkMeasurement, links: str = "shared") -> float:
+    """The bandwidth the simulator's ``bandwidth_gbps`` means (the site's link when the
+    streams share it, each rank's with a link per rank), in bit/s: a link given as it is;
+    a measured one was one of ``link.streams`` streams sending at once, which share a
+    shared link (the site's is ``streams`` × the measured rate) and each have their own
+    per rank (the measured rate)."""
+    if link.given or links == "per-rank":
+        return link.bandwidth_bps
+    return link.bandwidth_bps * link.streams
+
+
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def _simulate(model: sim.ModelSpec, link: LinkMeasurement, workers: int, mode: str, H: int, P: int, tau: int,
               codec: str, *, fragment_pattern: str, exchange: str, slow_start: bool,
-              waits: SyncWait | None = None) -> Candidate:
+              waits: SyncWait | None = None, ranks: int = 1, links: str = "shared") -> Candidate:
     cfg = sim.SimConfig(
         model=model, mode=mode, workers=workers, inner_steps=H, fragments=P if mode == "streaming" else None,
-        sync_delay=tau, codec=codec, bandwidth_gbps=link.bandwidth_bps / 1e9, latency_s=link.rtt_s / 2,
+        sync_delay=tau, codec=codec, bandwidth_gbps=sim_bandwidth_bps(link, links) / 1e9, latency_s=link.rtt_s / 2,
         reductions="after-backward", fragment_pattern=fragment_pattern, exchange=exchange,
         latency_model="phases", tcp_slow_start=slow_start,
-        sync_wait_s=waits.at(sync_gap(mode, H, P)) if waits else 0.0,
+        sync_wait_s=waits.at(sync_gap(mode, H, P)) if waits else 0.0, ranks=ranks, links=links,
     )
     r = sim.simulate(cfg)
     return Candidate(mode, H, P, tau, codec, r.utilization, r.bytes_per_step, r.peak_sync_bytes, cfg.sync_wait_s)
@@ -177,7 +201,7 @@ def _simulate(model: sim.ModelSpec, link: LinkMeasurement, workers: int, mode: s
 
 def candidates(model: sim.ModelSpec, link: LinkMeasurement, workers: int, region: SafeRegion, *,
                fragment_pattern: str = "strided", exchange: str = "auto", slow_start: bool = True,
-               waits: SyncWait | None = None) -> list[Candidate]:
+               waits: SyncWait | None = None, ranks: int = 1, links: str = "shared") -> list[Candidate]:
     """Every setting of the safe region, simulated."""
     max_p = region.max_fragments or model.layers
     out = []
@@ -194,7 +218,8 @@ def candidates(model: sim.ModelSpec, link: LinkMeasurement, workers: int, region
                     else:
                         mode = "diloco"
                     out.append(_simulate(model, link, workers, mode, H, P, tau, codec, fragment_pattern=fragment_pattern,
-                                         exchange=exchange, slow_start=slow_start, waits=waits))
+                                         exchange=exchange, slow_start=slow_start, waits=waits, ranks=ranks,
+                                         links=links))
     return out
 
 
@@ -209,15 +234,21 @@ def _same(a: float, b: float) -> bool:
 
 def choose(model: sim.ModelSpec, link: LinkMeasurement, workers: int, *, target: float = 0.95,
            region: SafeRegion = SafeRegion(), fragment_pattern: str = "strided", exchange: str = "auto",
-           slow_start: bool | None = None, waits: SyncWait | None = None) -> Plan:
+           slow_start: bool | None = None, waits: SyncWait | None = None, ranks: int = 1,
+           links: str = "shared") -> Plan:
     """The plan for ``workers`` workers training ``model`` over ``link`` (module docstring);
-    ``waits``: what the workers waited for each other in the probe (None: nothing)."""
+    ``waits``: what the workers waited for each other in the probe (None: nothing);
+    ``ranks``: R per worker (a site), whose streams share one link or have one each (``links``)."""
     if not 0 < target <= 1:
         raise ValueError(f"plan.target_utilization must be in (0, 1] (got {target})")
     if workers < 2:
         raise ValueError("planning a link needs at least 2 workers")
+    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
+        raise ValueError(f"planning for sites needs ranks >= 1 per worker (got {ranks!r})")
+    check_choice("plan.links", links, sim.LINKS)
     slow = slow_start_after_idle() if slow_start is None else slow_start
-    kw = dict(fragment_pattern=fragment_pattern, exchange=exchange, slow_start=slow, waits=waits)
+    kw = dict(fragment_pattern=fragment_pattern, exchange=exchange, slow_start=slow, waits=waits, ranks=ranks,
+              links=links)
     cands = candidates(model, link, workers, region, **kw)
     ok = [c for c in cands if c.predicted_utilization >= target - 1e-12]
     bar = None
@@ -248,7 +279,8 @@ def choose(model: sim.ModelSpec, link: LinkMeasurement, workers: int, *, target:
     return Plan(chosen, target, chosen.predicted_utilization >= target - 1e-12, cands, dp, [beyond],
                 model={"name": model.name, "layers": model.layers, "params": model.params,
                        "step_time_s": model.step_time},
-                link=link.to_dict(), region={**asdict(region), "codecs": list(region.codecs)}, tcp_slow_start=slow)
+                link={**link.to_dict(), "sim_mbit": sim_bandwidth_bps(link, links) / 1e6},
+                region={**asdict(region), "codecs": list(region.codecs)}, tcp_slow_start=slow, ranks=ranks, links=links)
 
 
 def _why_not(c: Candidate, chosen: Candidate, target: float, bar: float | None) -> str:

@@ -18,6 +18,14 @@ group calls it with the same arguments):
 After an idle pause one more exchange of the largest size is timed: what the first sync
 after a quiet stretch pays over a warm link (TCP's window restarting from 10 segments),
 reported as ``idle_extra_s``.
+
+**Sites.** When every worker is a site of R ranks, rank r of every site probes over its own
+cross-site group (the one its shards travel on), all R at once — as the R streams of a
+sync load the link. The ranks of a site start every timed exchange together and stop
+the size ramp together (:class:`SiteSync`), so every timed exchange has all R streams of
+every site in flight: the rate measured is what *one stream* gets while the others send.
+On a link the R streams share, that is 1/R of the site's link; with a link per rank,
+that rank's link (``streams`` in the measurement: R).
 """
 
 from __future__ import annotations
@@ -69,6 +77,7 @@ class LinkMeasurement:
     sizes: list[SizeSample] = field(default_factory=list)
     rtt_by_peer: dict[int, list[float]] = field(default_factory=dict)
     given: bool = False  # figures from the config (plan.bandwidth_mbit / plan.rtt_ms), nothing measured
+    streams: int = 1  # a worker's streams in flight at once during the probe (R of a site): the rate is one's
 
     @property
     def mbit(self) -> float:
@@ -98,8 +107,9 @@ class LinkMeasurement:
                     f"round trip {self.rtt_s * 1e3:.3g} ms")
         lo, _, hi = self.spread_mbit()
         big = self.sizes[-1]
+        per = "per worker" if self.streams == 1 else f"per stream while each worker's {self.streams} streams send"
         return (f"link measured between {self.workers} workers in {self.probe_seconds:.1f} s: "
-                f"{self.mbit:.4g} Mbit/s per worker each way (fit over {len(self.sizes)} sizes; "
+                f"{self.mbit:.4g} Mbit/s {per} each way (fit over {len(self.sizes)} sizes; "
                 f"{lo:.4g}-{hi:.4g} Mbit/s over {len(big.seconds)} exchanges of {big.bytes_per_peer / 1e3:.0f} KB "
                 f"to each peer), round trip {self.rtt_s * 1e3:.3g} ms ({self.rtt_min_s * 1e3:.3g}-"
                 f"{self.rtt_max_s * 1e3:.3g}), fixed cost per exchange {self.fixed_s * 1e3:.3g} ms, "
@@ -175,13 +185,39 @@ def _ping(t, peer: int, repeats: int, device) -> list[float]:
     return out
 
 
-def _all_to_all_seconds(t, nbytes: int, device) -> float:
-    """One exchange of ``nbytes`` to and from every other member; the slowest member's time."""
+class SiteSync:
+    """The ranks of one site probing side by side, each over its own cross-site group:
+    :meth:`align` returns once all of them got there, :meth:`any` is True on every rank
+    when it is True on one. Over ``group`` (the site's ranks; nothing else may use it
+    meanwhile: the planner runs before training)."""
+
+    def __init__(self, group, size: int, device="cpu"):
+        self.group, self.size, self.device = group, size, device
+
+    def _max(self, value: float) -> float:
+        import torch.distributed as dist
+
+        x = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=self.group)
+        return float(x.item())
+
+    def align(self) -> None:
+        self._max(0.0)
+
+    def any(self, flag: bool) -> bool:
+        return self._max(float(flag)) > 0
+
+
+def _all_to_all_seconds(t, nbytes: int, device, site: SiteSync | None = None) -> float:
+    """One exchange of ``nbytes`` to and from every other member; the slowest member's time.
+    ``site``: every rank of this site starts its own at the same moment."""
     me, m = t.rank, t.size
     meet(t, device)
     buf = torch.zeros(nbytes, dtype=torch.uint8, device=device)
     recvs = [None if j == me else torch.empty(nbytes, dtype=torch.uint8, device=device) for j in range(m)]
     sends = [None if j == me else buf for j in range(m)]
+    if site is not None:
+        site.align()
     t0 = time.perf_counter()
     t.exchange(sends, recvs)
     if buf.device.type == "cuda":
@@ -190,10 +226,11 @@ def _all_to_all_seconds(t, nbytes: int, device) -> float:
 
 
 def measure_link(t, *, min_seconds: float = 0.25, start_bytes: int = 32 * 1024, max_bytes: int = 16 * 2**20,
-                 repeats: int = 3, idle_s: float = 0.5, device="cpu") -> LinkMeasurement:
+                 repeats: int = 3, idle_s: float = 0.5, device="cpu", site: SiteSync | None = None) -> LinkMeasurement:
     """Probe the link among the members of Transport ``t`` (see the module's docstring),
     with buffers on ``device`` (the one the exchanges use). Collective: every member calls
-    it with the same arguments."""
+    it with the same arguments. ``site``: this process is one of a site's ranks, all of
+    which probe at once over their own groups (every process of the run calls it)."""
     m = t.size
     if m < 2:
         raise ValueError("measuring a link needs at least 2 workers")
@@ -212,17 +249,18 @@ def measure_link(t, *, min_seconds: float = 0.25, start_bytes: int = 32 * 1024, 
     sizes: list[SizeSample] = []
     nbytes = start_bytes
     while True:
-        secs = [_all_to_all_seconds(t, nbytes, device) for _ in range(repeats)]
+        secs = [_all_to_all_seconds(t, nbytes, device, site) for _ in range(repeats)]
         sizes.append(SizeSample(nbytes, (m - 1) * nbytes, secs))
-        if sizes[-1].median_s >= min_seconds or nbytes * 2 > max_bytes:
+        done = sizes[-1].median_s >= min_seconds or nbytes * 2 > max_bytes
+        if site.any(done) if site is not None else done:  # a site's streams stop together
             break
         nbytes *= 2
     bps, fixed = rate_from_sizes(sizes)
     time.sleep(idle_s)
-    idle = max(0.0, _all_to_all_seconds(t, sizes[-1].bytes_per_peer, device) - sizes[-1].median_s)
+    idle = max(0.0, _all_to_all_seconds(t, sizes[-1].bytes_per_peer, device, site) - sizes[-1].median_s)
     every = sorted(flat)
     return LinkMeasurement(
         workers=m, bandwidth_bps=bps, fixed_s=fixed, rtt_s=statistics.median(every), rtt_min_s=every[0],
         rtt_max_s=every[-1], idle_extra_s=idle, probe_seconds=_agreed_max(t, time.perf_counter() - t_start, device),
-        sizes=sizes, rtt_by_peer=rtt_by_peer,
+        sizes=sizes, rtt_by_peer=rtt_by_peer, streams=1 if site is None else site.size,
     )

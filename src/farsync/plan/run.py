@@ -5,7 +5,9 @@ the link (:func:`farsync.plan.link.measure_link`), then a rehearsal of training:
 steps of a throwaway copy of the model on its first batch, all workers computing together
 (so that shared CPUs or a slower GPU show), meeting every ``REHEARSAL_GAP`` steps as a sync
 would. The simulator gets the mean step time, and the workers' mean wait at a meeting
-(:class:`farsync.plan.choose.SyncWait`). Every figure is shared over the group, and rank
+(:class:`farsync.plan.choose.SyncWait`). When every worker is a site of R ranks, each rank
+probes over its own cross-site group, the R of a site side by side (:class:`SiteSync`),
+and the plan is made for R streams per worker over ``plan.links``. Every figure is shared over the group, and rank
 0's plan is the one every worker takes; rank 0 writes it to ``RUN/plan.json``. A run that
 resumes finds its ``plan.json`` and keeps that plan (its checkpoints follow its schedule).
 """
@@ -22,7 +24,7 @@ import time
 import torch
 
 from farsync.plan.choose import Plan, SyncWait, choose, describe
-from farsync.plan.link import LinkMeasurement, gathered, given_link, meet, measure_link
+from farsync.plan.link import LinkMeasurement, SiteSync, gathered, given_link, meet, measure_link
 from farsync.sim import ModelSpec
 
 PLAN_FILE = "plan.json"
@@ -90,8 +92,10 @@ def make_plan(cfg, group, model: torch.nn.Module, batch: tuple[torch.Tensor, tor
         raise ValueError("algo.auto in one process has no link to measure: launch one process per worker (torchrun, "
                          "farsync wan), or give the link as --plan.bandwidth_mbit=MBIT (and --plan.rtt_ms=MS)")
     else:
-        log("plan: measuring the link between the workers ...")
-        link = measure_link(transport, min_seconds=p.probe_seconds, device=batch[0].device)
+        site = None if group.site is None else SiteSync(group.site.group, group.site.size, batch[0].device)
+        log("plan: measuring the link between the workers ..." if site is None else
+            f"plan: measuring the link between the workers, each site's {site.size} streams at once ...")
+        link = measure_link(transport, min_seconds=p.probe_seconds, device=batch[0].device, site=site)
     dev = batch[0].device
     own, waited = rehearse(model, *batch, cfg, None if transport is None else lambda: meet(transport, dev))
     if transport is not None:  # every worker's figures, by worker
@@ -103,9 +107,15 @@ def make_plan(cfg, group, model: torch.nn.Module, batch: tuple[torch.Tensor, tor
     step_time = statistics.fmean(means)
     layers, params = model_shape(model)
     spec = ModelSpec("hf" if cfg.model.hf_config else cfg.model.size, layers, float(params), step_time)
+    R = group.site_size
     plan = choose(spec, link, M, target=p.target_utilization, region=p.region(),
-                  fragment_pattern=cfg.algo.fragment_pattern, exchange=cfg.algo.exchange, waits=waits)
+                  fragment_pattern=cfg.algo.fragment_pattern, exchange=cfg.algo.exchange, waits=waits,
+                  ranks=R, links=p.links)
     log(f"plan: {link.describe()}")
+    if R > 1:
+        log(f"plan: every worker is a site of {R} ranks, {R} streams at once over "
+            + (f"one link they share: the site's link {plan.link['sim_mbit']:.4g} Mbit/s each way" if p.links == "shared"
+               else f"a link per rank of {plan.link['sim_mbit']:.4g} Mbit/s each way") + " (plan.links)")
     log(f"plan: step time {step_time * 1e3:.4g} ms (mean of {len(every)} worker(s) x {len(own)} steps; worker means "
         f"{min(means) * 1e3:.4g}-{max(means) * 1e3:.4g} ms), model {layers} blocks, {params:,} parameters"
         + (f"; workers waited {waits.wait_s * 1e3:.3g} ms for each other at meetings {REHEARSAL_GAP} steps apart"

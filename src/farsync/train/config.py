@@ -411,12 +411,17 @@ class PlanConfig:
     """algo.auto with plan.bandwidth_mbit: the link's round-trip time, ms."""
     probe_seconds: float = 0.25
     """algo.auto: the link probe doubles its exchange size until one lasts this long."""
+    links: str = "shared"
+    """algo.auto with sites of R ranks (R streams per worker): shared = the R streams share the
+    site's link (plan.bandwidth_mbit is the site's), per-rank = every rank has a link of its own
+    (plan.bandwidth_mbit is each rank's). A measured link predicts the same either way (docs/PLANNING.md)."""
 
     def __post_init__(self) -> None:
         try:
             self.region()
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        _choice("plan.links", self.links, ("shared", "per-rank"))  # farsync.sim.LINKS
         if not 0 < self.target_utilization <= 1:
             raise ConfigError(f"plan.target_utilization must be in (0, 1] (got {self.target_utilization})")
         _at_least([("plan.bandwidth_mbit", self.bandwidth_mbit, 0.0), ("plan.rtt_ms", self.rtt_ms, 0.0)])
