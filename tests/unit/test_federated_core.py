@@ -79,6 +79,9 @@ def test_a_client_further_behind_than_the_server_keeps_gets_theta_in_full():
     (["--federated.min_clients=0"], "federated.min_clients"),
     (["--federated.keep_rounds=0"], "federated.keep_rounds"),
     (["--federated.cooldown_s=-1"], "federated.cooldown_s"),
+    (["--federated.deadline_factor=0.5"], r"federated.deadline_factor must be 0 \(off\) or >= 1 \(got 0.5\)"),
+    (["--federated.deadline_floor_s=-1"], r"federated.deadline_floor_s must be >= 0.0 \(got -1.0\)"),
+    (["--federated.deadline_window=0"], r"federated.deadline_window must be >= 1 \(got 0\)"),
 ])
 def test_federated_settings_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -152,3 +155,78 @@ def test_a_federation_equals_all_to_all_diloco_on_the_same_schedule(tmp_path, ne
     state = ckpt.load_worker(str(tmp_path / "a2a"), 12, 0)
     (anchors,) = state["algo"]["anchors"]  # DiLoCo: one fragment
     assert torch.equal(server.model.theta, flatten(anchors))
+
+
+def test_the_deadline_is_a_multiple_of_the_recent_rounds_median_within_the_floor_and_the_timeout():
+    from farsync.federated.rounds import round_deadline
+
+    kw = dict(timeout_s=600.0, factor=3.0, floor_s=10.0, window=3)
+    assert round_deadline([], **kw) == 600.0  # no history (the clients' start-up): the timeout
+    assert round_deadline([8.0, 5.0, 6.0], **kw) == 18.0  # 3 x the median
+    assert round_deadline([100.0, 5.0, 6.0, 7.0], **kw) == 18.0  # the last 3 rounds only
+    assert round_deadline([4.0, 6.0], **kw) == 15.0  # an even count: the middle two's mean
+    assert round_deadline([1.0, 2.0], **kw) == 10.0  # never below the floor
+    assert round_deadline([50.0, 400.0, 300.0], **kw) == 600.0  # never above the timeout
+    assert round_deadline([5.0], **{**kw, "factor": 0.0}) == 600.0  # adaptive deadlines off
+
+
+def test_a_lost_reply_ends_its_round_at_the_adaptive_deadline_and_the_client_is_logged(tmp_path, capsys):
+    """run_server over a Grid in one process: client 2's reply in round 1 never comes. That
+    round ends at the deadline the rule gives from round 0 (not round_timeout_s), without
+    client 2, which is logged as failed; with no cooldown it is back in round 2, sent θ_g in
+    full."""
+    pytest.importorskip("flwr")
+    import json
+    from types import SimpleNamespace
+
+    from farsync.data import Corpus
+    from farsync.federated.messages import record_to_task, reply_to_record
+    from farsync.federated.rounds import round_deadline, run_server
+
+    cfg = _cfg("--algo.workers=3", "--train.steps=12", "--federated.min_clients=3", "--federated.round_timeout_s=600",
+               "--federated.deadline_floor_s=0.2", "--federated.cooldown_s=0", "--train.eval_every=100",
+               "--train.eval_batches=1")
+    corpus = Corpus.build(cfg.data, log=lambda m: None)
+    lost = ("1", 12)  # (round, node): node 12 is client 2
+
+    class Grid:
+        """Flower's Grid in one process: a message's ClientApp runs as it is pushed."""
+
+        def __init__(self):
+            self.replies, self.sent = {}, 0
+
+        def get_node_ids(self):
+            return [10, 11, 12]
+
+        def push_messages(self, messages):
+            ids = []
+            for m in messages:
+                self.sent += 1
+                i = f"m{self.sent}"
+                if (m.group, m.node) != lost:
+                    rep = Client(cfg, m.node - 10, str(tmp_path / "clients"), corpus).train(record_to_task(m.content))
+                    self.replies[i] = SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i),
+                                                      has_error=lambda: False, content=reply_to_record(rep, 0.0))
+                ids.append(i)
+            return ids
+
+        def pull_messages(self, ids):
+            return [self.replies.pop(i) for i in ids if i in self.replies]
+
+    def message(content, node, group, ttl):
+        return SimpleNamespace(content=content, node=node, group=group, ttl=ttl)
+
+    run_server(Grid(), cfg, str(tmp_path / "run"), new_message=message)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
+    fed = cfg.federated
+    rule = dict(timeout_s=fed.round_timeout_s, factor=fed.deadline_factor, floor_s=fed.deadline_floor_s,
+                window=fed.deadline_window)
+    assert rows[0]["deadline_seconds"] == 600.0 and rows[0]["kept"] == [0, 1, 2]
+    assert rows[1]["deadline_seconds"] == round_deadline([rows[0]["last_reply_seconds"]], **rule) < 600.0
+    assert rows[1]["kept"] == [0, 1] and list(rows[1]["failed"]) == ["12"]
+    assert rows[1]["failed"]["12"].startswith("no reply by the round's deadline")
+    assert rows[2]["deadline_seconds"] == round_deadline([r["last_reply_seconds"] for r in rows[:2]], **rule)
+    assert rows[2]["kept"] == [0, 1, 2] and rows[2]["bytes_down"]["2"] > rows[2]["bytes_down"]["0"]
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if "round 2/3" in x)
+    assert "2 of 3 replied" in line and "failed [12]" in line

@@ -1,8 +1,13 @@
 """The ServerApp's round loop over a Flower ``Grid`` (see :mod:`farsync.federated.core`
 for the arithmetic and :mod:`farsync.federated.messages` for the messages).
 
-Never waits forever: every message carries a TTL of ``federated.round_timeout_s`` and the
-round closes at that deadline with whatever came back; a client that missed it (crashed,
+Never waits forever: a round closes at its deadline with whatever came back (its messages
+carry the deadline as their TTL). The deadline follows the recent rounds
+(:func:`round_deadline`: ``federated.deadline_factor`` × the median time the last
+``federated.deadline_window`` rounds took to get their replies, within
+[``federated.deadline_floor_s``, ``federated.round_timeout_s``]), so a lost reply costs a
+few round lengths, not the whole timeout; the first round after the server starts (the
+clients' start-up in it) waits ``federated.round_timeout_s``. A client that missed it (crashed,
 hung, or reported an error) loses its place in the server's bookkeeping (its next work
 carries θ_g in full) and sits out until ``federated.cooldown_s`` has passed (Flower drops a
 dead SuperNode from the online list after about 60 s without a heartbeat; one that is still
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -31,14 +37,28 @@ def _log(msg: str) -> None:
     print(f"farsync federated: {msg}", file=sys.stderr, flush=True)
 
 
-def _exchange(grid, messages: dict, deadline: float) -> tuple[dict, dict]:
+def round_deadline(reply_seconds: list[float], *, timeout_s: float, factor: float, floor_s: float,
+                   window: int) -> float:
+    """Seconds the next round waits for its replies, from the seconds the earlier rounds
+    took to get theirs (oldest first; rounds with no reply are not in it): ``factor`` × the
+    median of the last ``window``, never below ``floor_s`` nor above ``timeout_s``;
+    ``timeout_s`` with no history yet or ``factor`` 0."""
+    recent = reply_seconds[-window:]
+    if not recent or factor == 0:
+        return timeout_s
+    return min(timeout_s, max(floor_s, factor * statistics.median(recent)))
+
+
+def _exchange(grid, messages: dict, deadline: float) -> tuple[dict, dict, float | None]:
     """Push ``messages`` (node -> Message), pull replies until all came or ``deadline``;
-    (node -> reply content, node -> why it gave none)."""
+    (node -> reply content, node -> why it gave none, seconds until the last reply came
+    or None: none came)."""
+    t0 = time.time()
     nodes = list(messages)
     ids = grid.push_messages([messages[n] for n in nodes])
     pending = {i: n for i, n in zip(ids, nodes) if i}
     failed = {n: "message refused by the SuperLink" for i, n in zip(ids, nodes) if not i}
-    got = {}
+    got, last = {}, None
     while pending and time.time() < deadline:
         for m in grid.pull_messages(list(pending)):
             n = pending.pop(m.metadata.reply_to_message_id, None)
@@ -48,17 +68,25 @@ def _exchange(grid, messages: dict, deadline: float) -> tuple[dict, dict]:
                 failed[n] = f"error {m.error.code}: {m.error.reason}"
             else:
                 got[n] = m.content
+                last = time.time() - t0
         if pending:
             time.sleep(POLL_S)
     for n in pending.values():
-        failed[n] = "no reply by the round's deadline"
-    return got, failed
+        failed[n] = f"no reply by the round's deadline ({deadline - t0:.1f} s)"
+    return got, failed, last
 
 
-def run_server(grid, cfg, run_dir: str) -> dict:
-    """Every round of the federation; the summary (also RUN/summary.json)."""
+def _train_message(content, node: int, group: str, ttl: float):
+    """Flower's ``train`` message to ``node`` (inside a ServerApp: Flower fills in the run)."""
     from flwr.app import Message, MessageType
 
+    return Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=group, ttl=ttl)
+
+
+def run_server(grid, cfg, run_dir: str, *, new_message=_train_message) -> dict:
+    """Every round of the federation; the summary (also RUN/summary.json). ``grid`` is
+    Flower's (or any object with its ``get_node_ids``, ``push_messages`` and
+    ``pull_messages``; ``new_message`` then makes what it pushes)."""
     from farsync.data import Corpus
     from farsync.train.components import build_model, evaluate
 
@@ -87,17 +115,21 @@ def run_server(grid, cfg, run_dir: str) -> dict:
 
     rows_path = os.path.join(run_dir, "rounds.jsonl")
     cooling: dict[int, float] = {}
+    reply_seconds: list[float] = []  # per round since this server started: until its last reply came
     t_run = time.time()
     while server.round < rounds:
         r = server.round
         eligible = _wait_for_clients(grid, fed.min_clients, fed.wait_clients_s, cooling, fed.cooldown_s)
         chosen = server.sample(eligible)
+        deadline = round_deadline(reply_seconds, timeout_s=fed.round_timeout_s, factor=fed.deadline_factor,
+                                  floor_s=fed.deadline_floor_s, window=fed.deadline_window)
         t0 = time.time()
         works = {n: server.work_for(n) for n in chosen}
-        messages = {n: Message(task_to_record(w), dst_node_id=n, message_type=MessageType.TRAIN, group_id=str(r),
-                               ttl=fed.round_timeout_s) for n, w in works.items()}
-        got, failed = _exchange(grid, messages, t0 + fed.round_timeout_s)
+        messages = {n: new_message(task_to_record(w), n, str(r), deadline) for n, w in works.items()}
+        got, failed, last = _exchange(grid, messages, t0 + deadline)
         wall = time.time() - t0
+        if last is not None:
+            reply_seconds.append(last)
         replies, node_of = {}, {}
         for n, content in got.items():
             rep = record_to_reply(content)
@@ -113,7 +145,8 @@ def run_server(grid, cfg, run_dir: str) -> dict:
         down = {c: works[node_of[c]].downlink_bytes() for c in replies}
         server.save(ckpt)
         train_max = max((rep.seconds.get("train", 0.0) for rep in replies.values()), default=0.0)
-        row.update(round_seconds=wall, train_seconds_max=train_max, overhead_seconds=max(0.0, wall - train_max),
+        row.update(round_seconds=wall, deadline_seconds=deadline, last_reply_seconds=last,
+                   train_seconds_max=train_max, overhead_seconds=max(0.0, wall - train_max),
                    nodes={str(c): n for c, n in node_of.items()}, failed={str(n): why for n, why in failed.items()},
                    client_seconds={str(c): rep.seconds for c, rep in replies.items()},
                    bytes_down={str(c): n for c, n in down.items()},
@@ -131,7 +164,7 @@ def run_server(grid, cfg, run_dir: str) -> dict:
         with open(stats_path, "w") as f:
             json.dump(stats, f)
         _log(f"round {r + 1}/{rounds}: {len(replies)} of {len(chosen)} replied in {wall:.1f} s "
-             f"(kept {row['kept']}" + (f", excluded {row['excluded']}" if row["excluded"] else "")
+             f"(deadline {deadline:.1f} s; kept {row['kept']}" + (f", excluded {row['excluded']}" if row["excluded"] else "")
              + (f", failed {sorted(failed)}" if failed else "") + ")"
              + (f", eval loss {row['eval_loss']:.4f}" if "eval_loss" in row else ""))
     summary = {"run_dir": run_dir, "rounds": rounds, "final_eval_loss": eval_loss(),

@@ -441,7 +441,16 @@ class FederatedConfig:
     """Rounds of the federation (`farsync federate`); 0 = train.steps / algo.inner_steps. Clients
     are algo.workers data shards, algo.participation of them sampled per round (0 = all online)."""
     round_timeout_s: float = 600.0
-    """A round's deadline (and its messages' TTL): what has not come back by then is left out."""
+    """The longest a round waits (and its messages' TTL): what has not come back by then is left
+    out. The first round after the server starts waits this long; later ones the adaptive deadline."""
+    deadline_factor: float = 3.0
+    """A round's deadline is this many times the median time the last federated.deadline_window
+    rounds took to get their replies, within [federated.deadline_floor_s, federated.round_timeout_s];
+    0 = every round waits federated.round_timeout_s."""
+    deadline_floor_s: float = 10.0
+    """The adaptive deadline is never shorter than this (Flower's polling adds seconds to a reply)."""
+    deadline_window: int = 5
+    """Rounds whose reply times set the adaptive deadline (the most recent ones)."""
     min_clients: int = 1
     """A round starts once this many clients are online (and one of them is not cooling down)."""
     wait_clients_s: float = 600.0
@@ -455,6 +464,10 @@ class FederatedConfig:
         _at_least([("federated.rounds", self.rounds, 0), ("federated.min_clients", self.min_clients, 1),
                    ("federated.keep_rounds", self.keep_rounds, 1), ("federated.cooldown_s", self.cooldown_s, 0.0)])
         _positive([("federated.round_timeout_s", self.round_timeout_s), ("federated.wait_clients_s", self.wait_clients_s)])
+        if self.deadline_factor != 0 and not self.deadline_factor >= 1:
+            raise ConfigError(f"federated.deadline_factor must be 0 (off) or >= 1 (got {self.deadline_factor})")
+        _at_least([("federated.deadline_floor_s", self.deadline_floor_s, 0.0),
+                   ("federated.deadline_window", self.deadline_window, 1)])
 
 
 @dataclass
