@@ -189,7 +189,7 @@ class QualitySpec:
     """The frontier's target: this many times fewer bytes than DP (at M = tune_workers)."""
     seeds: tuple[int, ...] = (0, 1)
     """Seeds of the headline rows (DP, DiLoCo at every M, the headline); others seed 0."""
-    runtime_limit_s: float = 3600.0
+    runtime_limit_s: float = 4500.0
     """The runtime target this configuration is held to (reported, not enforced)."""
     extra_overrides: tuple[str, ...] = ()
     """More ``--section.key=value`` overrides applied to every run (e.g. data.*)."""
