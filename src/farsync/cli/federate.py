@@ -34,13 +34,14 @@ CTX = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
 def _config(ctx: typer.Context, extra: list[str] | None = None):
-    from farsync.train.config import build_config, load_recipe
+    from farsync.federated.core import federated_config
+    from farsync.train.config import load_recipe
 
     positional, overrides = split_args(list(ctx.args))
     if len(positional) > 1:
         raise fail(f"at most one recipe file (got {positional}); overrides look like --section.key=value")
-    return user_errors(lambda: build_config(load_recipe(positional[0]) if positional else None,
-                                            [*overrides, *(extra or [])]))
+    return user_errors(lambda: federated_config(load_recipe(positional[0]) if positional else None,
+                                                [*overrides, *(extra or [])]))
 
 
 def _home(name: str) -> str:

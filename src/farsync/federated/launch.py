@@ -38,8 +38,12 @@ def flower_env(home: str, extra: dict | None = None) -> dict:
 def write_app(run_dir: str, cfg) -> str:
     """The Flower app (pyproject.toml + a two-line module) for this run, with the farsync
     config inside; returns its folder. ``flwr run`` packs it and ships it to the SuperLink
-    and every SuperNode; the code itself comes from the installed farsync."""
+    and every SuperNode; the code itself comes from the installed farsync. A config that
+    federated rounds cannot run is refused here, in one line (ConfigError)."""
+    from farsync.federated.core import check_federated
     from farsync.train.config import to_toml
+
+    check_federated(cfg)
 
     app = os.path.join(os.path.abspath(run_dir), "flower-app")
     os.makedirs(os.path.join(app, APP_PACKAGE), exist_ok=True)

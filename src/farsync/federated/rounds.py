@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from farsync.federated.core import flat, load_flat, make_server
+from farsync.federated.core import load_flat, make_server
 from farsync.federated.messages import record_to_reply, task_to_record
 from farsync.train.checkpoint import load_file
 
@@ -95,19 +95,19 @@ def run_server(grid, cfg, run_dir: str, *, new_message=_train_message) -> dict:
     corpus = Corpus.build(cfg.data, log=lambda m: None)
     device = torch.device("cpu")
     model = build_model(cfg, corpus.vocab_size, device)
-    rounds = fed.rounds or cfg.train.steps // a.inner_steps
-    server = make_server(cfg, flat(model), rounds)
     ckpt = os.path.join(run_dir, "server.pt")
     stats_path = os.path.join(run_dir, "clients.json")
     stats: dict[str, dict] = {}
-    if os.path.exists(ckpt):
-        server.load_state_dict(load_file(ckpt, keys=("model", "log", "held", "history")))  # tensors and plain data
+    state = load_file(ckpt, keys=("model", "log", "held", "history")) if os.path.exists(ckpt) else None  # tensors only
+    server = make_server(cfg, model, fed.rounds or cfg.train.steps // a.inner_steps)
+    rounds = server.rounds  # with P fragments: the schedule's syncs
+    if state is not None:
+        server.load_state_dict(state)
         if os.path.exists(stats_path):
             with open(stats_path) as f:
                 stats = json.load(f)
         _log(f"resumed from {ckpt} at round {server.round}")
     eval_set = corpus.eval_batches(cfg.train.batch_size, cfg.model.seq_len, cfg.train.eval_batches)
-    eval_every = max(1, cfg.train.eval_every // a.inner_steps)
 
     def eval_loss() -> float:
         load_flat(model, server.model.theta)
@@ -133,8 +133,9 @@ def run_server(grid, cfg, run_dir: str, *, new_message=_train_message) -> dict:
         replies, node_of = {}, {}
         for n, content in got.items():
             rep = record_to_reply(content)
-            if rep.round != r:
-                failed[n] = f"replied for round {rep.round}"
+            why = f"replied for round {rep.round}" if rep.round != r else server.check_reply(rep)
+            if why:
+                failed[n] = why
                 continue
             replies[rep.client] = rep
             node_of[rep.client] = n
@@ -156,15 +157,17 @@ def run_server(grid, cfg, run_dir: str, *, new_message=_train_message) -> dict:
             s["bytes_up"] += rep.uplink_bytes
             s["bytes_down"] += down[c]
             s["rounds_joined"] += 1 if c in row["kept"] else 0
-            s["tokens"] += rep.tokens
-        if (r + 1) % eval_every == 0 or r + 1 == rounds:
+            s["tokens"] += rep.trained
+        start, steps = server.plan[r].start, server.plan[r].steps
+        if (start + steps) // cfg.train.eval_every > start // cfg.train.eval_every or r + 1 == rounds:
             row["eval_loss"] = eval_loss()
         with open(rows_path, "a") as f:
             f.write(json.dumps(row, default=str) + "\n")
         with open(stats_path, "w") as f:
             json.dump(stats, f)
         _log(f"round {r + 1}/{rounds}: {len(replies)} of {len(chosen)} replied in {wall:.1f} s "
-             f"(deadline {deadline:.1f} s; kept {row['kept']}" + (f", excluded {row['excluded']}" if row["excluded"] else "")
+             f"(deadline {deadline:.1f} s; kept {row['kept']}"
+             + (f", excluded {row['excluded']}" if row["excluded"] else "")
              + (f", failed {sorted(failed)}" if failed else "") + ")"
              + (f", eval loss {row['eval_loss']:.4f}" if "eval_loss" in row else ""))
     summary = {"run_dir": run_dir, "rounds": rounds, "final_eval_loss": eval_loss(),
