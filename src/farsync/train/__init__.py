@@ -15,6 +15,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 
 def train(cfg, *, run_dir: str | None = None, resume: bool = False, refuse_existing: bool = False) -> dict:
     """Train per ``cfg`` (a :class:`farsync.train.config.Config`); write the run directory;
@@ -26,7 +29,7 @@ def train(cfg, *, run_dir: str | None = None, resume: bool = False, refuse_exist
     broke) raises :class:`farsync.comm.rendezvous.WorkerLost`."""
     from farsync.comm.rendezvous import WorkerLost, lost_peer
     from farsync.train.elastic import ElasticTrainer
-    from farsync.train.launch import choose, train_in_processes
+    from farsync.train.launch import CHILD_ENV, LOST_GRACE_S, choose, train_in_processes
     from farsync.train.loop import Trainer
     from farsync.train.session import session
 
@@ -47,6 +50,8 @@ def train(cfg, *, run_dir: str | None = None, resume: bool = False, refuse_exist
             why = lost_peer(e) if group.distributed and not group.elastic else None
             if why is None:
                 raise
+            if os.environ.get(CHILD_ENV):
+                time.sleep(LOST_GRACE_S)  # the launcher names the worker that died, not this one
             raise WorkerLost(f"lost the other workers ({why}): one died or the link to it broke; a torchrun run has "
                              "no fault tolerance: start every worker again with --resume "
                              f"{where or 'RUN_DIR'} (from its last checkpoint), or run elastic (elastic.enabled)") from None

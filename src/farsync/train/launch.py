@@ -27,6 +27,9 @@ from farsync.train.config import Config, to_toml
 LAUNCHES = ("auto", "inprocess", "processes")
 #: set for the worker processes: the parent, not they, prints the run's summary
 CHILD_ENV = "FARSYNC_LAUNCHED"
+#: how long a launched worker that lost the others waits before it exits, so that the
+#: launcher (polling every 0.2 s) sees the worker that died first and names it
+LOST_GRACE_S = 1.0
 
 
 class LaunchError(RuntimeError):
@@ -87,26 +90,33 @@ def train_in_processes(cfg: Config, run_dir: str | None, resume: bool, why: str,
         rundir.empty(run_dir)  # the library's new run writes over an old one (the workers would refuse it)
     # data errors once, here (rank 0 reports the data as ever), and every worker then reads the cached tokens
     Corpus.build(cfg.data, log=lambda m: None)
+    _preload()
     print(f"launch: {M} worker processes on this machine (train.launch={cfg.train.launch}: {why})",
           file=sys.stderr, flush=True)
     tmp = tempfile.mkdtemp(prefix="farsync-launch-")
     try:
         if resume:
-            args = ["-m", "farsync", "train", "--resume", run_dir]
+            args = ["--resume", run_dir]
         else:
             recipe = os.path.join(tmp, "config.toml")
             with open(recipe, "w") as f:
                 f.write(to_toml(cfg))
-            args = ["-m", "farsync", "train", recipe, f"--train.name={os.path.basename(run_dir)}",
-                    f"--train.run_dir={os.path.dirname(run_dir) or '.'}"]
+            args = [recipe, f"--train.name={os.path.basename(run_dir)}", f"--train.run_dir={os.path.dirname(run_dir) or '.'}"]
+        # on Linux forked, not spawned: a worker starts with torch and farsync already imported
+        # (a fresh interpreter per worker spends ~3 s of CPU on imports, every worker at once)
         config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=M, run_id=f"farsync-{uuid.uuid4().hex[:12]}",
                               rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
-                              start_method="spawn", signals_to_handle="SIGTERM,SIGHUP,SIGQUIT")
-        logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+                              start_method="fork" if sys.platform == "linux" else "spawn",
+                              signals_to_handle="SIGTERM,SIGHUP,SIGQUIT")
+        # the launcher's own log of a failed worker is a traceback; the parent says it in one line
+        for name in ("torch.distributed.elastic", "torch.multiprocessing"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
         old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the workers' to handle
+        saved = {k: os.environ.get(k) for k in (CHILD_ENV, "TOKENIZERS_PARALLELISM")}
         os.environ[CHILD_ENV] = "1"
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers read the cached tokens; no tokenizer threads
         try:
-            elastic_launch(config, sys.executable)(*args)
+            elastic_launch(config, _worker)(args)
         except ChildFailedError as e:
             codes = {f.exitcode for f in e.failures.values()}
             if codes == {130}:  # every worker stopped on Ctrl-C after its checkpoint
@@ -120,7 +130,11 @@ def train_in_processes(cfg: Config, run_dir: str | None, resume: bool, why: str,
             raise LaunchError(f"worker process {rank} of {M} {how}; the other workers were stopped "
                               f"(resume from the last checkpoint with: farsync train --resume {run_dir})") from None
         finally:
-            os.environ.pop(CHILD_ENV, None)
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
             signal.signal(signal.SIGINT, old)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -128,6 +142,22 @@ def train_in_processes(cfg: Config, run_dir: str | None, resume: bool, why: str,
     if summary is None:
         raise LaunchError(f"the worker processes ended without writing {run_dir}/summary.json")
     return summary
+
+
+def _preload() -> None:
+    """Import here, once, what every forked worker would otherwise import on its own: a
+    process's first optimizer pulls in ~800 modules of torch's compiler stack (~1 s of CPU)."""
+    import torch
+
+    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
+
+
+def _worker(args: list[str]) -> None:
+    """One launched worker: ``farsync train ARGS`` in this (forked) process, the launcher's
+    RANK, WORLD_SIZE and MASTER_ADDR in its environment; its exit code is the command's."""
+    from farsync.cli.main import app
+
+    app(args=["train", *args], prog_name="farsync")
 
 
 def _summary(run_dir: str) -> dict | None:
