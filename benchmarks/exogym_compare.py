@@ -17,7 +17,9 @@ venv gets the same torch wheel as farsync's.
 
 Writes benchmarks/results/exogym.json and exogym.png. Each variant runs --repeats times,
 alternating; the figure is the command's wall time (start to exit: process start, data,
-training, evaluation of the last model), and tokens/s = 4 × 4 × 128 × 200 ÷ that.
+training, evaluation of the last model), and tokens/s = 4 × 4 × 128 × 200 ÷ that. Beside it,
+``training_seconds``: farsync's own (summary.json's wall_seconds: from the first step on) and
+exogym's Trainer.fit (which includes starting its node processes).
 """
 
 from __future__ import annotations
@@ -142,11 +144,14 @@ def tokens_file(work: Path) -> str:
     return str(path)
 
 
-def run_exogym(py: Path, job: Path) -> float:
+def run_exogym(py: Path, job: Path) -> tuple[float, float]:
+    """(the command's wall time, exogym's Trainer.fit time: its node processes' start and training)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     t0 = time.perf_counter()
-    sh([str(py), str(job)], env=env, cwd=tempfile.gettempdir())
-    return time.perf_counter() - t0
+    out = sh([str(py), str(job)], env=env, cwd=tempfile.gettempdir()).stdout
+    wall = time.perf_counter() - t0
+    fit = next(float(line.split()[1]) for line in out.splitlines() if line.startswith("EXOGYM_FIT_SECONDS"))
+    return wall, fit
 
 
 def run_farsync(launch: str, run_dir: Path, i: int) -> tuple[float, dict]:
@@ -158,6 +163,11 @@ def run_farsync(launch: str, run_dir: Path, i: int) -> tuple[float, dict]:
        cwd=ROOT)
     wall = time.perf_counter() - t0
     return wall, json.loads((run_dir / name / "summary.json").read_text())
+
+
+def _cpu() -> str:
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    return next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), "?")
 
 
 def main() -> None:
@@ -173,7 +183,7 @@ def main() -> None:
     job = work / "exogym_job.py"
     job.write_text(EXOGYM_JOB.format(seq=SEQ, batch=BATCH, H=H, steps=STEPS, workers=WORKERS, tokens=tokens_file(work)))
     walls: dict[str, list[float]] = {"farsync (default: processes)": [], "farsync (inprocess)": [], "exogym": []}
-    train_s: dict[str, list[float]] = {"farsync (default: processes)": [], "farsync (inprocess)": []}
+    train_s: dict[str, list[float]] = {"farsync (default: processes)": [], "farsync (inprocess)": [], "exogym": []}
     for i in range(args.repeats):
         for key, launch in (("farsync (default: processes)", "auto"), ("farsync (inprocess)", "inprocess")):
             w, s = run_farsync(launch, work / "runs", i)
@@ -181,15 +191,18 @@ def main() -> None:
             train_s[key].append(s["wall_seconds"])
             print(f"{key}: {w:.1f} s (training {s['wall_seconds']:.1f} s), eval loss {s['final_eval_loss']:.4f}",
                   flush=True)
-        walls["exogym"].append(run_exogym(py, job))
-        print(f"exogym: {walls['exogym'][-1]:.1f} s", flush=True)
+        w, fit = run_exogym(py, job)
+        walls["exogym"].append(w)
+        train_s["exogym"].append(fit)
+        print(f"exogym: {w:.1f} s (Trainer.fit {fit:.1f} s)", flush=True)
     rows = {k: {"wall_seconds": v, "median_wall_seconds": statistics.median(v),
                 "tokens_per_second": TOKENS / statistics.median(v),
                 "training_seconds": train_s.get(k)} for k, v in walls.items()}
     ratio = rows["farsync (default: processes)"]["tokens_per_second"] / rows["exogym"]["tokens_per_second"]
     result = {
         "benchmark": "exogym_compare", "date": time.strftime("%Y-%m-%d"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": {"platform": platform.platform(), "cpu": _cpu(), "cpus": os.cpu_count(),
+                    "python": platform.python_version()},
         "job": {"model": "micro", "workers": WORKERS, "batch": BATCH, "seq_len": SEQ, "H": H, "steps": STEPS,
                 "tokens": TOKENS, "threads_per_worker": 1},
         "exogym_version": version, "runs": rows,
