@@ -6,7 +6,9 @@
     farsync federate register PATH.pub --superlink ADDR --ca DIR/ca.crt
                                                   operator: allow that client to join
     farsync federate client --client K --superlink ADDR --ca ca.crt --key PATH
-                                                  client site: a SuperNode training shard K
+                                                  client site: its trainer and a SuperNode (shard K)
+    farsync federate trainer --client K --state-dir DIR
+                                                  client site: the trainer alone (`client` starts it)
     farsync federate run [RECIPE] [--k=v ...] --superlink ADDR --ca ca.crt
                                                   anyone with the CA: start a run, follow it
     farsync federate demo [RECIPE] [--k=v ...] --clients 3
@@ -118,7 +120,8 @@ def client(client_index: int = typer.Option(..., "--client", help="This site's d
                help="Keep asking this long when refused: a restarted client is admitted once the SuperLink has "
                     "counted its previous SuperNode out (~60 s after it stopped)."),
            insecure: bool = typer.Option(False, "--insecure", help="No TLS.")):
-    """A SuperNode that trains shard K for every run it is sent (client site); runs until stopped."""
+    """This site's trainer (the model, kept in memory between rounds) and a SuperNode that
+    relays it every message of every run for shard K (client site); runs until stopped."""
     from farsync.federated.launch import flower_env, supernode_cmd
 
     if not insecure and not ca:
@@ -126,16 +129,88 @@ def client(client_index: int = typer.Option(..., "--client", help="This site's d
     state_dir = state_dir or os.path.join(os.path.expanduser("~/.farsync"), "clients")
     cmd = supernode_cmd(superlink, client_index, state_dir, port, root_certificates=None if insecure else ca,
                         private_key=key)
-    end = time.time() + retry_s
-    while True:
-        code, tail = _supernode(cmd, flower_env(_home(f"client-{client_index}")))
-        why = refusal(tail, key) if code else None
-        if not code or not why or not why.startswith("the SuperLink refused") or time.time() >= end:
-            break
-        typer.echo(f"farsync federate client: refused; asking again (until {retry_s:g} s have passed)", err=True)
-        time.sleep(5)
+    trainer = _Trainer(client_index, state_dir)
+    try:
+        trainer.start()
+        end = time.time() + retry_s
+        while True:
+            code, tail = _supernode(cmd, flower_env(_home(f"client-{client_index}")))
+            why = refusal(tail, key) if code else None
+            if not code or not why or not why.startswith("the SuperLink refused") or time.time() >= end:
+                break
+            typer.echo(f"farsync federate client: refused; asking again (until {retry_s:g} s have passed)", err=True)
+            time.sleep(5)
+    except RuntimeError as e:
+        raise fail(str(e)) from None
+    finally:
+        trainer.stop()
     if code:
         raise fail(why or f"the SuperNode exited with code {code}")
+
+
+class _Trainer:
+    """The site's trainer process, started again (it loads its last saved state) when it
+    dies while the SuperNode runs."""
+
+    def __init__(self, client: int, state_dir: str):
+        self.client, self.state_dir = client, state_dir
+        self.proc: subprocess.Popen | None = None
+        self.stopping = False
+        self.watch: threading.Thread | None = None
+
+    def _spawn(self) -> None:
+        from farsync.federated.launch import trainer_cmd, wait_trainer
+
+        p = self.proc = subprocess.Popen(trainer_cmd(self.client, self.state_dir), start_new_session=True)
+        wait_trainer(self.state_dir, self.client, alive=lambda: p.poll() is None)
+
+    def start(self) -> None:
+        self._spawn()
+        self.watch = threading.Thread(target=self._supervise, daemon=True)
+        self.watch.start()
+
+    def _supervise(self) -> None:
+        while not self.stopping:
+            code = self.proc.wait()
+            if self.stopping:
+                return
+            typer.echo(f"farsync federate client: the trainer exited with code {code}; starting it again "
+                       "(it loads its last saved state)", err=True)
+            try:
+                self._spawn()
+            except RuntimeError as e:
+                typer.echo(f"farsync federate client: {e}; messages fail until it is back", err=True)
+                time.sleep(5)
+
+    def stop(self) -> None:
+        self.stopping = True
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+@app.command("trainer")
+def trainer(client_index: int = typer.Option(..., "--client", help="This site's data shard K (0 ... algo.workers-1)."),
+            state_dir: str = typer.Option(None, "--state-dir", help="The state folder its SuperNode names "
+                                                                       "(--node-config state-dir).")):
+    """The site's trainer alone (`farsync federate client` starts it): answers the relays
+    its SuperNode starts, over a socket in the state folder; runs until stopped."""
+    from farsync.federated.trainer import SiteTrainer
+
+    state_dir = state_dir or os.path.join(os.path.expanduser("~/.farsync"), "clients")
+    try:
+        t = SiteTrainer(state_dir, client_index)
+    except (ValueError, RuntimeError) as e:
+        raise fail(str(e)) from None
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        t.serve()
+    except KeyboardInterrupt:
+        pass
 
 
 def _supernode(cmd: list[str], env: dict) -> tuple[int, list[str]]:

@@ -420,8 +420,9 @@ class Server:
 
 
 class Client:
-    """One client's training between two messages; its state lives in ``state_dir`` (a
-    ClientApp may be a new process for every message)."""
+    """One client's training between two messages; its state is saved in ``state_dir``
+    after every round and read back when the object is built (a site's trainer keeps one
+    across rounds, :mod:`farsync.federated.trainer`; one started again reads it)."""
 
     def __init__(self, cfg, client: int, state_dir: str, corpus, device: torch.device | None = None):
         self.cfg, self.id, self.state_dir, self.corpus = cfg, client, state_dir, corpus

@@ -10,8 +10,8 @@ from farsync.federated import launch as L
 
 
 class Federation:
-    """A SuperLink (TLS + client keys unless ``secure`` is False) and client SuperNodes on
-    this machine, in ``run_dir``/flower; :meth:`stop` ends them all."""
+    """A SuperLink (TLS + client keys unless ``secure`` is False) and client sites (each a
+    trainer and a SuperNode) on this machine, in ``run_dir``/flower; :meth:`stop` ends them all."""
 
     def __init__(self, run_dir: str, *, port: int = 18000, secure: bool = True, host: str = "127.0.0.1",
                  prefix=None):
@@ -38,7 +38,8 @@ class Federation:
         self.keys: dict[int, str] = {}
 
     def add_client(self, client: int, *, register: bool = True, extra_node_config: str = "", env: dict | None = None):
-        """Start client ``client`` (its key registered first, unless ``register`` is False)."""
+        """Start client ``client``: its trainer (once it answers) and its SuperNode (its key
+        registered first, unless ``register`` is False)."""
         key = None
         if self.secure:
             key = self.keys.get(client)
@@ -47,13 +48,19 @@ class Federation:
                 self.keys[client] = key
                 if register:
                     L.register_client(pub, self.home, self.connection, prefix=self.prefix("server"))
-        cmd = L.supernode_cmd(self.address, client, os.path.join(self.run_dir, "clients"), 19100 + client,
-                              root_certificates=self.ca, private_key=key, extra_node_config=extra_node_config)
-        return self.procs.start(f"client-{client}", [*self.prefix(f"client-{client}"), *cmd],
-                                L.flower_env(os.path.join(self.base, f"client-{client}"), env), self.logs)
+        state = os.path.join(self.run_dir, "clients")
+        flower_env = L.flower_env(os.path.join(self.base, f"client-{client}"), env)
+        trainer = self.procs.start(f"trainer-{client}", [*self.prefix(f"client-{client}"),
+                                                         *L.trainer_cmd(client, state)], flower_env, self.logs)
+        L.wait_trainer(state, client, alive=lambda: trainer.poll() is None)
+        cmd = L.supernode_cmd(self.address, client, state, 19100 + client, root_certificates=self.ca,
+                              private_key=key, extra_node_config=extra_node_config)
+        return self.procs.start(f"client-{client}", [*self.prefix(f"client-{client}"), *cmd], flower_env, self.logs)
 
     def kill_client(self, client: int) -> None:
+        """The site crashes: its SuperNode (with the relay it started) and its trainer."""
         self.procs.kill(f"client-{client}")
+        self.procs.kill(f"trainer-{client}")
 
     def start(self, cfg) -> int:
         return L.start_run(L.write_app(self.run_dir, cfg), self.home, self.connection, prefix=self.prefix("server"))

@@ -1,7 +1,12 @@
 """farsync's federated mode on Flower's deployment runtime: a ServerApp that drives the
 rounds itself (:mod:`farsync.federated.rounds`; no Flower strategy: the outer step is
-farsync's) and a ClientApp that trains. Both are thin: the arithmetic is
-:mod:`farsync.federated.core`, the messages :mod:`farsync.federated.messages`.
+farsync's) and a ClientApp that relays each message to the site's trainer. Both are thin:
+the arithmetic is :mod:`farsync.federated.core`, the messages
+:mod:`farsync.federated.messages`, the training :mod:`farsync.federated.trainer`.
+
+No torch at import, nor in the ClientApp's path: Flower starts a new ClientApp process for
+every message, and the relay only carries the message over the local channel
+(:mod:`farsync.federated.channel`) to the long-lived trainer and its answer back.
 """
 
 from __future__ import annotations
@@ -9,40 +14,43 @@ from __future__ import annotations
 import os
 import time
 
-import torch
-
-from farsync.federated.messages import config_from_context, record_to_task, reply_to_record
+from farsync.federated import channel
 
 _T_IMPORT = time.time()  # a ClientApp is a new process for every message: when it started
 
 
-# --- ClientApp ---------------------------------------------------------------------------
+# --- ClientApp: the relay ----------------------------------------------------------------
+
+def seconds_left(created_at: float, ttl: float, now: float) -> float:
+    """How long a relay may wait for its trainer: until the message's deadline
+    (``created_at`` + ``ttl``, the round's deadline), or ``ttl`` from now when the two
+    sites' clocks disagree so much that this is not in (0, ttl]."""
+    left = created_at + ttl - now
+    return left if 0 < left <= ttl else ttl
+
+
+def relay(content, node_config, run_config, run_id: int, timeout_s: float):
+    """Hand one message's content (a RecordDict) to this site's trainer; its answer (the
+    reply's RecordDict). The site (client index, state folder, test faults) is the
+    SuperNode's ``--node-config``; no trainer, a refused key, an error of the trainer or no
+    answer within ``timeout_s``: an exception of one line."""
+    if "client" not in node_config:
+        raise ValueError("this SuperNode has no client index: start it with --node-config 'client=K'")
+    client = int(node_config["client"])
+    base = str(node_config.get("state-dir", os.path.join(os.path.expanduser("~"), ".farsync", "clients")))
+    header = {"kind": "train", "run": int(run_id), "client": client, "config": str(run_config["farsync-config"]),
+              "fault": str(node_config.get("fault", "")), "speed": float(node_config.get("speed", 1.0)),
+              "started": _T_IMPORT}
+    return channel.request(base, client, header, content, timeout_s)[1]
+
 
 def client_train(msg, context):
-    """One round on this client (a new process each time: state from the state folder)."""
+    """One round on this client: the message to the site's trainer and its reply back."""
     from flwr.app import Message
 
-    from farsync.data import Corpus
-    from farsync.federated.core import Client, parse_client_fault
-
-    cfg = config_from_context(context)
-    torch.set_num_threads(cfg.train.threads or torch.get_num_threads())
-    node = context.node_config
-    if "client" not in node:
-        raise ValueError("this SuperNode has no client index: start it with --node-config 'client=K'")
-    index = int(node["client"])
-    base = str(node.get("state-dir", os.path.join(os.path.expanduser("~"), ".farsync", "clients")))
-    state_dir = os.path.join(base, f"run-{context.run_id}")
-    corpus = Corpus.build(cfg.data, log=lambda m: None)
-    fault = str(node.get("fault", ""))
-    if fault:
-        parse_client_fault(fault)  # a bad one is this message's error
-    work = record_to_task(msg.content)
-    speed = float(node.get("speed", 1.0))
-    if not 0 < speed <= 1:
-        raise ValueError(f"node config speed must be in (0, 1] (got {speed})")
-    reply = Client(cfg, index, state_dir, corpus).train(work, fault=fault, speed=speed)
-    return Message(reply_to_record(reply, _T_IMPORT), reply_to=msg)
+    left = seconds_left(msg.metadata.created_at, msg.metadata.ttl, time.time())
+    out = relay(msg.content, context.node_config, context.run_config, context.run_id, left)
+    return Message(out, reply_to=msg)
 
 
 def make_client_app():
@@ -56,6 +64,7 @@ def make_client_app():
 # --- ServerApp ---------------------------------------------------------------------------
 
 def server_main(grid, context):
+    from farsync.federated.messages import config_from_context
     from farsync.federated.rounds import run_server
 
     run_server(grid, config_from_context(context), str(context.run_config["run-dir"]))

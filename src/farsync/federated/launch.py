@@ -1,5 +1,5 @@
-"""Starting the pieces of a federation: Flower's SuperLink and SuperNodes, farsync's app,
-and a run. Used by `farsync federate` (the one-machine demo and `run`), the tests and the
+"""Starting the pieces of a federation: Flower's SuperLink and SuperNodes, each client
+site's trainer, farsync's app, and a run. Used by `farsync federate` (the one-machine demo and `run`), the tests and the
 benchmark; an operator may equally start the same Flower commands by hand (README).
 """
 
@@ -148,6 +148,32 @@ def supernode_cmd(superlink: str, client: int, state_dir: str, port: int, *, roo
     if private_key:
         cmd += ["--auth-supernode-private-key", private_key]
     return cmd
+
+
+def trainer_cmd(client: int, state_dir: str) -> list[str]:
+    """`farsync federate trainer` for client ``client`` over ``state_dir`` (the one its
+    SuperNode's ``--node-config state-dir`` names)."""
+    return [sys.executable, "-m", "farsync", "federate", "trainer", "--client", str(client),
+            "--state-dir", os.path.abspath(state_dir)]
+
+
+def wait_trainer(state_dir: str, client: int, timeout_s: float = 120.0, alive=None) -> None:
+    """Until client ``client``'s trainer answers over its channel (RuntimeError after
+    ``timeout_s``, or at once when ``alive()`` turns false: it exited)."""
+    from farsync.federated import channel
+
+    end = time.time() + timeout_s
+    while True:
+        try:
+            channel.ping(state_dir, client, timeout_s=max(0.1, min(5.0, end - time.time())))
+            return
+        except (channel.NoTrainer, OSError, EOFError, RuntimeError) as e:
+            why = e
+        if alive is not None and not alive():
+            raise RuntimeError(f"client {client}'s trainer exited before it answered (see its log)")
+        if time.time() >= end:
+            raise RuntimeError(f"client {client}'s trainer did not answer within {timeout_s:g} s: {why}")
+        time.sleep(0.2)
 
 
 def wait_healthy(port: int, timeout_s: float = 60.0, host: str = "127.0.0.1", prefix: list[str] | None = None) -> None:

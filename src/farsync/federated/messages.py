@@ -10,11 +10,12 @@ raw bytes (``Array``s of uint8), everything else as config and metric records (p
   client → server: arrays ``update`` {"delta-<j>": Δ of the round's j-th fragment encoded
       by the codec, raw uint8}; metrics ``info`` {client, round, payloads, tokens (per
       fragment), trained, train_loss, seconds of catch-up / training / encode+save /
-      process start to reply}.
+      relay process start to reply}.
 
 The farsync config travels as TOML text in the run config (``farsync-config``); each
 client's index (its data shard) and state folder come from its SuperNode's
-``--node-config 'client=K state-dir="DIR"'``.
+``--node-config 'client=K state-dir="DIR"'``. Between a site's relay and its trainer
+(:mod:`farsync.federated.channel`) the same ``RecordDict``s travel as Flower carries them.
 """
 
 from __future__ import annotations
@@ -97,9 +98,14 @@ def record_to_reply(rd):
                  int(info["trained"]), float(info["train_loss"]), seconds)
 
 
-def config_from_context(context):
-    from farsync.train.config import build_config
-
+def config_from_toml(text: str):
+    """The run's farsync config from the TOML text it ships (``farsync-config``)."""
     import tomllib
 
-    return build_config(tomllib.loads(str(context.run_config["farsync-config"])))
+    from farsync.train.config import build_config
+
+    return build_config(tomllib.loads(text))
+
+
+def config_from_context(context):
+    return config_from_toml(str(context.run_config["farsync-config"]))
