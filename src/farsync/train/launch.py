@@ -15,14 +15,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import uuid
 
 from farsync.comm.rendezvous import launched_by_torchrun
-from farsync.train.config import Config, to_toml
+from farsync.train.config import Config
 
 LAUNCHES = ("auto", "inprocess", "processes")
 #: set for the worker processes: the parent, not they, prints the run's summary
@@ -67,7 +65,7 @@ def choose(cfg: Config) -> tuple[str, str]:
 
 
 def train_in_processes(cfg: Config, run_dir: str | None, resume: bool, why: str, refuse_existing: bool = False) -> dict:
-    """Run ``farsync train`` once per worker under torch's launcher; the summary (or, after
+    """Train with one process per worker under torch's launcher; the summary (or, after
     Ctrl-C, where the run stopped). The run directory is checked here, once, as a run in
     this process would check it (``refuse_existing``: see :func:`farsync.train.train`).
     LaunchError naming the process that failed."""
@@ -90,54 +88,45 @@ def train_in_processes(cfg: Config, run_dir: str | None, resume: bool, why: str,
         rundir.empty(run_dir)  # the library's new run writes over an old one (the workers would refuse it)
     # data errors once, here (rank 0 reports the data as ever), and every worker then reads the cached tokens
     Corpus.build(cfg.data, log=lambda m: None)
+    if resume:  # a checkpoint the workers cannot use, once, here
+        ckpt.resume_step(run_dir, list(range(M)))
     _preload()
     print(f"launch: {M} worker processes on this machine (train.launch={cfg.train.launch}: {why})",
           file=sys.stderr, flush=True)
-    tmp = tempfile.mkdtemp(prefix="farsync-launch-")
+    # on Linux forked, not spawned: a worker starts with torch and farsync already imported
+    # (a fresh interpreter per worker spends ~3 s of CPU on imports, every worker at once)
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=M, run_id=f"farsync-{uuid.uuid4().hex[:12]}",
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
+                          start_method="fork" if sys.platform == "linux" else "spawn",
+                          signals_to_handle="SIGTERM,SIGHUP,SIGQUIT")
+    # the launcher's own log of a failed worker is a traceback; the parent says it in one line
+    for name in ("torch.distributed.elastic", "torch.multiprocessing"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the workers' to handle
+    saved = {k: os.environ.get(k) for k in (CHILD_ENV, "TOKENIZERS_PARALLELISM")}
+    os.environ[CHILD_ENV] = "1"
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers read the cached tokens; no tokenizer threads
     try:
-        if resume:
-            args = ["--resume", run_dir]
-        else:
-            recipe = os.path.join(tmp, "config.toml")
-            with open(recipe, "w") as f:
-                f.write(to_toml(cfg))
-            args = [recipe, f"--train.name={os.path.basename(run_dir)}", f"--train.run_dir={os.path.dirname(run_dir) or '.'}"]
-        # on Linux forked, not spawned: a worker starts with torch and farsync already imported
-        # (a fresh interpreter per worker spends ~3 s of CPU on imports, every worker at once)
-        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=M, run_id=f"farsync-{uuid.uuid4().hex[:12]}",
-                              rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
-                              start_method="fork" if sys.platform == "linux" else "spawn",
-                              signals_to_handle="SIGTERM,SIGHUP,SIGQUIT")
-        # the launcher's own log of a failed worker is a traceback; the parent says it in one line
-        for name in ("torch.distributed.elastic", "torch.multiprocessing"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
-        old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the workers' to handle
-        saved = {k: os.environ.get(k) for k in (CHILD_ENV, "TOKENIZERS_PARALLELISM")}
-        os.environ[CHILD_ENV] = "1"
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers read the cached tokens; no tokenizer threads
-        try:
-            elastic_launch(config, _worker)(args)
-        except ChildFailedError as e:
-            codes = {f.exitcode for f in e.failures.values()}
-            if codes == {130}:  # every worker stopped on Ctrl-C after its checkpoint
-                return {"stopped_at": ckpt.latest_step(run_dir), "run_dir": run_dir}
-            summary = _summary(run_dir)
-            if codes == {1} and summary is not None and summary.get("failure"):
-                return summary  # trained to the end, and said why the model is no good
-            rank, failure = e.get_first_failure()
-            how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
-                   else f"exited with code {failure.exitcode}")
-            raise LaunchError(f"worker process {rank} of {M} {how}; the other workers were stopped "
-                              f"(resume from the last checkpoint with: farsync train --resume {run_dir})") from None
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-            signal.signal(signal.SIGINT, old)
+        elastic_launch(config, _worker)(cfg, run_dir, resume)
+    except ChildFailedError as e:
+        codes = {f.exitcode for f in e.failures.values()}
+        if codes == {130}:  # every worker stopped on Ctrl-C after its checkpoint
+            return {"stopped_at": ckpt.latest_step(run_dir), "run_dir": run_dir}
+        summary = _summary(run_dir)
+        if codes == {1} and summary is not None and summary.get("failure"):
+            return summary  # trained to the end, and said why the model is no good
+        rank, failure = e.get_first_failure()
+        how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
+               else f"exited with code {failure.exitcode}")
+        raise LaunchError(f"worker process {rank} of {M} {how}; the other workers were stopped "
+                          f"(resume from the last checkpoint with: farsync train --resume {run_dir})") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        signal.signal(signal.SIGINT, old)
     summary = _summary(run_dir)
     if summary is None:
         raise LaunchError(f"the worker processes ended without writing {run_dir}/summary.json")
@@ -152,12 +141,28 @@ def _preload() -> None:
     torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
 
 
-def _worker(args: list[str]) -> None:
-    """One launched worker: ``farsync train ARGS`` in this (forked) process, the launcher's
-    RANK, WORLD_SIZE and MASTER_ADDR in its environment; its exit code is the command's."""
-    from farsync.cli.main import app
+def _worker(cfg: Config, run_dir: str, resume: bool) -> None:
+    """One launched worker (a forked process, the launcher's RANK, WORLD_SIZE and
+    MASTER_ADDR in its environment): the run in ``run_dir``, which the parent checked. Its
+    exit code tells the parent how it ended: 0, 1 (a failure, said in one line on stderr),
+    2 (bad input, one line) or 130 (stopped by Ctrl-C after its checkpoint)."""
+    from farsync.comm.elastic import ElasticError
+    from farsync.comm.rendezvous import WorkerLost
+    from farsync.train import train
 
-    app(args=["train", *args], prog_name="farsync")
+    try:
+        summary = train(cfg, run_dir=run_dir, resume=resume)
+    except (ElasticError, WorkerLost, LaunchError, ValueError) as e:
+        if os.environ.get("FARSYNC_DEBUG"):
+            raise
+        bad_input = isinstance(e, ValueError)
+        if not bad_input or os.environ.get("RANK") == "0":  # every worker refuses bad input alike: one says it
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2 if bad_input else 1)
+    if "stopped_at" in summary:
+        sys.exit(130)
+    if summary.get("failure"):
+        sys.exit(1)
 
 
 def _summary(run_dir: str) -> dict | None:
