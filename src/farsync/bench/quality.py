@@ -293,7 +293,7 @@ FULL = QualitySpec()
 # --quick: every stage on the nano model for a few steps. Its figures mean nothing; it
 # tests the harness (CI runs it).
 QUICK = QualitySpec(
-    size="nano", seq_len=32, global_batch=8, tokens_per_param=0.25, step_multiple=12, min_rounds=2,
+    size="nano", seq_len=32, global_batch=8, tokens_per_param=0.125, step_multiple=12, min_rounds=2,
     warmup_steps=4, evals=3, eval_sequences=16, workers=(1, 2, 4), tune_workers=4,
     dp_lrs=(3e-3, 6e-3), diloco_grid=((3e-3, 0.7, 0.8, 4), (3e-3, 0.7, 0.8, 6)),
     outer_lrs_by_workers=((1, (0.4,)), (2, (0.7,))), overlap_mixings=(0.0, 0.5), runtime_limit_s=180.0,
@@ -544,9 +544,19 @@ def _cost(job: Job) -> float:
     return 1.0 + 0.08 * job.workers
 
 
-def run_jobs(jobs: list[Job], spec: QualitySpec, work_dir: str, n_procs: int, done: dict[str, dict],
-             log: Log, reuse: bool = False) -> None:
-    """Train every job not yet in ``done`` (keyed by name); add the records to it."""
+def job_pool(jobs: int):
+    """Where the runs train: ``jobs`` processes (spawned: no fork of a process holding torch
+    threads), started once and kept for every stage — a fresh one spends seconds importing
+    torch —, or this process (None) for one job at a time."""
+    if jobs <= 1:
+        return contextlib.nullcontext(None)
+    return ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+
+
+def run_jobs(jobs: list[Job], spec: QualitySpec, work_dir: str, pool: ProcessPoolExecutor | None,
+             done: dict[str, dict], log: Log, reuse: bool = False) -> None:
+    """Train every job not yet in ``done`` (keyed by name) in ``pool`` (:func:`job_pool`);
+    add the records to it."""
     todo: dict[str, Job] = {}
     for j in jobs:
         if j.name not in done:
@@ -563,15 +573,13 @@ def run_jobs(jobs: list[Job], spec: QualitySpec, work_dir: str, n_procs: int, do
         log(f"  [{count}/{len(order)}] {rec['name']:<52} eval loss {rec['final_eval_loss']:.4f}  "
             f"{rec['wall_seconds']:.0f} s" + ("  (reused)" if rec["reused"] else ""))
 
-    if n_procs <= 1:
+    if pool is None:
         for j in order:
             finished(_train_job(j.name, j.overrides(spec), work_dir, reuse))
         return
-    ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
-    with ProcessPoolExecutor(max_workers=min(n_procs, len(order)), mp_context=ctx) as pool:
-        futures = [pool.submit(_train_job, j.name, j.overrides(spec), work_dir, reuse) for j in order]
-        for fut in as_completed(futures):
-            finished(fut.result())
+    futures = [pool.submit(_train_job, j.name, j.overrides(spec), work_dir, reuse) for j in order]
+    for fut in as_completed(futures):
+        finished(fut.result())
 
 
 def _loss(rec: dict) -> float:
@@ -800,47 +808,48 @@ def run_benchmark(spec: QualitySpec, out_dir: str, work_dir: str, jobs: int = 2,
               *[j for js in probe.sparse_tune.values() for j in js], *probe.frontier]:
         build_config(None, j.overrides(spec))
 
-    t0 = time.perf_counter()
-    runs: dict[str, dict] = {}
-    n = len(plan.tune_dp) + len(plan.tune_diloco)
-    log(f"quality: {spec.size}, {spec.parameters():,} parameters, {spec.steps()} steps of "
-        f"{spec.global_batch}×{spec.seq_len} tokens; stage 1, tuning ({n} runs, {jobs} at a time)")
-    run_jobs(plan.tune_dp + plan.tune_diloco, spec, work_dir, jobs, runs, log, reuse)
-    best_dp, best_diloco = best_of(plan.tune_dp, runs), best_of(plan.tune_diloco, runs)
-    log(f"quality: tuned DP {best_dp.hp.label()}; DiLoCo (M = {spec.tune_workers}) {best_diloco.hp.label()}")
+    with job_pool(jobs) as pool:
+        t0 = time.perf_counter()
+        runs: dict[str, dict] = {}
+        n = len(plan.tune_dp) + len(plan.tune_diloco)
+        log(f"quality: {spec.size}, {spec.parameters():,} parameters, {spec.steps()} steps of "
+            f"{spec.global_batch}×{spec.seq_len} tokens; stage 1, tuning ({n} runs, {jobs} at a time)")
+        run_jobs(plan.tune_dp + plan.tune_diloco, spec, work_dir, pool, runs, log, reuse)
+        best_dp, best_diloco = best_of(plan.tune_dp, runs), best_of(plan.tune_diloco, runs)
+        log(f"quality: tuned DP {best_dp.hp.label()}; DiLoCo (M = {spec.tune_workers}) {best_diloco.hp.label()}")
 
-    later_jobs(spec, plan, best_dp.hp, best_diloco.hp)
-    rest = [*plan.dp_by_workers.values()] + [j for js in plan.by_workers.values() for j in js] + \
-        plan.streaming + plan.mixing
-    log(f"quality: stages 2–3, DP and DiLoCo at M = {', '.join(map(str, plan.by_workers))}, Streaming, overlap over α "
-        f"({len(rest)} runs)")
-    run_jobs(rest, spec, work_dir, jobs, runs, log, reuse)
-    head = best_of(plan.mixing, runs)
-    overlap_jobs(spec, plan, head)
-    log(f"quality: overlap α {head.mixing:g}; stage 4, the other codecs and the variants at it")
-    run_jobs(plan.overlap + plan.variants, spec, work_dir, jobs, runs, log, reuse)
+        later_jobs(spec, plan, best_dp.hp, best_diloco.hp)
+        rest = [*plan.dp_by_workers.values()] + [j for js in plan.by_workers.values() for j in js] + \
+            plan.streaming + plan.mixing
+        log(f"quality: stages 2–3, DP and DiLoCo at M = {', '.join(map(str, plan.by_workers))}, Streaming, overlap over α "
+            f"({len(rest)} runs)")
+        run_jobs(rest, spec, work_dir, pool, runs, log, reuse)
+        head = best_of(plan.mixing, runs)
+        overlap_jobs(spec, plan, head)
+        log(f"quality: overlap α {head.mixing:g}; stage 4, the other codecs and the variants at it")
+        run_jobs(plan.overlap + plan.variants, spec, work_dir, pool, runs, log, reuse)
 
-    sparse_tuning_jobs(spec, plan, head)
-    tune = [j for js in plan.sparse_tune.values() for j in js]
-    log(f"quality: stage 5, the sparse frontier: both families at {spec.sparse_headline} ({len(tune)} runs)")
-    run_jobs(tune, spec, work_dir, jobs, runs, log, reuse)
-    best = {f: best_of(js, runs) for f, js in plan.sparse_tune.items()}
-    winner = best_of(list(best.values()), runs)
-    frontier_jobs(spec, plan, best, head, winner)
-    log(f"quality: best {', '.join(f'{f}: {j.name}' for f, j in best.items())}; densities, H and M "
-        f"({len(plan.frontier)} runs)")
-    run_jobs(plan.frontier, spec, work_dir, jobs, runs, log, reuse)
+        sparse_tuning_jobs(spec, plan, head)
+        tune = [j for js in plan.sparse_tune.values() for j in js]
+        log(f"quality: stage 5, the sparse frontier: both families at {spec.sparse_headline} ({len(tune)} runs)")
+        run_jobs(tune, spec, work_dir, pool, runs, log, reuse)
+        best = {f: best_of(js, runs) for f, js in plan.sparse_tune.items()}
+        winner = best_of(list(best.values()), runs)
+        frontier_jobs(spec, plan, best, head, winner)
+        log(f"quality: best {', '.join(f'{f}: {j.name}' for f, j in best.items())}; densities, H and M "
+            f"({len(plan.frontier)} runs)")
+        run_jobs(plan.frontier, spec, work_dir, pool, runs, log, reuse)
 
-    chosen = [best_dp, *plan.dp_by_workers.values(), best_diloco] + \
-        [best_of(js, runs) for js in plan.by_workers.values()] + [head]
-    sparse_head = headline_sparse(spec, plan, runs)
-    if sparse_head is not None:
-        chosen.append(sparse_head)
-    plan.seeds = seed_jobs(spec, chosen)
-    log(f"quality: stage 6, seeds {', '.join(str(s) for s in spec.seeds if s)} of the headline rows "
-        f"({len(plan.seeds)} runs)")
-    run_jobs(plan.seeds, spec, work_dir, jobs, runs, log, reuse)
-    runtime = time.perf_counter() - t0
+        chosen = [best_dp, *plan.dp_by_workers.values(), best_diloco] + \
+            [best_of(js, runs) for js in plan.by_workers.values()] + [head]
+        sparse_head = headline_sparse(spec, plan, runs)
+        if sparse_head is not None:
+            chosen.append(sparse_head)
+        plan.seeds = seed_jobs(spec, chosen)
+        log(f"quality: stage 6, seeds {', '.join(str(s) for s in spec.seeds if s)} of the headline rows "
+            f"({len(plan.seeds)} runs)")
+        run_jobs(plan.seeds, spec, work_dir, pool, runs, log, reuse)
+        runtime = time.perf_counter() - t0
 
     report = build_report(spec, plan, runs, runtime, quick, command, jobs)
     os.makedirs(out_dir, exist_ok=True)
