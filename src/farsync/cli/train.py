@@ -64,7 +64,8 @@ def train(
     from farsync.train.launch import LaunchError
 
     try:
-        summary = user_errors(lambda: run_training(cfg, run_dir=resume, resume=bool(resume), refuse_existing=True))
+        summary = user_errors(lambda: run_training(cfg, run_dir=resume, resume=bool(resume), refuse_existing=True,
+                                                  fork_workers=True))
     except (ElasticError, WorkerLost, LaunchError) as e:  # a run this worker cannot go on with: one line, exit code 1
         if os.environ.get("FARSYNC_DEBUG"):
             raise

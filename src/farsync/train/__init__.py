@@ -19,14 +19,18 @@ import os
 import time
 
 
-def train(cfg, *, run_dir: str | None = None, resume: bool = False, refuse_existing: bool = False) -> dict:
+def train(cfg, *, run_dir: str | None = None, resume: bool = False, refuse_existing: bool = False,
+          fork_workers: bool = False) -> dict:
     """Train per ``cfg`` (a :class:`farsync.train.config.Config`); write the run directory;
     return the summary (or, for a run stopped by Ctrl-C, where it stopped). ``run_dir``
     with ``resume=True`` continues the run saved there. ``refuse_existing`` (what
     ``farsync train`` asks): a run directory that already holds a run is refused unless
     ``train.overwrite``; without it, a new run writes over it (the benchmarks' own work
-    directories). Under torchrun, a worker that loses the others (one died, or its link
-    broke) raises :class:`farsync.comm.rendezvous.WorkerLost`."""
+    directories). ``fork_workers`` (what ``farsync train`` asks, from a process that has run
+    no torch work: an OpenMP pool does not survive a fork): with train.launch picking local
+    processes, fork them from this one (Linux) instead of starting fresh interpreters, which
+    saves each worker seconds of imports. Under torchrun, a worker that loses the others
+    (one died, or its link broke) raises :class:`farsync.comm.rendezvous.WorkerLost`."""
     from farsync.comm.rendezvous import WorkerLost, lost_peer
     from farsync.train.elastic import ElasticTrainer
     from farsync.train.launch import CHILD_ENV, LOST_GRACE_S, choose, train_in_processes
@@ -35,7 +39,7 @@ def train(cfg, *, run_dir: str | None = None, resume: bool = False, refuse_exist
 
     launch, why = choose(cfg)
     if launch == "processes":  # one local process per worker (train.launch)
-        return train_in_processes(cfg, run_dir, resume, why, refuse_existing)
+        return train_in_processes(cfg, run_dir, resume, why, refuse_existing, fork=fork_workers)
     with session(cfg) as (group, dev):
         where = run_dir
         try:
