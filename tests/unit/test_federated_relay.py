@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from multiprocessing import AuthenticationError
 from types import SimpleNamespace
 
@@ -237,3 +238,146 @@ print(json.dumps({{"torch": "torch" in sys.modules, "round": info["round"], "tra
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["torch"] is False
     assert got["round"] == 0 and got["trained"] == 2 * 4 * 64 and got["payload"] > 0
+
+
+def _frozen_peer(path: str):
+    """A connection to ``path`` that never reads nor writes."""
+    import socket
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    return s
+
+
+def test_a_busy_trainer_is_alive_to_a_second_one_and_a_late_relay_says_so_in_one_line(tmp_path):
+    """A trainer whose accept queue is full (it trains, relays wait): a second trainer is
+    told at once that one listens, and its key stays the live one's; a relay gives up at
+    its deadline in the one-line message."""
+    import socket
+
+    d = str(tmp_path)
+    busy = channel.listen(d, 5)  # never accepts
+    queued = []
+    try:
+        key = open(channel.key_path(d, 5), "rb").read()
+        assert os.stat(channel.key_path(d, 5)).st_mode & 0o777 == 0o600
+        while len(queued) <= 2 * channel.BACKLOG + 2:  # until the kernel says the queue is full
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            queued.append(s)
+            try:
+                s.connect(channel.socket_path(d, 5))
+            except BlockingIOError:
+                break
+        else:
+            pytest.fail("the queue never filled")
+        with pytest.raises(RuntimeError, match="a trainer for client 5 already listens"):
+            channel.listen(d, 5)
+        assert open(channel.key_path(d, 5), "rb").read() == key  # written by the one that bound only
+        assert sorted(os.listdir(d)) == ["trainer-5.key", "trainer-5.sock"]  # no temporary key left
+        with pytest.raises(TimeoutError, match=r"did not take the message within 0.2 s \(the round's deadline\)"):
+            channel.ping(d, 5, 0.2)
+    finally:
+        for s in queued:
+            s.close()
+        busy.close()
+
+
+def test_a_frozen_peer_holds_neither_the_trainer_nor_the_relay(tmp_path, monkeypatch):
+    """A connection that never answers the trainer's challenge is dropped after
+    HANDSHAKE_S, and the next relay is served; a 'trainer' that stops in the middle of the
+    handshake costs a relay its deadline, no more."""
+    from multiprocessing.connection import deliver_challenge
+
+    d = str(tmp_path)
+    monkeypatch.setattr(channel, "HANDSHAKE_S", 0.2)
+    site = Site(d, 0)
+    try:
+        frozen = _frozen_peer(channel.socket_path(d, 0))
+        assert channel.ping(d, 0, 5.0)["client"] == 0
+        frozen.close()
+    finally:
+        site.stop()
+    fake = channel.listen(d, 6)
+    key = open(channel.key_path(d, 6), "rb").read()
+    held = []
+
+    def half():  # checks the relay's key, then never sends its own answer
+        conn = fake._listener.accept()
+        deliver_challenge(conn, key)
+        held.append(conn)
+
+    t = threading.Thread(target=half, daemon=True)
+    t.start()
+    try:
+        with pytest.raises(TimeoutError, match=r"did not take the message within 0.3 s"):
+            channel.ping(d, 6, 0.3)
+        t.join()
+    finally:
+        for c in held:
+            c.close()
+        fake.close()
+
+
+def _answer_with(d: str, client: int, raw: bytes):
+    """A 'trainer' for ``client`` that takes one message and answers ``raw`` (then closes)."""
+    fake = channel.listen(d, client)
+
+    def serve():
+        with fake.accept(5.0) as conn:
+            channel.receive(conn, time.time() + 5.0, "the request")
+            os.write(conn.fileno(), raw)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return fake, t
+
+
+def test_a_reply_that_is_not_farsync_s_frames_is_one_line(tmp_path):
+    """The last frame must be a RecordDict; a trainer gone in the middle of a frame is the
+    one-line 'closed the channel', not an OSError."""
+    import struct
+
+    from flwr.app import ConfigRecord
+
+    d = str(tmp_path)
+
+    def framed(b: bytes) -> bytes:
+        return struct.pack("!i", len(b)) + b
+
+    not_root = ConfigRecord({"a": 1}).deflate()
+    for raw, match in [(framed(json.dumps({"objects": 1}).encode()) + framed(not_root),
+                        "client 7's trainer answered frames that are not farsync's: .*last frame is not a RecordDict"),
+                       (framed(b"[1]"), "not farsync's: .*header is not farsync's"),
+                       (framed(json.dumps({"objects": 1}).encode()) + struct.pack("!i", 100) + b"x" * 10,
+                        "the trainer for client 7 closed the channel before replying")]:
+        fake, t = _answer_with(d, 7, raw)
+        try:
+            with pytest.raises(RuntimeError, match=match) as e:
+                channel.ping(d, 7, 5.0)
+            assert "\n" not in str(e.value)
+            t.join()
+        finally:
+            fake.close()
+
+
+def test_the_client_command_leaks_no_trainer(tmp_path, monkeypatch):
+    """A trainer is not started once stop() has run (a restart racing the end), and a
+    trainer `client` started ends by itself when that process is gone."""
+    from farsync.cli import federate
+    from farsync.federated import launch
+
+    monkeypatch.setattr(launch, "trainer_cmd", lambda *a: [sys.executable, "-c", "import time; time.sleep(30)"])
+    monkeypatch.setattr(launch, "wait_trainer", lambda *a, **k: None)
+    t = federate._Trainer(0, str(tmp_path))
+    t.stop()
+    t._spawn()
+    assert t.proc is None
+    # a trainer whose parent is gone (here: never its parent) sends itself SIGTERM
+    script = ("import signal, sys, time\n"
+              "signal.signal(signal.SIGTERM, lambda *_: sys.exit(7))\n"
+              "from farsync.cli.federate import exit_with_parent\n"
+              "exit_with_parent(-1, interval_s=0.01)\n"
+              "time.sleep(30)\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 7, r.stderr

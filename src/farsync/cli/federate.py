@@ -148,20 +148,30 @@ def client(client_index: int = typer.Option(..., "--client", help="This site's d
         raise fail(why or f"the SuperNode exited with code {code}")
 
 
+#: the environment variable that names the process a trainer started by `client` lives for
+PARENT_ENV = "FARSYNC_TRAINER_PARENT"
+
+
 class _Trainer:
     """The site's trainer process, started again (it loads its last saved state) when it
-    dies while the SuperNode runs."""
+    dies while the SuperNode runs. It ends with this process: :meth:`stop`, or, if this one
+    is killed, by itself (:func:`exit_with_parent`)."""
 
     def __init__(self, client: int, state_dir: str):
         self.client, self.state_dir = client, state_dir
         self.proc: subprocess.Popen | None = None
         self.stopping = False
+        self.lock = threading.Lock()  # a spawn and stop() take turns: no trainer started after stop()
         self.watch: threading.Thread | None = None
 
     def _spawn(self) -> None:
         from farsync.federated.launch import trainer_cmd, wait_trainer
 
-        p = self.proc = subprocess.Popen(trainer_cmd(self.client, self.state_dir), start_new_session=True)
+        with self.lock:
+            if self.stopping:
+                return
+            p = self.proc = subprocess.Popen(trainer_cmd(self.client, self.state_dir), start_new_session=True,
+                                             env={**os.environ, PARENT_ENV: str(os.getpid())})
         wait_trainer(self.state_dir, self.client, alive=lambda: p.poll() is None)
 
     def start(self) -> None:
@@ -179,18 +189,41 @@ class _Trainer:
             try:
                 self._spawn()
             except RuntimeError as e:
+                if self.stopping:  # stop() ended the one being started
+                    return
                 typer.echo(f"farsync federate client: {e}; messages fail until it is back", err=True)
+                time.sleep(5)
+            except Exception as e:  # e.g. OSError from Popen: said, and tried again
+                typer.echo(f"farsync federate client: could not start the trainer ({type(e).__name__}: {e}); "
+                           "trying again in 5 s, messages fail until it is back", err=True)
                 time.sleep(5)
 
     def stop(self) -> None:
-        self.stopping = True
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        with self.lock:
+            self.stopping = True
+            p = self.proc
+            if p is not None and p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait()
+
+
+def exit_with_parent(parent: int, interval_s: float = 1.0) -> threading.Thread:
+    """A thread that sends this process SIGTERM once ``parent`` is no longer its parent
+    (it died, even by SIGKILL, and this one was handed to init): a trainer `client` started
+    does not outlive it, holding the socket."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    t = threading.Thread(target=watch, daemon=True, name="exit-with-parent")
+    t.start()
+    return t
 
 
 @app.command("trainer")
@@ -207,6 +240,8 @@ def trainer(client_index: int = typer.Option(..., "--client", help="This site's 
     except (ValueError, RuntimeError) as e:
         raise fail(str(e)) from None
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    if os.environ.get(PARENT_ENV, "").isdigit():  # started by `farsync federate client`: ends with it
+        exit_with_parent(int(os.environ.pop(PARENT_ENV)))
     try:
         t.serve()
     except KeyboardInterrupt:

@@ -25,6 +25,9 @@ def seconds_left(created_at: float, ttl: float, now: float) -> float:
     """How long a relay may wait for its trainer: until the message's deadline
     (``created_at`` + ``ttl``, the round's deadline), or ``ttl`` from now when the two
     sites' clocks disagree so much that this is not in (0, ttl]."""
+    # created_at is the server's clock, now this site's: a message whose deadline has passed
+    # (left <= 0) cannot be told apart from one sent by a server whose clock runs behind, so
+    # it too gets a full TTL (the server may have stopped waiting for its reply by then).
     left = created_at + ttl - now
     return left if 0 < left <= ttl else ttl
 

@@ -97,8 +97,8 @@ class SiteTrainer:
         sends nothing is logged and dropped."""
         try:
             conn = self.listener.accept()
-        except (AuthenticationError, EOFError, ConnectionError) as e:
-            _log(f"refused a connection: {e}")
+        except (AuthenticationError, EOFError, OSError) as e:  # OSError: a timeout, a reset
+            _log(f"refused a connection: {type(e).__name__}: {e}")
             return
         with conn:
             if self._stopping:
@@ -115,9 +115,10 @@ class SiteTrainer:
                 answer, out = {"error": f"client {self.client}: {type(e).__name__}: {e}".replace("\n", " ")}, None
                 _log(answer["error"])
             try:
+                channel.bound(conn, REQUEST_S)  # a relay that stops reading cannot hold the site
                 channel.send(conn, answer, out)
-            except (BrokenPipeError, ConnectionError) as e:
-                _log(f"the relay went away before the answer ({e}); the round's state is saved")
+            except OSError as e:  # gone (a broken pipe, a reset) or frozen (BlockingIOError)
+                _log(f"the relay went away before the answer ({type(e).__name__}: {e}); the round's state is saved")
 
     def serve(self) -> None:
         """Answer relays, one at a time, until :meth:`stop`."""
