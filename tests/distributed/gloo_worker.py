@@ -24,6 +24,23 @@ from toy import batch, loss_fn, make_model  # noqa: E402
 THREADS = 1  # the in-process side of the test uses the same count: float sums depend on it
 
 
+def os_threads_left(before: int, wait_s: float = 5.0) -> int:
+    """OS threads above ``before``, once those already joined have gone.
+
+    A joined thread can still be listed for a moment: Python's ``Thread.join`` returns
+    when the thread drops its state, and ``pthread_join`` when the kernel clears its id,
+    both before the kernel removes the task from ``/proc/self/task`` (seen once on a
+    loaded CI box). A thread nobody joined stays listed, and the count says so after
+    ``wait_s``.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        left = len(os.listdir("/proc/self/task")) - before
+        if left <= 0 or time.monotonic() > deadline:
+            return left
+        time.sleep(0.01)
+
+
 def tokens_of(rank: int, unequal: bool) -> int | None:
     """Tokens a worker reports per step: None (each step counts 1), or 100·(rank + 1)."""
     return 100 * (rank + 1) if unequal else None
@@ -95,7 +112,7 @@ def main():
         model, algo, sums, before_finish = train(comm, args.rank, args.steps, compute_s=compute_s,
                                                  metrics=metrics, **cfg)
         comm.close()
-        threads_left = len(os.listdir("/proc/self/task")) - threads
+        threads_left = os_threads_left(threads)
         torch.save([p.detach() for p in model.parameters()], os.path.join(args.out, f"params-{i}-{args.rank}.pt"))
         results.append({**algo.stats.to_dict(), "metric_sums": sums, "before_finish": before_finish,
                         "threads_left": threads_left, "exclusions": getattr(algo, "exclusions", [])})
