@@ -36,6 +36,8 @@ class Federation:
         self.home = os.path.join(self.base, "cli")
         self.connection = L.write_connection(self.home, self.address, self.ca)
         self.keys: dict[int, str] = {}
+        self.state = os.path.join(self.run_dir, "clients")  # every site's state folder under it
+        self.envs: dict[int, dict] = {}
 
     def add_client(self, client: int, *, register: bool = True, extra_node_config: str = "", env: dict | None = None):
         """Start client ``client``: its trainer (once it answers) and its SuperNode (its key
@@ -48,19 +50,28 @@ class Federation:
                 self.keys[client] = key
                 if register:
                     L.register_client(pub, self.home, self.connection, prefix=self.prefix("server"))
-        state = os.path.join(self.run_dir, "clients")
-        flower_env = L.flower_env(os.path.join(self.base, f"client-{client}"), env)
-        trainer = self.procs.start(f"trainer-{client}", [*self.prefix(f"client-{client}"),
-                                                         *L.trainer_cmd(client, state)], flower_env, self.logs)
-        L.wait_trainer(state, client, alive=lambda: trainer.poll() is None)
-        cmd = L.supernode_cmd(self.address, client, state, 19100 + client, root_certificates=self.ca,
+        self.envs[client] = L.flower_env(os.path.join(self.base, f"client-{client}"), env)
+        self.start_trainer(client)
+        cmd = L.supernode_cmd(self.address, client, self.state, 19100 + client, root_certificates=self.ca,
                               private_key=key, extra_node_config=extra_node_config)
-        return self.procs.start(f"client-{client}", [*self.prefix(f"client-{client}"), *cmd], flower_env, self.logs)
+        return self.procs.start(f"client-{client}", [*self.prefix(f"client-{client}"), *cmd], self.envs[client],
+                                self.logs)
+
+    def start_trainer(self, client: int) -> None:
+        """Start client ``client``'s trainer (from its saved state, if it has one) and wait
+        until it answers."""
+        trainer = self.procs.start(f"trainer-{client}", [*self.prefix(f"client-{client}"),
+                                                         *L.trainer_cmd(client, self.state)], self.envs[client], self.logs)
+        L.wait_trainer(self.state, client, alive=lambda: trainer.poll() is None)
+
+    def kill_trainer(self, client: int) -> None:
+        """The site's trainer crashes (SIGKILL); its SuperNode lives on."""
+        self.procs.kill(f"trainer-{client}")
 
     def kill_client(self, client: int) -> None:
         """The site crashes: its SuperNode (with the relay it started) and its trainer."""
         self.procs.kill(f"client-{client}")
-        self.procs.kill(f"trainer-{client}")
+        self.kill_trainer(client)
 
     def start(self, cfg) -> int:
         return L.start_run(L.write_app(self.run_dir, cfg), self.home, self.connection, prefix=self.prefix("server"))
