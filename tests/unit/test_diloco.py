@@ -481,3 +481,18 @@ def test_a_joining_worker_adopts_the_shared_state_and_lands_the_sync_in_progress
         assert torch.equal(p, q)
     with pytest.raises(ValueError, match="another model"):
         make_workers(1, **{**kw, "fragments": 1, "mode": "diloco"})[1][0].adopt(state)
+
+
+def test_offload_of_a_cpu_model_changes_nothing():
+    """algo.offload on a model already on the CPU: anchors stay where they are and the run
+    is the same bit for bit (overlap and mixing, where the anchors are copied back, too);
+    on a GPU, tests/gpu/test_cuda.py checks the anchors in pinned host memory."""
+    kw = dict(inner="adamw", lr=1e-2, mode="streaming", inner_steps=6, fragments=2, sync_delay=1, codec="fp4-e3m0")
+    base_models, base_algos = make_workers(2, **kw)
+    run(base_models, base_algos, 14)
+    models, algos = make_workers(2, offload=True, **kw)
+    run(models, algos, 14)
+    assert algos[0].offload and all(a.device.type == "cpu" for fa in algos[0].anchors for a in fa)
+    assert_bit_identical(base_models, models)
+    for a, b in zip(base_algos[0].anchors, algos[0].anchors):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))

@@ -122,6 +122,12 @@ class DiLoCo(Strategy):
             others sit the round out (no payload) and, like everyone, continue from θ_g.
             Final syncs (end of training) take every worker.
         participation_seed: seeds the participation sample.
+        offload: keep θ_g (the anchors) and the outer optimizers' state in CPU memory
+            (pinned where CUDA is available), so that the device holds only what plain
+            training holds (Streaming DiLoCo's offloading). A fragment's pseudo-gradient
+            is then formed, encoded and exchanged on the CPU from a copy of its
+            parameters taken off the device one tensor at a time, and θ_g is copied back
+            when a sync lands. No effect on a model that lives on the CPU.
     """
 
     def __init__(
@@ -155,6 +161,7 @@ class DiLoCo(Strategy):
         token_weighting: bool = True,
         participation: int | None = None,
         participation_seed: int = 0,
+        offload: bool = False,
     ):
         if mode == "dp":
             raise SettingError("mode", mode, "DiLoCo is diloco or streaming; use DataParallel (or make_strategy) for dp")
@@ -181,12 +188,12 @@ class DiLoCo(Strategy):
         # θ_g: the anchor (global) parameters, fp32, and the outer optimizer, per fragment
         factory = outer_optimizer or outer_sgd(outer_lr, outer_momentum, outer_nesterov)
         # (a sharded, FSDP2, parameter: this rank's shard; farsync.comm.site)
-        self.outer = [OuterStep([local(p).detach().to(torch.float32, copy=True) for p in f.params], factory)
-                      for f in self.fragments]
+        self.offload = bool(offload)
+        self.outer = [OuterStep([self._anchor(p) for p in f.params], factory) for f in self.fragments]
         # error feedback: per fragment, what the codec dropped from the last payload sent
         self.residuals: list[torch.Tensor | None] = [None] * self.num_fragments
 
-        device = self.params[0].device
+        device = self.outer[0].anchors[0].device  # where pseudo-gradients are formed and encoded
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed * 1_000_003 + comm.rank)
         self.final_average = final_average
@@ -291,10 +298,20 @@ class DiLoCo(Strategy):
         return out
 
     # ---- fragments ------------------------------------------------------------------
+    def _anchor(self, p: torch.Tensor) -> torch.Tensor:
+        """A new fp32 anchor holding ``p``'s values: beside it, or in (pinned) CPU memory
+        with ``offload``."""
+        p = local(p).detach()
+        if not self.offload or p.device.type == "cpu":
+            return p.to(torch.float32, copy=True)
+        a = torch.empty(p.shape, dtype=torch.float32, pin_memory=torch.cuda.is_available())
+        return a.copy_(p)
+
     @torch.no_grad()
     def _launch_fragment(self, f: int, final: bool = False) -> None:
         frag = self.fragments[f]
-        delta = flatten(self.anchors[f]).sub_(flatten(frag.params))  # Δ_m = θ_g − θ_m
+        anchors = self.anchors[f]
+        delta = flatten(anchors).sub_(flatten(frag.params, anchors[0].device))  # Δ_m = θ_g − θ_m
         weight = float(self._tokens[f]) if self.token_weighting else float(self._tokens[f] > 0)
         if not final and not self.participates(f, self.round_of(f, self.step_count)):
             weight = 0.0  # sits this round out: sends nothing, still lands θ_g
@@ -324,7 +341,7 @@ class DiLoCo(Strategy):
             if alpha == 0.0:
                 p.copy_(a)  # exact copy: replicas become bit-identical
             else:
-                p.mul_(alpha).add_(a.to(p.dtype), alpha=1.0 - alpha)
+                p.mul_(alpha).add_(a.to(p.device, p.dtype), alpha=1.0 - alpha)
 
     def _record(self, f: int, sent: int, res: ExchangeResult) -> None:
         """Count this worker's part in the round; keep who was left out and why."""

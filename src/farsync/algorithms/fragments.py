@@ -169,9 +169,11 @@ def full(t: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
     return t.full_tensor()
 
 
-def flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Concatenate tensors (their local shards, for sharded ones) into one flat fp32 buffer."""
-    return torch.cat([local(t).detach().reshape(-1).to(torch.float32) for t in tensors])
+def flatten(tensors: list[torch.Tensor], device: torch.device | str | None = None) -> torch.Tensor:
+    """Concatenate tensors (their local shards, for sharded ones) into one flat fp32 buffer,
+    on ``device`` (default: where they are; each tensor is moved on its own, so nothing
+    of the whole buffer is made where they are)."""
+    return torch.cat([local(t).detach().reshape(-1).to(device=device, dtype=torch.float32) for t in tensors])
 
 
 def unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:

@@ -224,13 +224,34 @@ class TorchDistributedCommunicator(Communicator):
         ex.validate_weight(request.weight)
         plan = ex.make_plan(request.buf.numel(), self.world_size, request.codec, request.method)
         padded = ex.pad(plan, request.buf.detach())  # a private copy: the caller may reuse buf
-        future = self._executor.submit(self._run, plan, request, padded)
+        copied = None
+        if padded.is_cuda and dist.get_backend(self._group) == "gloo":
+            padded, copied = self._to_host(padded, request)
+        future = self._executor.submit(self._run, plan, request, padded, copied)
         return FutureWork(future, plan.bytes_sent)
 
-    def _run(self, plan: ex.ExchangePlan, r: ExchangeRequest, padded: torch.Tensor) -> ExchangeResult:
+    @staticmethod
+    def _to_host(padded: torch.Tensor, r: ExchangeRequest):
+        """gloo moves host memory only: a buffer on the GPU is copied into pinned memory
+        without waiting for it (the exchange thread waits for the returned event), and the
+        exchange (codec, payloads, mean) runs on the CPU."""
+        if r.codec.stochastic_rounding and r.generator is not None and r.generator.device.type != "cpu":
+            raise ValueError("stochastic rounding over gloo needs its generator on the CPU (it is on "
+                             f"{r.generator.device}): use NCCL, or algo.offload to form pseudo-gradients on the CPU")
+        host = torch.empty(padded.shape, dtype=padded.dtype, pin_memory=True)
+        host.copy_(padded, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return host, copied
+
+    def _run(self, plan: ex.ExchangePlan, r: ExchangeRequest, padded: torch.Tensor,
+             copied: "torch.cuda.Event | None" = None) -> ExchangeResult:
+        if copied is not None:
+            copied.synchronize()
         if self.delay_s:
             time.sleep(self.delay_s)
-        return run_exchange(self.transport, plan, r.codec, padded, float(r.weight), r.generator, r.aggregation,
+        generator = None if copied is not None else r.generator  # staged: round-to-nearest only (above)
+        return run_exchange(self.transport, plan, r.codec, padded, float(r.weight), generator, r.aggregation,
                             self._buffers, r.round, self._reduce_stats)
 
     #: what :func:`run_exchange` does with a rank's shard statistics (None: nothing; a

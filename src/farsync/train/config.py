@@ -127,6 +127,9 @@ class AlgoConfig:
     (equal workers: the plain mean, bit for bit)."""
     participation: int = 0
     """K: workers sampled (seeded by train.seed) to contribute to each round; 0 = all M."""
+    offload: bool = False
+    """Keep θ_g and the outer optimizer's state in (pinned) CPU memory, not on the GPU:
+    pseudo-gradients are formed, encoded and exchanged on the CPU (diloco/streaming)."""
     aggregation: str = "mean"
     """How receivers combine pseudo-gradients: mean (weighted), trimmed-mean or median
     (coordinate-wise, unweighted)."""
@@ -529,6 +532,7 @@ class Config:
             total_steps=self.train.steps,
             aggregation=a.make_aggregation(), token_weighting=a.token_weighting,
             participation=a.participation or None, participation_seed=self.train.seed,
+            offload=a.offload,
         )
 
 
