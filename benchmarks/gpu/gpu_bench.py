@@ -343,8 +343,9 @@ def part_codecs(res: dict, clock: Clock, out: str) -> None:
 def part_memory(res: dict, clock: Clock, out: str) -> None:
     size, B = "1b", 4
     res.setdefault("memory", {"size": size, "batch": B, "seq": SEQ, "how": (
-        "torch.cuda.max_memory_allocated over 6 steps (mode diloco, H = 2: three syncs, fp4-e3m0) after the "
-        "model and AdamW state were built; plain: the same steps without the wrapper")})
+        "torch.cuda.max_memory_allocated from before the model is built through 6 steps (mode diloco, H = 2: "
+        "three syncs; M = 1, so no payload is encoded: theta_g, outer momentum and the pseudo-gradient's "
+        "buffers are what DiLoCo adds); plain: the same steps without the wrapper")})
     for variant in ("plain", "diloco", "offloaded"):
         if clock.left() < 12:
             break
@@ -442,7 +443,7 @@ def part_quality(res: dict, clock: Clock, out: str) -> None:
     left = clock.left() - 20
     if left < 45:
         return
-    # steps sized from the time left: four runs (DP, DP again is not needed: M = 2, M = 4)
+    # steps sized from the time left for three runs: DP (M = 1, the whole batch), Streaming at M = 2 and 4
     base = ["--model.size=" + size, f"--model.seq_len={seq}", f"--data.vocab_size={vocab}", f"--train.device={DEV}",
             "--train.launch=inprocess", "--train.progress=false", "--train.checkpoint_every=0",
             "--optim.lr=1e-3", "--optim.warmup_steps=20", "--train.run_dir=/tmp/farsync-gpu-runs"]
