@@ -67,10 +67,23 @@ def make_client_app():
 # --- ServerApp ---------------------------------------------------------------------------
 
 def server_main(grid, context):
+    """The run, every round; an error that stops it is also left in RUN/failed.json (one
+    line), so whoever follows the run there stops at once instead of waiting for a summary."""
+    import json
+    import os
+
+    from farsync.federated.launch import FAILED
     from farsync.federated.messages import config_from_context
     from farsync.federated.rounds import run_server
+    from farsync.files import atomic_write
 
-    run_server(grid, config_from_context(context), str(context.run_config["run-dir"]))
+    run_dir = str(context.run_config["run-dir"])
+    try:
+        run_server(grid, config_from_context(context), run_dir)
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}".splitlines()[0]
+        atomic_write(os.path.join(run_dir, FAILED), lambda f: f.write(json.dumps({"error": error}).encode()))
+        raise
 
 
 def make_server_app():

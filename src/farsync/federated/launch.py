@@ -18,6 +18,9 @@ import tomli_w
 APP_PACKAGE = "farsync_app"
 
 
+FAILED = "failed.json"  # RUN/failed.json: {"error": one line}, written by a ServerApp that stopped on an error
+
+
 def _bin(name: str) -> str:
     """A console script installed beside this Python (Flower starts its helpers by name)."""
     return os.path.join(os.path.dirname(sys.executable), name)
@@ -45,6 +48,9 @@ def write_app(run_dir: str, cfg) -> str:
 
     check_federated(cfg)
 
+    stale = os.path.join(os.path.abspath(run_dir), FAILED)
+    if os.path.exists(stale):  # a previous try's error: this run starts again (resuming its server state)
+        os.remove(stale)
     app = os.path.join(os.path.abspath(run_dir), "flower-app")
     os.makedirs(os.path.join(app, APP_PACKAGE), exist_ok=True)
     doc = {
@@ -137,10 +143,11 @@ def superlink_cmd(port: int, host: str = "127.0.0.1", tls: tuple[str, str, str] 
 
 def supernode_cmd(superlink: str, client: int, state_dir: str, port: int, *, root_certificates: str | None = None,
                   private_key: str | None = None, extra_node_config: str = "") -> list[str]:
-    """``flower-supernode`` for farsync client ``client`` (its data shard), its state in ``state_dir``."""
+    """``flower-supernode`` for farsync client ``client`` (its data shard), its state in ``state_dir``.
+    It keeps trying while the SuperLink cannot be reached (a link down for a while costs the
+    rounds it misses, not the site), and exits when the SuperLink refuses it."""
     node_config = f'client={client} state-dir="{os.path.abspath(state_dir)}"' + (f" {extra_node_config}" if extra_node_config else "")
-    cmd = [_bin("flower-supernode"), "--superlink", superlink, "--port", str(port), "--node-config", node_config,
-           "--max-retries", "0"]
+    cmd = [_bin("flower-supernode"), "--superlink", superlink, "--port", str(port), "--node-config", node_config]
     if root_certificates:
         cmd += ["--root-certificates", root_certificates]
     else:
@@ -204,10 +211,12 @@ def start_run(app_dir: str, home: str, connection: str, env_extra: dict | None =
 
 
 def wait_summary(run_dir: str, timeout_s: float, on_row=None, alive=None) -> dict:
-    """Follow RUN/rounds.jsonl until RUN/summary.json appears; the summary. ``alive()``
-    false (the SuperLink died) or ``timeout_s`` passed: RuntimeError."""
+    """Follow RUN/rounds.jsonl until RUN/summary.json appears; the summary. The ServerApp
+    stopped on an error (RUN/failed.json), ``alive()`` false (the SuperLink died) or
+    ``timeout_s`` passed: RuntimeError."""
     rows = os.path.join(run_dir, "rounds.jsonl")
     summary = os.path.join(run_dir, "summary.json")
+    failed = os.path.join(run_dir, FAILED)
     seen, end = 0, time.time() + timeout_s
     while time.time() < end:
         if os.path.exists(rows) and on_row:
@@ -219,6 +228,9 @@ def wait_summary(run_dir: str, timeout_s: float, on_row=None, alive=None) -> dic
         if os.path.exists(summary):
             with open(summary) as f:
                 return json.load(f)
+        if os.path.exists(failed):
+            with open(failed) as f:
+                raise RuntimeError(f"the server stopped the run: {json.load(f).get('error', '?')}")
         if alive is not None and not alive():
             raise RuntimeError("the SuperLink stopped before the run finished (see its log)")
         time.sleep(0.2)
